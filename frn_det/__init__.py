@@ -14,5 +14,6 @@ except ImportError as e:
     ) from e
 
 from .layers import TLU, FilterResponseNorm2d, frn, frn_reference
+from . import data  # noqa: F401  (registers frn_synthetic_train / frn_synthetic_val)
 
 __all__ = ["FilterResponseNorm2d", "TLU", "frn", "frn_reference"]

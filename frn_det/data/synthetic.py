@@ -1,0 +1,242 @@
+"""A deterministic synthetic instance-segmentation dataset in COCO format.
+
+Each image holds a few filled shapes of five classes on a textured, noisy background. Shapes are
+painted in order, so later ones occlude earlier ones; every annotation describes the *visible* part
+of its object: the mask is computed after occlusion, and the box and area are those of that mask.
+Instances whose visible part is too small are dropped.
+
+Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output
+depends only on the arguments, not on the order or the number of images generated before it.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("rectangle", "ellipse", "triangle", "ring", "star")
+SPLITS = ("train", "val")
+_SPLIT_SEED = {"train": 0, "val": 1}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate. The defaults are the CPU demo's dataset.
+
+    Args:
+        num_train, num_val: number of images per split.
+        image_size: width and height in pixels.
+        min_objects, max_objects: objects painted per image (before invisible ones are dropped).
+        min_size: smallest object extent in pixels; the largest is a third of the image.
+        min_visible_area: instances whose visible mask has fewer pixels are not annotated.
+        mask_format: "polygon" (COCO polygons traced from the visible mask; holes, such as a
+            ring's, are filled since COCO polygons are unioned) or "rle" (exact masks; detectron2
+            then needs INPUT.MASK_FORMAT bitmask).
+        seed: the seed all images derive from.
+    """
+
+    num_train: int = 600
+    num_val: int = 100
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 5
+    min_size: int = 8
+    min_visible_area: int = 16
+    mask_format: str = "polygon"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mask_format not in ("polygon", "rle"):
+            raise ValueError(f"mask_format must be 'polygon' or 'rle', got {self.mask_format!r}")
+        if not 3 * self.min_size <= self.image_size:
+            raise ValueError(f"image_size {self.image_size} is too small for min_size {self.min_size}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+
+    def num_images(self, split):
+        return {"train": self.num_train, "val": self.num_val}[split]
+
+
+def _shape_polygon(cls, rng, extent):
+    """Vertices (N, 2) of a shape centred at the origin whose longest side is about ``extent``."""
+    r = extent / 2.0
+    if cls == "rectangle":
+        w, h = r, r * rng.uniform(0.35, 1.0)
+        pts = np.array([[-w, -h], [w, -h], [w, h], [-w, h]])
+    elif cls in ("ellipse", "ring"):
+        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        pts = np.stack([r * np.cos(t), r * rng.uniform(0.5, 1.0) * np.sin(t)], axis=1)
+    elif cls == "triangle":
+        t = np.array([0.0, 2.0, 4.0]) * math.pi / 3 + rng.uniform(-0.3, 0.3, size=3)
+        pts = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+    elif cls == "star":
+        t = np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * rng.uniform(0.35, 0.5))
+        pts = np.stack([radii * np.cos(t), radii * np.sin(t)], axis=1)
+    else:
+        raise ValueError(f"unknown class {cls!r}")
+    a = rng.uniform(0, 2 * math.pi)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return pts @ rot.T
+
+
+def _paint(shape, size):
+    """Rasterise vertices (N, 2) into a boolean (size, size) mask."""
+    img = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(img).polygon([tuple(p) for p in shape], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def _object_mask(cls, rng, size, min_size):
+    extent = math.exp(rng.uniform(math.log(min_size), math.log(size / 3.0)))
+    centre = rng.uniform(extent / 4, size - extent / 4, size=2)  # may be cut by the image border
+    outer = _shape_polygon(cls, rng, extent)
+    mask = _paint(outer + centre, size)
+    if cls == "ring":
+        # The hole scales the same outline, so the ring keeps the ellipse's aspect and rotation.
+        mask &= ~_paint(outer * rng.uniform(0.45, 0.65) + centre, size)
+    return mask
+
+
+def _background(rng, size):
+    """Low-frequency colour noise around a base colour plus pixel noise: never a flat colour."""
+    grid = (rng.integers(2, 6), rng.integers(2, 6), 3)
+    coarse = np.clip(rng.uniform(40, 215, size=3) + rng.uniform(-60, 60, size=grid), 0, 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return smooth + rng.normal(0, rng.uniform(4, 16), size=(size, size, 3))
+
+
+def _colour_far_from(rng, ref):
+    """An object colour at least ~100 (L2 in RGB) away from the background colour under it."""
+    for _ in range(20):
+        c = rng.uniform(0, 255, size=3)
+        if np.linalg.norm(c - ref) > 100:
+            return c
+    return 255.0 - ref
+
+
+def render_image(spec, split, index):
+    """Returns (uint8 image (H, W, 3), [(category_id, visible bool mask)]) for one image."""
+    rng = np.random.default_rng([spec.seed, _SPLIT_SEED[split], index])
+    size = spec.image_size
+    img = _background(rng, size)
+    objects = []
+    for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1)):
+        cat = int(rng.integers(len(CLASSES)))
+        mask = _object_mask(CLASSES[cat], rng, size, spec.min_size)
+        if not mask.any():
+            continue
+        colour = _colour_far_from(rng, img[mask].mean(axis=0))
+        texture = rng.normal(0, rng.uniform(2, 12), size=(int(mask.sum()), 3))
+        img[mask] = colour + texture
+        # Occlusion: the new object hides whatever it covers of the earlier ones.
+        objects = [(c, m & ~mask) for c, m in objects]
+        objects.append((cat + 1, mask))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return img, [(c, m) for c, m in objects if m.sum() >= spec.min_visible_area]
+
+
+def _mask_to_polygons(mask):
+    """Outer boundaries of a mask's connected parts as COCO polygons (pixel-corner coordinates)."""
+    from contourpy import FillType, contour_generator
+
+    # Pad so that parts touching the border are closed; marching squares at 0.5 runs halfway
+    # between pixel centres, and pixel (r, c) spans [c, c + 1] in COCO's coordinates.
+    z = np.pad(mask, 1).astype(np.float64)
+    points, offsets = contour_generator(z=z, fill_type=FillType.OuterOffset).filled(0.5, 2.0)
+    polys = []
+    for pts, off in zip(points, offsets):
+        outer = pts[off[0] : off[1] - 1] - 1 + 0.5  # drop the closing point, undo the padding
+        if len(outer) >= 3:
+            polys.append([round(float(v), 2) for v in outer.reshape(-1)])
+    return polys
+
+
+def _annotation(mask, category_id, ann_id, image_id, mask_format):
+    from pycocotools import mask as mask_util
+
+    h, w = mask.shape
+    if mask_format == "polygon":
+        segm = _mask_to_polygons(mask)
+        if not segm:
+            return None
+        # The annotation is what the polygons rasterise to, so box and area agree with it exactly.
+        rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
+    else:
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+    area = float(mask_util.area(rle))
+    if area == 0:
+        return None
+    x, y, bw, bh = (float(v) for v in mask_util.toBbox(rle))
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": segm,
+            "area": area, "bbox": [x, y, bw, bh], "iscrowd": 0}
+
+
+def annotation_path(root, split):
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def image_dir(root, split):
+    return os.path.join(root, split)
+
+
+def generate_split(spec, root, split, progress=True):
+    """Writes ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json``.
+
+    The json is written last (atomically), so its presence means the split is complete.
+    Returns the json path.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(image_dir(root, split), exist_ok=True)
+    os.makedirs(os.path.dirname(annotation_path(root, split)), exist_ok=True)
+    images, annotations = [], []
+    n = spec.num_images(split)
+    for index in tqdm(range(n), desc=f"frn_synthetic {split}", unit="img", disable=not progress):
+        img, objects = render_image(spec, split, index)
+        file_name = f"{index:06d}.png"
+        Image.fromarray(img).save(os.path.join(image_dir(root, split), file_name))
+        image_id = index + 1
+        images.append({"id": image_id, "file_name": file_name, "height": spec.image_size,
+                       "width": spec.image_size})
+        for cat, mask in objects:
+            ann = _annotation(mask, cat, len(annotations) + 1, image_id, spec.mask_format)
+            if ann is not None:
+                annotations.append(ann)
+    coco = {
+        "info": {"description": f"frn-det synthetic shapes, {split} split",
+                 "generator": {"split": split, **spec.__dict__}},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
+    }
+    path = annotation_path(root, split)
+    with open(path + ".tmp", "w") as f:
+        json.dump(coco, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def is_generated(root, spec):
+    """Whether ``root`` holds both splits generated with exactly ``spec``."""
+    for split in SPLITS:
+        try:
+            with open(annotation_path(root, split)) as f:
+                gen = json.load(f)["info"]["generator"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if gen != {"split": split, **spec.__dict__}:
+            return False
+    return True
+
+
+def generate(spec, root, progress=True):
+    """Generates both splits under ``root`` unless they are already there with the same spec."""
+    if not is_generated(root, spec):
+        for split in SPLITS:
+            generate_split(spec, root, split, progress=progress)
+    return {split: annotation_path(root, split) for split in SPLITS}

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Generate the synthetic COCO-format instance-segmentation dataset.
+
+    python tools/make_synthetic_coco.py                      # the default dataset, default root
+    python tools/make_synthetic_coco.py --root /tmp/shapes --num-train 50 --mask-format rle
+
+Writes ROOT/{train,val}/*.png and ROOT/annotations/instances_{train,val}.json. The default ROOT
+is where `import frn_det` registers frn_synthetic_train / frn_synthetic_val: $FRN_DET_DATA, else
+$DETECTRON2_DATASETS/frn_synthetic (DETECTRON2_DATASETS defaults to ./datasets). A root that
+already holds a dataset generated with the same arguments is left as it is.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from frn_det.data.register import default_synthetic_root  # noqa: E402
+from frn_det.data.synthetic import SPLITS, SyntheticSpec, generate_split, is_generated  # noqa: E402
+
+
+def main(argv=None):
+    defaults = SyntheticSpec()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=default_synthetic_root(), help="output folder (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="regenerate even if ROOT is up to date")
+    for field in dataclasses.fields(SyntheticSpec):
+        default = getattr(defaults, field.name)
+        kwargs = {"choices": ("polygon", "rle")} if field.name == "mask_format" else {}
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), type=type(default), default=default,
+            help="default: %(default)s", **kwargs,
+        )
+    args = parser.parse_args(argv)
+    spec_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)}
+    try:
+        spec = SyntheticSpec(**spec_args)
+    except ValueError as e:
+        parser.error(str(e))
+    if is_generated(args.root, spec) and not args.force:
+        print(f"{args.root} already holds this dataset (use --force to regenerate)")
+        return
+    for split in SPLITS:
+        path = generate_split(spec, args.root, split)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
