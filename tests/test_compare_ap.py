@@ -1,0 +1,167 @@
+"""tools/compare_ap.py on hand-made run directories (no training)."""
+
+import csv
+import json
+import math
+import os
+import sys
+import textwrap
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import compare_ap  # noqa: E402
+
+
+def write_run(d, norm="FRN", ipg=2, seed=0, ap=10.0, segm_ap=None, gpus=1, config="configs/fam/x.yaml"):
+    os.makedirs(d, exist_ok=True)
+    res = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 1, "APs": ap / 2, "APm": ap, "APl": ap * 2}}
+    if segm_ap is not None:
+        res["segm"] = {m: segm_ap for m in compare_ap.METRICS}
+    out = {"config_file": config, "meta_architecture": "RetinaNet", "norm": norm, "images_per_gpu": ipg,
+           "num_gpus": gpus, "ims_per_batch": ipg * gpus, "seed": seed, "max_iter": 100,
+           "base_lr": 0.01, "train_datasets": ["t"], "test_datasets": ["v"], "wall_time_s": 1.0,
+           "results": res}
+    with open(os.path.join(d, compare_ap.RESULT_FILE), "w") as f:
+        json.dump(out, f)
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """FRN at 2 img/GPU: 3 seeds (AP 10, 12, 14; segm 5, 6, 7); GN at 2 and 4 img/GPU: 1 seed each;
+    plus a missing run, a failed run (non-zero exit) and a NaN run."""
+    dirs = [write_run(str(tmp_path / f"frn2_s{s}"), seed=s, ap=ap, segm_ap=sg)
+            for s, ap, sg in ((0, 10.0, 5.0), (1, 12.0, 6.0), (2, 14.0, 7.0))]
+    dirs.append(write_run(str(tmp_path / "gn2_s0"), norm="GN", ap=8.0))
+    dirs.append(write_run(str(tmp_path / "gn4_s0"), norm="GN", ipg=4, ap=9.0))
+    dirs.append(str(tmp_path / "never_ran"))
+    failed = tmp_path / "bn1_s0"
+    failed.mkdir()
+    (failed / compare_ap.STATUS_FILE).write_text(json.dumps(
+        {"command": ["py", "train_net.py", "--config-file", "c/bn_1.yaml", "SEED", "0"], "returncode": 1}))
+    (failed / compare_ap.LOG_FILE).write_text(
+        "iter 10 loss 3.2\nFloatingPointError: Loss became infinite or NaN at iteration=12!\nbye\n")
+    dirs.append(str(failed))
+    dirs.append(write_run(str(tmp_path / "bn1_s1"), norm="BN", ipg=1, ap=float("nan")))
+    return [compare_ap.load_run(d) for d in dirs]
+
+
+def test_statuses_and_reasons(runs):
+    by_dir = {os.path.basename(r.run_dir): r for r in runs}
+    assert [by_dir[k].status for k in ("frn2_s0", "gn2_s0", "gn4_s0")] == ["ok"] * 3
+    assert by_dir["never_ran"].status == "missing" and "no run directory" in by_dir["never_ran"].reason
+    assert by_dir["bn1_s0"].status == "failed"
+    assert "exited with 1" in by_dir["bn1_s0"].reason and "Loss became infinite" in by_dir["bn1_s0"].reason
+    assert (by_dir["bn1_s0"].config_file, by_dir["bn1_s0"].seed) == ("c/bn_1.yaml", 0)
+    assert by_dir["bn1_s1"].status == "failed" and "NaN" in by_dir["bn1_s1"].reason
+
+
+def test_aggregation_numbers(runs):
+    groups = compare_ap.aggregate(runs)
+    assert list(groups) == [("fam", "FRN", 2, 1), ("fam", "GN", 2, 1), ("fam", "GN", 4, 1)]
+    frn = groups[("fam", "FRN", 2, 1)]
+    ap = frn["stats"][("bbox", "AP")]
+    assert ap["n"] == 3 and ap["mean"] == pytest.approx(12.0) and ap["std"] == pytest.approx(2.0)
+    assert (ap["min"], ap["max"]) == (10.0, 14.0)
+    assert frn["stats"][("bbox", "AP50")]["mean"] == pytest.approx(32.0)
+    assert frn["stats"][("segm", "AP")]["mean"] == pytest.approx(6.0)
+    assert frn["stats"][("segm", "AP")]["std"] == pytest.approx(1.0)
+    assert frn["seeds"] == [0, 1, 2] and frn["tasks"] == ["bbox", "segm"]
+    gn = groups[("fam", "GN", 2, 1)]
+    assert gn["stats"][("bbox", "AP")]["std"] == 0.0 and gn["tasks"] == ["bbox"]
+    # the failed BN runs are in no group: nothing averaged them in
+    assert not any(k[1] == "BN" for k in groups)
+
+
+def test_outputs(runs, tmp_path):
+    prefix = str(tmp_path / "out" / "ap")
+    compare_ap.write_all(runs, prefix)
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["norm"], r["images_per_gpu"], r["n_runs"]) for r in rows] == [("FRN", "2", "3"), ("GN", "2", "1"),
+                                                                             ("GN", "4", "1")]
+    assert float(rows[0]["bbox_AP_mean"]) == pytest.approx(12.0)
+    assert float(rows[0]["bbox_AP_std"]) == pytest.approx(2.0)
+    assert rows[0]["seeds"] == "0 1 2" and rows[1]["segm_AP_mean"] == ""
+    with open(prefix + "_runs.csv") as f:
+        per_run = list(csv.DictReader(f))
+    assert len(per_run) == len(runs)
+    assert sorted(r["status"] for r in per_run) == ["failed", "failed", "missing", "ok", "ok", "ok", "ok", "ok"]
+    md = open(prefix + ".md").read()
+    assert "| fam | FRN | 2 | 1 | 2 | 3 | 12.00 ± 2.00 | 10.00–14.00 |" in md
+    assert "Missing or failed runs (3 of 8)" in md
+    assert "never_ran" in md and "Loss became infinite" in md and "NaN" in md
+    png = open(prefix + ".png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_all_ok_markdown_says_so(tmp_path):
+    runs = [compare_ap.load_run(write_run(str(tmp_path / "a"), ap=3.0))]
+    md = compare_ap.markdown(compare_ap.aggregate(runs), runs)
+    assert "All 1 runs finished." in md and "Missing" not in md
+
+
+FAKE_TRAIN_NET = textwrap.dedent("""
+    import json, os, sys
+    args = sys.argv[1:]
+    cfg = args[args.index("--config-file") + 1]
+    seed = int(args[args.index("SEED") + 1])
+    out = args[args.index("OUTPUT_DIR") + 1]
+    with open(os.environ["FAKE_COUNTER"], "a") as f:
+        f.write(f"{cfg} {seed} {' '.join(args[args.index('OUTPUT_DIR') + 2:])}\\n")
+    if "bad" in cfg and seed == 1:
+        print("RuntimeError: simulated crash", file=sys.stderr)
+        sys.exit(3)
+    norm = "GN" if "gn" in cfg else "FRN"
+    ipg = int(cfg.split("_")[-1][0])
+    res = {"config_file": cfg, "norm": norm, "images_per_gpu": ipg, "num_gpus": 1, "ims_per_batch": ipg,
+           "seed": seed, "results": {"bbox": {m: 1.0 + seed for m in ["AP", "AP50", "AP75", "APs", "APm", "APl"]}}}
+    json.dump(res, open(os.path.join(out, "frn_det_result.json"), "w"))
+""")
+
+
+def test_grid_launch_resumable_and_failure_reported(tmp_path, monkeypatch):
+    train = tmp_path / "fake_train_net.py"
+    train.write_text(FAKE_TRAIN_NET)
+    counter = tmp_path / "calls.txt"
+    monkeypatch.setenv("FAKE_COUNTER", str(counter))
+    cfg_dir = tmp_path / "grid"
+    cfg_dir.mkdir()
+    configs = [str(cfg_dir / n) for n in ("gn_2.yaml", "frn_2.yaml", "bad_frn_4.yaml")]
+    root = str(tmp_path / "runs")
+    out = str(tmp_path / "res" / "ap")
+    argv = ["grid", "--configs", *configs, "--seeds", "0", "1", "--root", root, "--train-net", str(train),
+            "--out", out, "--opts", "SOLVER.MAX_ITER", "7"]
+    assert compare_ap.main(argv) == 0
+    calls = counter.read_text().splitlines()
+    assert len(calls) == 6 and all(c.endswith("SOLVER.MAX_ITER 7") for c in calls)
+    rows = list(csv.DictReader(open(out + ".csv")))
+    assert [(r["family"], r["norm"], r["images_per_gpu"], r["n_runs"]) for r in rows] == [
+        ("grid", "FRN", "2", "2"), ("grid", "FRN", "4", "1"), ("grid", "GN", "2", "2")]
+    assert float(rows[0]["bbox_AP_mean"]) == pytest.approx(1.5)
+    md = open(out + ".md").read()
+    assert "exited with 3" in md and "simulated crash" in md and "bad_frn_4.yaml seed 1" in md
+    assert "| 1/2 |" in md  # FRN 4 img/GPU averages 1 of the 2 expected runs
+    # second call: finished runs are skipped, only the failed one is retried
+    assert compare_ap.main(argv) == 0
+    calls2 = counter.read_text().splitlines()
+    assert len(calls2) == 7 and "bad_frn_4.yaml 1" in calls2[-1]
+
+
+def test_dry_run_launches_nothing(tmp_path, capsys):
+    rc = compare_ap.main(["grid", "--configs", "c/a.yaml", "--seeds", "3", "--root", str(tmp_path / "r"),
+                          "--dry-run", "--out", str(tmp_path / "o")])
+    assert rc == 0 and not os.path.exists(tmp_path / "r")
+    out = capsys.readouterr().out
+    assert "would run" in out and "SEED 3" in out and "--resume" in out
+
+
+def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
+    d = write_run(str(tmp_path / "a"), ap=4.0)
+    res = json.load(open(os.path.join(d, compare_ap.RESULT_FILE)))
+    res["results"]["bbox"]["APs"] = float("nan")  # no small objects in the val set
+    json.dump(res, open(os.path.join(d, compare_ap.RESULT_FILE), "w"))
+    g = compare_ap.aggregate([compare_ap.load_run(d)])
+    st = g[("fam", "FRN", 2, 1)]["stats"]
+    assert math.isnan(st[("bbox", "APs")]["mean"]) and st[("bbox", "AP")]["mean"] == 4.0
