@@ -14,6 +14,9 @@ except ImportError as e:
     ) from e
 
 from .layers import TLU, FilterResponseNorm2d, frn, frn_reference
+from . import d2_norm_adapter  # noqa: F401  (imported for registration: the norm name "FRN" in detectron2)
+from .config import add_frn_config
+from .optimizer import build_optimizer
 from . import data  # noqa: F401  (registers frn_synthetic_train / frn_synthetic_val)
 
-__all__ = ["FilterResponseNorm2d", "TLU", "frn", "frn_reference"]
+__all__ = ["FilterResponseNorm2d", "TLU", "frn", "frn_reference", "add_frn_config", "build_optimizer"]
