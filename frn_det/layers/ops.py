@@ -1,4 +1,18 @@
-"""Python side of the fused FRN custom op ``torch.ops.frn_det``: loading, fake kernels, autograd."""
+"""Python side of the fused FRN custom op ``torch.ops.frn_det``: loading, fake kernels, autograd.
+
+The C++ library (``frn_det/layers/csrc``) defines two ops:
+
+* ``frn(x, weight, bias, tau, eps, eps_l) -> (out, rstd)``: ``out`` has x's shape, dtype and memory
+  format; ``rstd`` = 1 / sqrt(mean_hw(x^2) + eps + |eps_l|) per (sample, channel), shape (N, C),
+  fp32 (fp64 for fp64 x). ``tau`` and ``eps_l`` may be None.
+* ``frn_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input)
+  -> (grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l)``; grad_x is an empty (0,) tensor
+  unless ``grad_input``, grad_tau / grad_eps_l are empty (0,) tensors when tau / eps_l are None.
+
+Parameters may have another floating dtype than x (fp32 parameters with fp16/bf16 activations, as
+under autocast): the kernels read them in the accumulation dtype, the output takes x's dtype and
+each parameter gradient its parameter's dtype. Backward saves x, the (tiny) parameters and rstd.
+"""
 import torch
 
 try:
@@ -7,6 +21,8 @@ try:
     _LOAD_ERROR = None
 except ImportError as e:  # the pure-PyTorch reference still works without the extension
     _LOAD_ERROR = e
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def is_available() -> bool:
@@ -17,5 +33,93 @@ def load_error():
     return _LOAD_ERROR
 
 
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_args(x, weight, bias, tau, eps_l):
+    """The C++ TORCH_CHECKs again, for fake tensors (torch.compile tracing, meta)."""
+    torch._check(x.dim() == 4, lambda: f"frn: x must be 4D (N, C, H, W), got {x.dim()}D")
+    torch._check(x.dtype in _FLOATS, lambda: f"frn: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    C = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("tau", tau)):
+        if p is None:
+            continue
+        torch._check(p.dim() == 1 and p.shape[0] == C,
+                     lambda: f"frn: {name} must have shape ({C},) to match the input's channels, got {tuple(p.shape)}")
+        torch._check(p.dtype in _FLOATS, lambda: f"frn: {name} must be a float tensor, got {p.dtype}")
+        torch._check(p.device == x.device, lambda: f"frn: {name} is on {p.device} but x is on {x.device}")
+    if eps_l is not None:
+        torch._check(eps_l.numel() == 1, lambda: f"frn: eps_l must be a scalar tensor, got shape {tuple(eps_l.shape)}")
+        torch._check(eps_l.dtype in _FLOATS, lambda: f"frn: eps_l must be a float tensor, got {eps_l.dtype}")
+        torch._check(eps_l.device == x.device, lambda: f"frn: eps_l is on {eps_l.device} but x is on {x.device}")
+
+
+def _kernel_memory_format(x):
+    # Mirrors layout_of() in frn.cpp: outputs are contiguous unless x is channels_last-only.
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if is_available():
+
+    @torch.library.register_fake("frn_det::frn")
+    def _frn_fake(x, weight, bias, tau, eps, eps_l):
+        _check_args(x, weight, bias, tau, eps_l)
+        out = torch.empty_like(x, memory_format=_kernel_memory_format(x))
+        rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=_acc_dtype(x.dtype))
+        return out, rstd
+
+    @torch.library.register_fake("frn_det::frn_backward")
+    def _frn_backward_fake(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input):
+        _check_args(x, weight, bias, tau, eps_l)
+        torch._check(grad_out.shape == x.shape,
+                     lambda: f"frn_backward: grad_out has shape {tuple(grad_out.shape)} but x has {tuple(x.shape)}")
+        torch._check(grad_out.dtype == x.dtype, lambda: f"frn_backward: grad_out is {grad_out.dtype} but x is {x.dtype}")
+        torch._check(grad_out.device == x.device, lambda: "frn_backward: grad_out and x are on different devices")
+        torch._check(rstd.dim() == 2 and rstd.shape[0] == x.shape[0] and rstd.shape[1] == x.shape[1],
+                     lambda: f"frn_backward: rstd must have shape (N, C), got {tuple(rstd.shape)}")
+        torch._check(rstd.dtype == _acc_dtype(x.dtype), lambda: f"frn_backward: rstd must be {_acc_dtype(x.dtype)}")
+        acc = _acc_dtype(x.dtype)
+        grad_x = (torch.empty_like(x, memory_format=_kernel_memory_format(x)) if grad_input
+                  else x.new_empty((0,)))
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+        grad_tau = (torch.empty_like(tau, memory_format=torch.contiguous_format) if tau is not None
+                    else x.new_empty((0,), dtype=acc))
+        grad_eps_l = (torch.empty_like(eps_l, memory_format=torch.contiguous_format) if eps_l is not None
+                      else x.new_empty((0,), dtype=acc))
+        return grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, tau, eps, eps_l = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        # x and the per-plane rstd are the only activation-sized state; the parameters are needed to
+        # recompute y for the TLU mask.
+        ctx.save_for_backward(x, weight, bias, tau, rstd, eps_l)
+
+    def _backward(ctx, grad_out, _grad_rstd):
+        x, weight, bias, tau, rstd, eps_l = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (x, weight, bias, tau, eps, eps_l)
+        grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l = torch.ops.frn_det.frn_backward.default(
+            grad_out, x, weight, bias, tau, rstd, eps_l, need[0])
+        return (
+            grad_x if need[0] else None,
+            grad_weight if need[1] else None,
+            grad_bias if need[2] else None,
+            grad_tau if tau is not None and need[3] else None,
+            None,
+            grad_eps_l if eps_l is not None and need[5] else None,
+        )
+
+    torch.library.register_autograd("frn_det::frn", _backward, setup_context=_setup_context)
+
+
 def frn_op(x, weight, bias, tau, eps, eps_l):
-    raise NotImplementedError("being written: see issue 3")
+    """FRN (+ TLU when ``tau`` is given) through the fused op; returns the output only."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(f"frn_det._C is not built: {_LOAD_ERROR}")
+    out, _ = torch.ops.frn_det.frn.default(x, weight, bias, tau, float(eps), eps_l)
+    return out

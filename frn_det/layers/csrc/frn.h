@@ -1,0 +1,57 @@
+// Shared declarations of the fused FRN op (schema in frn.cpp, kernels in cpu/ and cuda/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace frn_det {
+
+// Statistics accumulate in fp64 for fp64 input, fp32 otherwise (fp16 x^2 overflows at |x| >= 256).
+inline at::ScalarType acc_type_for(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Memory layouts the kernels read natively; anything else is made contiguous first.
+enum class Layout { NCHW, NHWC };
+
+// NCHW when x is (or, after .contiguous(), will be) contiguous; NHWC for dense channels_last input.
+// A tensor that is both (C == 1 or H*W == 1) takes NCHW: the element offsets are the same.
+Layout layout_of(const at::Tensor& x);
+
+// Returns x in the layout the kernels read (a no-op for contiguous or channels_last x).
+at::Tensor to_layout(const at::Tensor& x, Layout layout);
+
+// TORCH_CHECKs with argument names, repeated by every backend and by the Python fake kernels.
+void check_forward_args(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const std::optional<at::Tensor>& tau,
+    const std::optional<at::Tensor>& eps_l);
+
+void check_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const std::optional<at::Tensor>& tau,
+    const at::Tensor& rstd,
+    const std::optional<at::Tensor>& eps_l);
+
+// Parameter gradients from the per-plane sums the backward kernels produce (all (N, C), acc dtype):
+//   A = sum_plane(dy * x), B = sum_plane(dy), T = sum_plane(g where y < tau).
+// Returns (grad_weight, grad_bias, grad_tau, grad_eps_l), each in its parameter's dtype and shape;
+// grad_tau / grad_eps_l are empty (shape (0,)) when tau / eps_l are absent. No host sync.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_grads_from_plane_sums(
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const at::Tensor& T,
+    const at::Tensor& rstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const std::optional<at::Tensor>& tau,
+    const std::optional<at::Tensor>& eps_l);
+
+} // namespace frn_det
