@@ -79,6 +79,25 @@ def test_grid_is_complete():
 
 def test_committed_configs_equal_generator_output():
     assert gen_configs.diff() == [], "run `python tools/gen_configs.py` and commit the result"
+    assert gen_configs.diff(gen_configs.SYNTH_DIR, gen_configs.render_synthetic_grid) == []
+
+
+def test_synthetic_grid_same_images_seen():
+    """configs/synthetic_grid: every run sees the same images, lr per image and warm-up/decay points."""
+    seen = set()
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "synthetic_grid", "*.yaml"))):
+        norm, ipg = re.match(r"(BN|GN|FRN)_(\d+)img\.yaml$", os.path.basename(path)).groups()
+        cfg = get_cfg()
+        add_frn_config(cfg)
+        cfg.merge_from_file(path)
+        s = cfg.SOLVER
+        assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.DEVICE == "cpu"
+        assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM) == (norm,) * 3
+        assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
+        assert s.IMS_PER_BATCH == int(ipg) and s.REFERENCE_WORLD_SIZE == 1
+        seen.add((s.MAX_ITER * s.IMS_PER_BATCH, round(s.BASE_LR / s.IMS_PER_BATCH, 12),
+                  s.WARMUP_ITERS * s.IMS_PER_BATCH, tuple(x * s.IMS_PER_BATCH for x in s.STEPS)))
+    assert len(seen) == 1, seen
 
 
 @pytest.mark.parametrize("rel", LEAVES)

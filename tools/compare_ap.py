@@ -324,7 +324,8 @@ def train_command(config_file, seed, run_dir, opts=(), train_net=DEFAULT_TRAIN_N
 def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, python=sys.executable,
                 dry_run=False, timeout=None, log=print):
     """Run every (config, seed) not finished yet, one after the other. Returns [(config, seed, dir)]."""
-    plan = [(c, s, run_dir_for(root, c, s)) for c in configs for s in seeds]
+    # seed-major: an interrupted grid has whole sweeps rather than some configs with every seed
+    plan = [(c, s, run_dir_for(root, c, s)) for s in seeds for c in configs]
     for i, (cfg, seed, rdir) in enumerate(plan, 1):
         tag = f"[{i}/{len(plan)}] {cfg} seed {seed}"
         if os.path.isfile(os.path.join(rdir, RESULT_FILE)):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the COCO config grid under configs/coco/ (norms x images per GPU, from scratch).
 
-    python tools/gen_configs.py            # (re)write configs/coco/
+    python tools/gen_configs.py            # (re)write configs/coco/ and configs/synthetic_grid/
     python tools/gen_configs.py --check    # exit 1 if the committed files differ from the output
 
 The generator is the single source of the grid; tests/test_configs.py checks that the committed
@@ -259,6 +259,49 @@ def render_all():
     return out
 
 
+# ---- configs/synthetic_grid/: the CPU grid of docs/results.md (RetinaNet R18-FPN on the synthetic
+# dataset). Each leaf inherits the datasets' configs/synthetic/retinanet_R18_FPN_<NORM>.yaml
+# (architecture, data, norm in backbone, FPN and head) and replaces its schedule: every run sees
+# the same number of images, lr proportional to the batch, warm-up and decay at the same image
+# counts. One process ("GPU"), so images per GPU = IMS_PER_BATCH.
+SYNTH_DIR = os.path.join(REPO, "configs", "synthetic_grid")
+SYNTH_NORMS = ("BN", "GN", "FRN")
+SYNTH_IMAGES_PER_BATCH = (1, 2, 4, 8)
+SYNTH = {
+    "images_seen": 256,  # sized for a 2-core CPU shared with other jobs: ~1-3 min per run
+    "lr_per_image": "0.005",  # configs/synthetic: lr 0.01 at batch 2
+    "warmup_images": 64,  # a quarter of training: from scratch, FRN needs the ramp
+    "step_images": 192,  # lr x 0.1 for the last quarter
+}
+
+
+def synthetic_grid_leaf(norm, batch):
+    n = SYNTH["images_seen"]
+    for key in ("images_seen", "warmup_images", "step_images"):
+        if SYNTH[key] % batch:
+            raise ValueError(f"{key}={SYNTH[key]} is not a multiple of the batch {batch}")
+    lr = float(Fraction(SYNTH["lr_per_image"]) * batch)
+    return HEADER + f"""\
+# Synthetic-data grid (docs/results.md): RetinaNet R18-FPN from scratch, {norm}, batch {batch} on one
+# process. Every leaf sees {n} images: MAX_ITER x IMS_PER_BATCH = {n}, BASE_LR = {SYNTH["lr_per_image"]} x batch,
+# warm-up over {SYNTH["warmup_images"]} images, lr x 0.1 after {SYNTH["step_images"]}.
+_BASE_: "../synthetic/retinanet_R18_FPN_{norm}.yaml"
+SOLVER:
+  IMS_PER_BATCH: {batch}
+  REFERENCE_WORLD_SIZE: 1  # {batch} image{"s" if batch > 1 else ""} per process on any process count
+  BASE_LR: {_fmt_lr(lr)}
+  MAX_ITER: {n // batch}
+  STEPS: ({SYNTH["step_images"] // batch},)
+  WARMUP_ITERS: {SYNTH["warmup_images"] // batch}
+  CHECKPOINT_PERIOD: {n // batch}  # only the final model
+"""
+
+
+def render_synthetic_grid():
+    """{path relative to configs/synthetic_grid: text}."""
+    return {f"{norm}_{b}img.yaml": synthetic_grid_leaf(norm, b) for norm in SYNTH_NORMS for b in SYNTH_IMAGES_PER_BATCH}
+
+
 def family_of(config_relpath):
     """The FAMILIES entry whose schedule governs configs/coco/<config_relpath>."""
     fam_dir = config_relpath.split("/")[0]
@@ -267,9 +310,9 @@ def family_of(config_relpath):
     return FAMILIES[fam_dir]
 
 
-def diff(out_dir=OUT_DIR):
-    """Relative paths whose files differ from, are missing from, or are extra to render_all()."""
-    expected = render_all()
+def diff(out_dir=OUT_DIR, render=render_all):
+    """Relative paths whose files differ from, are missing from, or are extra to render()."""
+    expected = render()
     bad = []
     for rel, text in expected.items():
         path = os.path.join(out_dir, rel)
@@ -290,19 +333,21 @@ def diff(out_dir=OUT_DIR):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare instead of writing")
-    ap.add_argument("--out-dir", default=OUT_DIR)
     args = ap.parse_args(argv)
+    targets = ((OUT_DIR, render_all), (SYNTH_DIR, render_synthetic_grid))
     if args.check:
-        bad = diff(args.out_dir)
+        bad = [os.path.join(d, b) for d, render in targets for b in diff(d, render)]
         for b in bad:
             print(b)
         return 1 if bad else 0
-    for rel, text in render_all().items():
-        path = os.path.join(args.out_dir, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-    print(f"wrote {len(render_all())} files under {args.out_dir}")
+    for out_dir, render in targets:
+        files = render()
+        for rel, text in files.items():
+            path = os.path.join(out_dir, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+        print(f"wrote {len(files)} files under {out_dir}")
     return 0
 
 
