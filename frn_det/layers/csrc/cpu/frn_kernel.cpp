@@ -9,8 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -24,8 +22,6 @@
 namespace frn_det {
 namespace {
 
-using at::vec::Vectorized;
-
 // Elements per chunk of a plane: the unit of summation order and of intra-plane parallelism.
 constexpr int64_t kChunk = 4096;
 // Below this many elements per task, parallel_for stays on one thread.
@@ -35,40 +31,20 @@ int64_t divup(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Moves 2 * Vectorized<acc_t>::size() elements per step between memory and acc-type vectors.
+// Accumulation type: fp64 for fp64 input, fp32 for fp32 / fp16 / bf16.
 template <typename scalar_t>
-struct VecIO {
-  using acc_t = scalar_t;
-  using aVec = Vectorized<acc_t>;
-  static constexpr int64_t kStep = 2 * aVec::size();
-  static inline void load(const scalar_t* p, aVec& a, aVec& b) {
-    a = aVec::loadu(p);
-    b = aVec::loadu(p + aVec::size());
-  }
-  static inline void store(scalar_t* p, const aVec& a, const aVec& b) {
-    a.store(p);
-    b.store(p + aVec::size());
-  }
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
 };
 
-template <typename scalar_t>
-struct VecIOReduced { // fp16 / bf16: widen to fp32 on load, narrow on store
-  using acc_t = float;
-  using aVec = Vectorized<float>;
-  static_assert(Vectorized<scalar_t>::size() == 2 * Vectorized<float>::size(), "vector widths");
-  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
-  static inline void load(const scalar_t* p, aVec& a, aVec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-  }
-  static inline void store(scalar_t* p, const aVec& a, const aVec& b) {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
-  }
-};
-
-template <>
-struct VecIO<at::Half> : VecIOReduced<at::Half> {};
-template <>
-struct VecIO<at::BFloat16> : VecIOReduced<at::BFloat16> {};
+// Independent partial sums per lane: the lane loops below are plain code that the compiler
+// vectorises (a single running sum would not be, as FP addition is not associative). The lanes
+// are combined in a fixed order, so results do not depend on the build's vector width.
+constexpr int kLanes = 16;
 
 template <typename acc_t>
 inline acc_t rstd_from(acc_t sumsq, int64_t L, acc_t eps_eff) {
@@ -76,67 +52,42 @@ inline acc_t rstd_from(acc_t sumsq, int64_t L, acc_t eps_eff) {
   return acc_t(1) / std::sqrt(nu2 + eps_eff);
 }
 
-template <typename acc_t, typename aVec>
-inline acc_t hsum(const aVec& v) {
-  alignas(64) acc_t buf[aVec::size()];
-  v.store(buf);
-  acc_t s = 0;
-  for (int64_t i = 0; i < aVec::size(); ++i) {
-    s += buf[i];
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* s) {
+  acc_t r = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    r += s[j];
   }
-  return s;
+  return r;
 }
 
 // ---- contiguous runs (NCHW planes or chunks of them) ------------------------------------------
 
-template <typename scalar_t>
-typename VecIO<scalar_t>::acc_t sum_squares(const scalar_t* x, int64_t n) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
-  aVec s0(0), s1(0);
+template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
+acc_t sum_squares(const scalar_t* __restrict__ x, int64_t n) {
+  acc_t s[kLanes] = {};
   int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    aVec a, b;
-    IO::load(x + i, a, b);
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t v = static_cast<acc_t>(x[i + j]);
+      s[j] += v * v;
+    }
   }
-  acc_t s = hsum<acc_t>(s0 + s1);
   for (; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
-    s += v * v;
+    s[i % kLanes] += v * v;
   }
-  return s;
+  return lane_sum(s);
 }
 
-// out = max(x * a + b, t) (TLU) or x * a + b.
-template <typename scalar_t, bool kTLU>
-void forward_apply(
-    const scalar_t* x, scalar_t* out, int64_t n,
-    typename VecIO<scalar_t>::acc_t a, typename VecIO<scalar_t>::acc_t b, typename VecIO<scalar_t>::acc_t t) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
-  const aVec av(a), bv(b), tv(t);
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    aVec x0, x1;
-    IO::load(x + i, x0, x1);
-    aVec y0 = x0 * av + bv;
-    aVec y1 = x1 * av + bv;
-    if (kTLU) { // y >= t keeps y (ties go to y); NaN compares false and yields t, as the reference
-      y0 = aVec::blendv(tv, y0, y0 >= tv);
-      y1 = aVec::blendv(tv, y1, y1 >= tv);
-    }
-    IO::store(out + i, y0, y1);
-  }
-  for (; i < n; ++i) {
-    acc_t y = static_cast<acc_t>(x[i]) * a + b;
-    if (kTLU) {
-      y = y >= t ? y : t;
-    }
-    out[i] = static_cast<scalar_t>(y);
+// out = max(x * a + b, t) (TLU; ties keep y; NaN y compares false and yields t, as the reference)
+// or x * a + b. The mask in backward recomputes x * a + b with the same a, b (no FMA contraction:
+// setup.py passes -ffp-contract=off), so forward and backward agree on ties.
+template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
+void forward_apply(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, acc_t a, acc_t b, acc_t t) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t y = static_cast<acc_t>(x[i]) * a + b;
+    out[i] = static_cast<scalar_t>(kTLU ? (y >= t ? y : t) : y);
   }
 }
 
@@ -152,84 +103,58 @@ struct BwdSums {
   }
 };
 
-// The TLU mask is recomputed exactly as in forward_apply (same a, b and expression).
-template <typename scalar_t, bool kTLU>
-BwdSums<typename VecIO<scalar_t>::acc_t> backward_sums(
-    const scalar_t* g, const scalar_t* x, int64_t n,
-    typename VecIO<scalar_t>::acc_t a, typename VecIO<scalar_t>::acc_t b, typename VecIO<scalar_t>::acc_t t) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
-  const aVec av(a), bv(b), tv(t), zero(0);
-  aVec A(0), B(0), T(0);
+template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
+BwdSums<acc_t> backward_sums(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t n, acc_t a, acc_t b, acc_t t) {
+  acc_t sA[kLanes] = {}, sB[kLanes] = {}, sT[kLanes] = {};
   int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    aVec x0, x1, g0, g1;
-    IO::load(x + i, x0, x1);
-    IO::load(g + i, g0, g1);
-    aVec d0 = g0, d1 = g1;
-    if (kTLU) {
-      const aVec y0 = x0 * av + bv;
-      const aVec y1 = x1 * av + bv;
-      const aVec m0 = y0 >= tv, m1 = y1 >= tv;
-      d0 = aVec::blendv(zero, g0, m0);
-      d1 = aVec::blendv(zero, g1, m1);
-      T = T + aVec::blendv(g0, zero, m0) + aVec::blendv(g1, zero, m1);
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t xi = static_cast<acc_t>(x[i + j]);
+      const acc_t gi = static_cast<acc_t>(g[i + j]);
+      // Written as single-assignment selects: gcc if-converts and vectorises this form only.
+      if constexpr (kTLU) {
+        const acc_t y = xi * a + b;
+        const acc_t d = y >= t ? gi : acc_t(0);
+        const acc_t e = y >= t ? acc_t(0) : gi;
+        sT[j] += e;
+        sA[j] += d * xi;
+        sB[j] += d;
+      } else {
+        sA[j] += gi * xi;
+        sB[j] += gi;
+      }
     }
-    A = at::vec::fmadd(d0, x0, A);
-    A = at::vec::fmadd(d1, x1, A);
-    B = B + d0 + d1;
   }
-  BwdSums<acc_t> s;
-  s.A = hsum<acc_t>(A);
-  s.B = hsum<acc_t>(B);
-  s.T = hsum<acc_t>(T);
   for (; i < n; ++i) {
+    const int j = static_cast<int>(i % kLanes);
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t gi = static_cast<acc_t>(g[i]);
     acc_t d = gi;
-    if (kTLU) {
+    if constexpr (kTLU) {
       const acc_t y = xi * a + b;
-      if (y >= t) {
-        s.T += 0;
-      } else {
-        s.T += gi;
-        d = 0;
-      }
+      d = y >= t ? gi : acc_t(0);
+      sT[j] += y >= t ? acc_t(0) : gi;
     }
-    s.A += d * xi;
-    s.B += d;
+    sA[j] += d * xi;
+    sB[j] += d;
   }
+  BwdSums<acc_t> s;
+  s.A = lane_sum(sA);
+  s.B = lane_sum(sB);
+  s.T = lane_sum(sT);
   return s;
 }
 
 // dx = ca * dy + cx * x with ca = gamma * rstd, cx = -gamma * rstd^3 * A / L.
-template <typename scalar_t, bool kTLU>
+template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
 void backward_apply(
-    const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n,
-    typename VecIO<scalar_t>::acc_t a, typename VecIO<scalar_t>::acc_t b, typename VecIO<scalar_t>::acc_t t,
-    typename VecIO<scalar_t>::acc_t ca, typename VecIO<scalar_t>::acc_t cx) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using aVec = typename IO::aVec;
-  const aVec av(a), bv(b), tv(t), cav(ca), cxv(cx), zero(0);
-  int64_t i = 0;
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    aVec x0, x1, g0, g1;
-    IO::load(x + i, x0, x1);
-    IO::load(g + i, g0, g1);
-    if (kTLU) {
-      g0 = aVec::blendv(zero, g0, (x0 * av + bv) >= tv);
-      g1 = aVec::blendv(zero, g1, (x1 * av + bv) >= tv);
-    }
-    IO::store(dx + i, at::vec::fmadd(g0, cav, x0 * cxv), at::vec::fmadd(g1, cav, x1 * cxv));
-  }
-  for (; i < n; ++i) {
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, int64_t n,
+    acc_t a, acc_t b, acc_t t, acc_t ca, acc_t cx) {
+  for (int64_t i = 0; i < n; ++i) {
     const acc_t xi = static_cast<acc_t>(x[i]);
-    acc_t d = static_cast<acc_t>(g[i]);
-    if (kTLU && !(xi * a + b >= t)) {
-      d = 0;
-    }
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    const acc_t d = kTLU ? (xi * a + b >= t ? gi : acc_t(0)) : gi;
     dx[i] = static_cast<scalar_t>(d * ca + xi * cx);
   }
 }
@@ -238,11 +163,11 @@ void backward_apply(
 
 template <typename scalar_t, bool kTLU>
 void forward_nchw(
-    const scalar_t* x, scalar_t* out, typename VecIO<scalar_t>::acc_t* rstd,
-    const typename VecIO<scalar_t>::acc_t* w, const typename VecIO<scalar_t>::acc_t* bias,
-    const typename VecIO<scalar_t>::acc_t* tau, typename VecIO<scalar_t>::acc_t eps_eff,
+    const scalar_t* x, scalar_t* out, typename Acc<scalar_t>::type* rstd,
+    const typename Acc<scalar_t>::type* w, const typename Acc<scalar_t>::type* bias,
+    const typename Acc<scalar_t>::type* tau, typename Acc<scalar_t>::type eps_eff,
     int64_t P, int64_t C, int64_t L) {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using acc_t = typename Acc<scalar_t>::type;
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
@@ -290,11 +215,11 @@ void forward_nchw(
 template <typename scalar_t, bool kTLU>
 void backward_nchw(
     const scalar_t* g, const scalar_t* x, scalar_t* dx /* null: no grad_x */,
-    const typename VecIO<scalar_t>::acc_t* rstd, const typename VecIO<scalar_t>::acc_t* w,
-    const typename VecIO<scalar_t>::acc_t* bias, const typename VecIO<scalar_t>::acc_t* tau,
-    typename VecIO<scalar_t>::acc_t* A, typename VecIO<scalar_t>::acc_t* B, typename VecIO<scalar_t>::acc_t* T,
+    const typename Acc<scalar_t>::type* rstd, const typename Acc<scalar_t>::type* w,
+    const typename Acc<scalar_t>::type* bias, const typename Acc<scalar_t>::type* tau,
+    typename Acc<scalar_t>::type* A, typename Acc<scalar_t>::type* B, typename Acc<scalar_t>::type* T,
     int64_t P, int64_t C, int64_t L) {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using acc_t = typename Acc<scalar_t>::type;
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
@@ -359,11 +284,11 @@ void backward_nchw(
 
 template <typename scalar_t, bool kTLU>
 void forward_nhwc(
-    const scalar_t* x, scalar_t* out, typename VecIO<scalar_t>::acc_t* rstd,
-    const typename VecIO<scalar_t>::acc_t* w, const typename VecIO<scalar_t>::acc_t* bias,
-    const typename VecIO<scalar_t>::acc_t* tau, typename VecIO<scalar_t>::acc_t eps_eff,
+    const scalar_t* x, scalar_t* out, typename Acc<scalar_t>::type* rstd,
+    const typename Acc<scalar_t>::type* w, const typename Acc<scalar_t>::type* bias,
+    const typename Acc<scalar_t>::type* tau, typename Acc<scalar_t>::type eps_eff,
     int64_t N, int64_t C, int64_t L) {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using acc_t = typename Acc<scalar_t>::type;
   const int64_t R = std::max<int64_t>(1, kChunk / C); // rows per task
   const int64_t K = divup(L, R);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (R * C));
@@ -408,11 +333,8 @@ void forward_nhwc(
         const scalar_t* __restrict__ xr = x + (n * L + l) * C;
         scalar_t* __restrict__ orow = out + (n * L + l) * C;
         for (int64_t c = 0; c < C; ++c) {
-          acc_t y = static_cast<acc_t>(xr[c]) * a[c] + bias[c];
-          if (kTLU) {
-            y = y >= tau[c] ? y : tau[c];
-          }
-          orow[c] = static_cast<scalar_t>(y);
+          const acc_t y = static_cast<acc_t>(xr[c]) * a[c] + bias[c];
+          orow[c] = static_cast<scalar_t>(kTLU ? (y >= tau[c] ? y : tau[c]) : y);
         }
       }
     }
@@ -422,11 +344,11 @@ void forward_nhwc(
 template <typename scalar_t, bool kTLU>
 void backward_nhwc(
     const scalar_t* g, const scalar_t* x, scalar_t* dx /* null: no grad_x */,
-    const typename VecIO<scalar_t>::acc_t* rstd, const typename VecIO<scalar_t>::acc_t* w,
-    const typename VecIO<scalar_t>::acc_t* bias, const typename VecIO<scalar_t>::acc_t* tau,
-    typename VecIO<scalar_t>::acc_t* A, typename VecIO<scalar_t>::acc_t* B, typename VecIO<scalar_t>::acc_t* T,
+    const typename Acc<scalar_t>::type* rstd, const typename Acc<scalar_t>::type* w,
+    const typename Acc<scalar_t>::type* bias, const typename Acc<scalar_t>::type* tau,
+    typename Acc<scalar_t>::type* A, typename Acc<scalar_t>::type* B, typename Acc<scalar_t>::type* T,
     int64_t N, int64_t C, int64_t L) {
-  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using acc_t = typename Acc<scalar_t>::type;
   const int64_t R = std::max<int64_t>(1, kChunk / C);
   const int64_t K = divup(L, R);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * R * C));
@@ -450,14 +372,17 @@ void backward_nhwc(
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xi = static_cast<acc_t>(xr[c]);
           const acc_t gi = static_cast<acc_t>(gr[c]);
-          acc_t d = gi;
-          if (kTLU) {
-            const bool pass = xi * a[c] + bias[c] >= tau[c];
-            d = pass ? gi : acc_t(0);
-            sT[c] += pass ? acc_t(0) : gi;
+          if constexpr (kTLU) {
+            const acc_t y = xi * a[c] + bias[c];
+            const acc_t d = y >= tau[c] ? gi : acc_t(0);
+            const acc_t e = y >= tau[c] ? acc_t(0) : gi;
+            sT[c] += e;
+            sA[c] += d * xi;
+            sB[c] += d;
+          } else {
+            sA[c] += gi * xi;
+            sB[c] += gi;
           }
-          sA[c] += d * xi;
-          sB[c] += d;
         }
       }
     }
@@ -499,10 +424,8 @@ void backward_nhwc(
         scalar_t* __restrict__ dr = dx + (n * L + l) * C;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xi = static_cast<acc_t>(xr[c]);
-          acc_t d = static_cast<acc_t>(gr[c]);
-          if (kTLU) {
-            d = xi * a[c] + bias[c] >= tau[c] ? d : acc_t(0);
-          }
+          const acc_t gi = static_cast<acc_t>(gr[c]);
+          const acc_t d = kTLU ? (xi * a[c] + bias[c] >= tau[c] ? gi : acc_t(0)) : gi;
           dr[c] = static_cast<scalar_t>(d * a[c] + xi * cxn[c]);
         }
       }
@@ -536,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> frn_forward_cpu(
   const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
   const double eps_eff = eps_eff_of(eps, eps_l);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_forward_cpu", [&] {
-    using acc_t = typename VecIO<scalar_t>::acc_t;
+    using acc_t = typename Acc<scalar_t>::type;
     const acc_t e = static_cast<acc_t>(eps_eff);
     const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
     auto run = [&](auto tlu) {
@@ -585,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
   const at::Tensor b = bias.to(acc).contiguous();
   const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_backward_cpu", [&] {
-    using acc_t = typename VecIO<scalar_t>::acc_t;
+    using acc_t = typename Acc<scalar_t>::type;
     const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
     scalar_t* dxp = grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto tlu) {
