@@ -59,7 +59,7 @@ def test_statuses_and_reasons(runs):
 
 def test_aggregation_numbers(runs):
     groups = compare_ap.aggregate(runs)
-    assert list(groups) == [("fam", "FRN", 2, 1), ("fam", "GN", 2, 1), ("fam", "GN", 4, 1)]
+    assert list(groups) == [("fam", "BN", 1, 1), ("fam", "FRN", 2, 1), ("fam", "GN", 2, 1), ("fam", "GN", 4, 1)]
     frn = groups[("fam", "FRN", 2, 1)]
     ap = frn["stats"][("bbox", "AP")]
     assert ap["n"] == 3 and ap["mean"] == pytest.approx(12.0) and ap["std"] == pytest.approx(2.0)
@@ -70,8 +70,10 @@ def test_aggregation_numbers(runs):
     assert frn["seeds"] == [0, 1, 2] and frn["tasks"] == ["bbox", "segm"]
     gn = groups[("fam", "GN", 2, 1)]
     assert gn["stats"][("bbox", "AP")]["std"] == 0.0 and gn["tasks"] == ["bbox"]
-    # the failed BN runs are in no group: nothing averaged them in
-    assert not any(k[1] == "BN" for k in groups)
+    # the NaN BN run has a group (its result says norm and images per GPU) but nothing averaged in;
+    # the crashed one's config does not exist, so it is only listed
+    bn = groups[("fam", "BN", 1, 1)]
+    assert len(bn["runs"]) == 1 and bn["ok"] == [] and bn["stats"] == {}
 
 
 def test_outputs(runs, tmp_path):
@@ -79,17 +81,19 @@ def test_outputs(runs, tmp_path):
     compare_ap.write_all(runs, prefix)
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["norm"], r["images_per_gpu"], r["n_runs"]) for r in rows] == [("FRN", "2", "3"), ("GN", "2", "1"),
-                                                                             ("GN", "4", "1")]
-    assert float(rows[0]["bbox_AP_mean"]) == pytest.approx(12.0)
-    assert float(rows[0]["bbox_AP_std"]) == pytest.approx(2.0)
-    assert rows[0]["seeds"] == "0 1 2" and rows[1]["segm_AP_mean"] == ""
+    assert [(r["norm"], r["images_per_gpu"], r["n_runs"], r["n_failed"]) for r in rows] == [
+        ("BN", "1", "0", "1"), ("FRN", "2", "3", "0"), ("GN", "2", "1", "0"), ("GN", "4", "1", "0")]
+    assert rows[0]["bbox_AP_mean"] == ""
+    assert float(rows[1]["bbox_AP_mean"]) == pytest.approx(12.0)
+    assert float(rows[1]["bbox_AP_std"]) == pytest.approx(2.0)
+    assert rows[1]["seeds"] == "0 1 2" and rows[2]["segm_AP_mean"] == ""
     with open(prefix + "_runs.csv") as f:
         per_run = list(csv.DictReader(f))
     assert len(per_run) == len(runs)
     assert sorted(r["status"] for r in per_run) == ["failed", "failed", "missing", "ok", "ok", "ok", "ok", "ok"]
     md = open(prefix + ".md").read()
     assert "| fam | FRN | 2 | 1 | 2 | 3 | 12.00 ± 2.00 | 10.00–14.00 |" in md
+    assert "| fam | BN | 1 | 1 | 1 | 0/1 | all failed |" in md
     assert "Missing or failed runs (3 of 8)" in md
     assert "never_ran" in md and "Loss became infinite" in md and "NaN" in md
     png = open(prefix + ".png", "rb").read()
@@ -165,3 +169,23 @@ def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
     g = compare_ap.aggregate([compare_ap.load_run(d)])
     st = g[("fam", "FRN", 2, 1)]["stats"]
     assert math.isnan(st[("bbox", "APs")]["mean"]) and st[("bbox", "AP")]["mean"] == 4.0
+
+
+def test_crashed_run_grouped_by_its_config(tmp_path):
+    """A run that died before writing its result still gets a table row, from what its config says."""
+    cfg = os.path.join(compare_ap.REPO, "configs", "synthetic_grid", "BN_4img.yaml")
+    d = tmp_path / "crashed"
+    d.mkdir()
+    (d / compare_ap.STATUS_FILE).write_text(json.dumps({"command": ["p", "t", "--config-file", cfg, "SEED", "1"],
+                                                        "returncode": 1}))
+    ok = compare_ap.load_run(write_run(str(tmp_path / "ok"), norm="BN", ipg=4, seed=0, ap=2.0, config=cfg))
+    crashed = compare_ap.load_run(str(d))
+    assert crashed.status == "failed" and crashed.key() == ("synthetic_grid", "BN", 4, 1)
+    groups = compare_ap.aggregate([ok, crashed])
+    g = groups[("synthetic_grid", "BN", 4, 1)]
+    assert len(g["runs"]) == 2 and g["ok"] == [ok] and g["stats"][("bbox", "AP")]["mean"] == 2.0
+    md = compare_ap.markdown(groups, [ok, crashed])
+    assert "| synthetic_grid | BN | 4 | 1 | 4 | 1/2 | 2.00 ± 0.00 |" in md
+    only_failed = compare_ap.aggregate([crashed])
+    compare_ap.plot(only_failed, str(tmp_path / "p.png"))  # a family with no finished run still plots
+    assert os.path.getsize(tmp_path / "p.png") > 0

@@ -61,12 +61,47 @@ class Run:
         return os.path.basename(os.path.dirname(cf)) if cf else "?"
 
     def key(self):
-        r = self.result
-        return (self.family, str(r.get("norm", "?")), r.get("images_per_gpu"), r.get("num_gpus"))
+        """(family, norm, images per GPU, GPUs): from the result, else from the config (None if unknown)."""
+        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+        if r.get("norm") is None or r.get("images_per_gpu") is None:
+            return None
+        return (self.family, str(r["norm"]), r["images_per_gpu"], r.get("num_gpus"))
+
+    @property
+    def ims_per_batch(self):
+        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+        return r.get("ims_per_batch")
 
     def metric(self, task, name):
         v = self.result.get("results", {}).get(task, {}).get(name)
         return float(v) if v is not None else math.nan
+
+
+_DESCRIBED = {}
+
+
+def describe_config(config_file, num_gpus=1):
+    """norm / images per GPU / batch a config trains with on `num_gpus` processes (the grid runs
+    with --num-gpus 1), for runs that failed before writing their result; None if unreadable."""
+    if not config_file or not os.path.isfile(config_file):
+        return None
+    if config_file not in _DESCRIBED:
+        try:
+            sys.path.insert(0, REPO)
+            import frn_det  # noqa: F401  (registers the norm name FRN)
+            from detectron2.config import get_cfg
+            from detectron2.engine import DefaultTrainer
+
+            cfg = get_cfg()
+            frn_det.add_frn_config(cfg)
+            cfg.merge_from_file(config_file)
+            cfg = DefaultTrainer.auto_scale_workers(cfg, num_gpus)
+            _DESCRIBED[config_file] = {"norm": cfg.MODEL.RESNETS.NORM, "num_gpus": num_gpus,
+                                       "images_per_gpu": cfg.SOLVER.IMS_PER_BATCH // num_gpus,
+                                       "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}
+        except Exception:  # a config that does not load is reported through the run's reason
+            _DESCRIBED[config_file] = None
+    return _DESCRIBED[config_file]
 
 
 def _tail(path, n=40):
@@ -160,11 +195,13 @@ def aggregate(runs):
     """
     groups = {}
     for run in runs:
-        if run.status != "ok":
+        key = run.key()
+        if key is None:  # failed without a result and its config does not say: only listed
             continue
-        g = groups.setdefault(run.key(), {"runs": [], "ok": []})
+        g = groups.setdefault(key, {"runs": [], "ok": []})
         g["runs"].append(run)
-        g["ok"].append(run)
+        if run.status == "ok":
+            g["ok"].append(run)
     out = OrderedDict()
     for key in sorted(groups, key=_sort_key):
         g = groups[key]
@@ -181,7 +218,7 @@ def _fmt(x, nd=2):
 
 
 def write_csv(groups, path):
-    cols = ["family", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "n_runs", "seeds"]
+    cols = ["family", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "n_runs", "n_failed", "seeds"]
     for t in TASKS:
         for m in METRICS:
             cols += [f"{t}_{m}_{s}" for s in ("mean", "std", "min", "max")]
@@ -189,8 +226,8 @@ def write_csv(groups, path):
         w = csv.writer(f)
         w.writerow(cols)
         for (fam, norm, ipg, gpus), g in groups.items():
-            row = [fam, norm, ipg, gpus, g["ok"][0].result.get("ims_per_batch"), len(g["ok"]),
-                   " ".join(str(s) for s in g["seeds"])]
+            row = [fam, norm, ipg, gpus, g["runs"][0].ims_per_batch, len(g["ok"]),
+                   len(g["runs"]) - len(g["ok"]), " ".join(str(s) for s in g["seeds"])]
             for t in TASKS:
                 for m in METRICS:
                     st = g["stats"].get((t, m))
@@ -227,10 +264,13 @@ def markdown(groups, runs, expected=None):
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for (fam, norm, ipg, gpus), g in groups.items():
-        n_exp = expected.get((fam, norm, ipg, gpus)) if expected else None
-        n_runs = f"{len(g['ok'])}" + (f"/{n_exp}" if n_exp else "")
-        row = [fam, norm, str(ipg), str(gpus), str(g["ok"][0].result.get("ims_per_batch", "")), n_runs]
+        n_exp = expected.get((fam, norm, ipg, gpus)) if expected else len(g["runs"])
+        n_runs = f"{len(g['ok'])}" + (f"/{n_exp}" if n_exp != len(g["ok"]) else "")
+        row = [fam, norm, str(ipg), str(gpus), str(g["runs"][0].ims_per_batch or ""), n_runs]
         for t in tasks:
+            if not g["ok"]:
+                row += ["all failed"] + [""] * len(METRICS)
+                continue
             if t not in g["tasks"]:
                 row += [""] * (len(METRICS) + 1)
                 continue
@@ -265,7 +305,7 @@ def plot(groups, path, task="bbox", metric="AP"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = sorted({k[0] for k in groups})
+    fams = sorted({k[0] for k in groups})  # families with at least a run
     fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         norms = sorted({k[1] for k in groups if k[0] == fam})
@@ -278,6 +318,11 @@ def plot(groups, path, task="bbox", metric="AP"):
             ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
             es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
+        failed = [(k, g) for k, g in groups.items() if k[0] == fam and not g["ok"]]
+        for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
+            ax.plot([k[2]], [0], marker="x", color="k", markersize=9, clip_on=False,
+                    label="all runs failed" if i == 0 else None)
+            ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
         ax.set_xscale("log", base=2)
         xs_all = sorted({k[2] for k in groups if k[0] == fam and k[2] is not None})
         ax.set_xticks(xs_all)
@@ -390,10 +435,7 @@ def main(argv=None):
             return 0
         runs = [load_run(run_dir_for(args.root, cfg, s), config_file=cfg, seed=s)
                 for cfg in args.configs for s in args.seeds]
-        expected = {}
-        for r in runs:
-            if r.status == "ok":
-                expected[r.key()] = len(args.seeds)
+        expected = {r.key(): len(args.seeds) for r in runs if r.key() is not None}
     write_all(runs, args.out, expected)
     n_bad = sum(r.status != "ok" for r in runs)
     print(f"{len(runs) - n_bad}/{len(runs)} runs ok; wrote {args.out}.md, .csv, _runs.csv, .png")
