@@ -73,12 +73,15 @@ def _synthetic_loader(name, root):
 
 
 def register_synthetic(root=None):
-    """Registers ``frn_synthetic_train`` / ``frn_synthetic_val`` at ``root`` (default above).
+    """(Re-)registers ``frn_synthetic_train`` / ``frn_synthetic_val`` at ``root`` (default above).
 
     Nothing is read here: the data may be generated after registration.
     """
     root = root or default_synthetic_root()
     for name, split in SYNTHETIC_NAMES.items():
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
         DatasetCatalog.register(name, lambda name=name: _synthetic_loader(name, root))
         MetadataCatalog.get(name).set(
             json_file=synthetic.annotation_path(root, split),

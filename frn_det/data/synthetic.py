@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("rectangle", "ellipse", "triangle", "ring", "star")
+# Bump when the drawing changes, so that datasets cached on disk are regenerated.
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val")
 _SPLIT_SEED = {"train": 0, "val": 1}
 
@@ -60,10 +62,12 @@ class SyntheticSpec:
 
 
 def _shape_polygon(cls, rng, extent):
-    """Vertices (N, 2) of a shape centred at the origin whose longest side is about ``extent``."""
+    """Vertices (N, 2) of a shape centred at the origin that fits in a circle of diameter ``extent``."""
     r = extent / 2.0
     if cls == "rectangle":
-        w, h = r, r * rng.uniform(0.35, 1.0)
+        aspect = rng.uniform(0.35, 1.0)
+        w = r / math.sqrt(1 + aspect**2)  # half-diagonal r
+        h = aspect * w
         pts = np.array([[-w, -h], [w, -h], [w, h], [-w, h]])
     elif cls in ("ellipse", "ring"):
         t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
@@ -118,7 +122,8 @@ def _colour_far_from(rng, ref):
 
 
 def render_image(spec, split, index):
-    """Returns (uint8 image (H, W, 3), [(category_id, visible bool mask)]) for one image."""
+    """Returns (uint8 image (H, W, 3), objects) for one image, objects a list of
+    (category_id, visible bool mask, painted bool mask) in painting order."""
     rng = np.random.default_rng([spec.seed, _SPLIT_SEED[split], index])
     size = spec.image_size
     img = _background(rng, size)
@@ -132,10 +137,10 @@ def render_image(spec, split, index):
         texture = rng.normal(0, rng.uniform(2, 12), size=(int(mask.sum()), 3))
         img[mask] = colour + texture
         # Occlusion: the new object hides whatever it covers of the earlier ones.
-        objects = [(c, m & ~mask) for c, m in objects]
-        objects.append((cat + 1, mask))
+        objects = [(c, m & ~mask, full) for c, m, full in objects]
+        objects.append((cat + 1, mask, mask))
     img = np.clip(img, 0, 255).astype(np.uint8)
-    return img, [(c, m) for c, m in objects if m.sum() >= spec.min_visible_area]
+    return img, [o for o in objects if o[1].sum() >= spec.min_visible_area]
 
 
 def _mask_to_polygons(mask):
@@ -202,13 +207,13 @@ def generate_split(spec, root, split, progress=True):
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": spec.image_size,
                        "width": spec.image_size})
-        for cat, mask in objects:
+        for cat, mask, _ in objects:
             ann = _annotation(mask, cat, len(annotations) + 1, image_id, spec.mask_format)
             if ann is not None:
                 annotations.append(ann)
     coco = {
         "info": {"description": f"frn-det synthetic shapes, {split} split",
-                 "generator": {"split": split, **spec.__dict__}},
+                 "generator": _generator_info(spec, split)},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -221,6 +226,10 @@ def generate_split(spec, root, split, progress=True):
     return path
 
 
+def _generator_info(spec, split):
+    return {"version": GENERATOR_VERSION, "split": split, **spec.__dict__}
+
+
 def is_generated(root, spec):
     """Whether ``root`` holds both splits generated with exactly ``spec``."""
     for split in SPLITS:
@@ -229,7 +238,7 @@ def is_generated(root, spec):
                 gen = json.load(f)["info"]["generator"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        if gen != {"split": split, **spec.__dict__}:
+        if gen != _generator_info(spec, split):
             return False
     return True
 
