@@ -1,0 +1,463 @@
+"""The fused FRN op (torch.ops.frn_det.frn / frn_backward) against the plain-PyTorch reference.
+
+CPU tests always run; CUDA tests run when a GPU is present (compare with the float64 reference
+computed on the CPU).
+"""
+import importlib
+
+import pytest
+import torch
+
+from frn_det.layers import frn, frn_reference
+from frn_det.layers import ops
+
+# The submodule (frn_det.layers.frn is also the name of the function the package exports).
+frn_module = importlib.import_module("frn_det.layers.frn")
+
+pytestmark = pytest.mark.skipif(not ops.is_available(), reason=f"frn_det._C not built: {ops.load_error()}")
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def make_inputs(shape, dtype=torch.float64, tlu=True, learned_eps=False, channels_last=False, device="cpu",
+                param_dtype=None, seed=0, scale=2.0, requires_grad=True):
+    """x, weight, bias, tau (or None), eps_l (or None); parameters are random so every term matters."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    pd = param_dtype or dtype
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
+    bias = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
+    tau = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd) if tlu else None
+    eps_l = torch.tensor(0.05, dtype=pd) if learned_eps else None
+    out = [x, weight, bias, tau, eps_l]
+    out = [t.to(device) if t is not None else None for t in out]
+    if requires_grad:
+        out = [t.detach().requires_grad_() if t is not None else None for t in out]
+    return out
+
+
+def run_with_grads(fn, x, weight, bias, tau, eps_l, grad_out, eps=1e-6):
+    """Output and gradients of every tensor argument (None where the argument is None)."""
+    out = fn(x, weight, bias, tau, eps, eps_l)
+    args = [t for t in (x, weight, bias, tau, eps_l) if t is not None]
+    grads = iter(torch.autograd.grad(out, args, grad_out))
+    return out, [next(grads) if t is not None else None for t in (x, weight, bias, tau, eps_l)]
+
+
+def op_fn(*args):
+    return frn(*args, impl="op")
+
+
+def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
+    """Op vs reference on the same inputs (the reference upcast to float64 on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
+    out, grads = run_with_grads(op_fn, x, weight, bias, tau, eps_l, grad_out)
+
+    def to64(t):
+        return t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
+
+    ref_args = [to64(t) for t in (x, weight, bias, tau, eps_l)]
+    ref, ref_grads = run_with_grads(frn_reference, *ref_args, grad_out.to("cpu", torch.float64))
+    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
+    torch.testing.assert_close(out.to("cpu", torch.float64), ref, atol=atol, rtol=rtol)
+    names = ("x", "weight", "bias", "tau", "eps_l")
+    for name, t, g_op, g_ref in zip(names, (x, weight, bias, tau, eps_l), grads, ref_grads):
+        if t is None:
+            continue
+        assert g_op.dtype == t.dtype, name
+        torch.testing.assert_close(g_op.to("cpu", torch.float64), g_ref, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    return out, grads
+
+
+# ---- float64 correctness ---------------------------------------------------------------------
+
+# (1, 1, 90, 90): fewer planes than threads, so planes are split into chunks across threads.
+SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (3, 4, 1, 1), (1, 5, 1, 9)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tlu,learned_eps", [(True, False), (False, True), (True, True)])
+def test_float64_forward_and_all_grads_match_reference(shape, channels_last, tlu, learned_eps):
+    args = make_inputs(shape, tlu=tlu, learned_eps=learned_eps, channels_last=channels_last)
+    assert_matches_reference(*args, atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_float64():
+    x, weight, bias, tau, eps_l = make_inputs((2, 3, 3, 4), tlu=True, learned_eps=True)
+    f = lambda *a: frn(a[0], a[1], a[2], a[3], 1e-6, a[4], impl="op")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, weight, bias, tau, eps_l), eps=1e-6, atol=1e-6)
+    # Planes of 2 elements: eps_l has a sizeable effect, so its gradient is really checked.
+    x2, w2, b2, t2, e2 = make_inputs((2, 3, 1, 2), tlu=False, learned_eps=True, seed=3)
+    f2 = lambda *a: frn(a[0], a[1], a[2], None, 1e-6, a[3], impl="op")  # noqa: E731
+    assert torch.autograd.gradcheck(f2, (x2, w2, b2, e2), eps=1e-6, atol=1e-6)
+    xc, wc, bc, tc, _ = make_inputs((2, 3, 3, 4), channels_last=True, seed=4)
+    fc = lambda *a: frn(a[0], a[1], a[2], a[3], 1e-6, None, impl="op")  # noqa: E731
+    assert torch.autograd.gradcheck(fc, (xc, wc, bc, tc), eps=1e-6, atol=1e-6)
+
+
+def _opcheck_samples(device):
+    samples = []
+    for shape, kw in [((2, 3, 4, 5), {}), ((2, 3, 4, 5), {"channels_last": True, "learned_eps": True}),
+                      ((2, 3, 4, 5), {"tlu": False}), ((0, 3, 2, 2), {}), ((2, 3, 1, 1), {"learned_eps": True}),
+                      ((2, 3, 4, 5), {"dtype": torch.float32, "param_dtype": torch.float32}),
+                      ((2, 3, 4, 5), {"dtype": torch.bfloat16, "param_dtype": torch.float32})]:
+        x, w, b, t, e = make_inputs(shape, device=device, **kw)
+        samples.append((x, w, b, t, 1e-6, e))
+    return samples
+
+
+def _opcheck_all(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.frn_det.frn.default, args)
+        x, w, b, t, eps, e = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        _, rstd = torch.ops.frn_det.frn.default(x, w, b, t, eps, e)
+        for grad_input in (True, False):
+            bargs = (torch.randn_like(x), x, w, b, t, rstd, e, grad_input)
+            torch.library.opcheck(torch.ops.frn_det.frn_backward.default, bargs)
+
+
+def test_opcheck_cpu():
+    _opcheck_all("cpu")
+
+
+def test_backward_without_grad_input_gives_same_parameter_grads():
+    x, w, b, t, e = make_inputs((2, 3, 6, 5), learned_eps=True, requires_grad=False)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
+    g = torch.randn_like(x)
+    full = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
+    params_only = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, False)
+    assert full[0].shape == x.shape and params_only[0].numel() == 0
+    for a, b_ in zip(full[1:], params_only[1:]):
+        torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+# ---- reduced precision and edge cases ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_inputs_up_to_6e4_are_finite_and_correct(dtype, channels_last):
+    # x^2 computed in fp16 would overflow (65504 is fp16's max) for |x| >= 256.
+    x, w, b, t, _ = make_inputs((2, 4, 9, 11), dtype=dtype, channels_last=channels_last, scale=2e4)
+    with torch.no_grad():
+        x.clamp_(-6e4, 6e4)
+        x[0, 0, 0, 0] = 6e4
+        x[1, 2, 3, 4] = -6e4
+    out, grads = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_activations_with_fp32_parameters_as_under_autocast(dtype):
+    x, w, b, t, e = make_inputs((2, 4, 6, 7), dtype=dtype, param_dtype=torch.float32, learned_eps=True)
+    out, grads = assert_matches_reference(x, w, b, t, e, atol=2e-2, rtol=1e-2)
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+
+
+def test_autocast_cpu_conv_then_frn():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    layer = frn_module.FilterResponseNorm2d(8, impl="op")
+    x = torch.randn(2, 3, 10, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        out = layer(y)
+    assert y.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+    ref = frn_reference(y.detach().double(), layer.weight.double(), layer.bias.double(), layer.tau.double())
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_batch(channels_last):
+    x, w, b, t, e = make_inputs((0, 4, 5, 6), channels_last=channels_last, learned_eps=True)
+    out = frn(x, w, b, t, 1e-6, e, impl="op")
+    assert out.shape == (0, 4, 5, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in (w, b, t, e):
+        assert p.grad is not None and (p.grad == 0).all()
+
+
+@pytest.mark.parametrize("learned_eps", [False, True])
+def test_one_by_one_planes_give_no_nan(learned_eps):
+    x, w, b, t, e = make_inputs((4, 6, 1, 1), learned_eps=learned_eps, dtype=torch.float32)
+    with torch.no_grad():
+        x[0] = 0.0  # 0 / sqrt(0 + eps)
+        x[1] = 1e-20
+    out, grads = assert_matches_reference(x, w, b, t, e, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out).all()
+    for g in grads:
+        if g is not None:
+            assert torch.isfinite(g).all()
+
+
+def test_channels_last_output_keeps_format_and_matches_contiguous():
+    x, w, b, t, e = make_inputs((2, 5, 6, 7), dtype=torch.float32, learned_eps=True, requires_grad=False)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out_c = frn(xc, w, b, t, 1e-6, e, impl="op")
+    out = frn(x, w, b, t, 1e-6, e, impl="op")
+    assert out_c.is_contiguous(memory_format=torch.channels_last) and not out_c.is_contiguous()
+    assert out.is_contiguous()
+    torch.testing.assert_close(out_c, out, atol=1e-6, rtol=1e-5)
+
+
+def test_non_contiguous_views():
+    base, w, b, t, e = make_inputs((3, 8, 9, 10), learned_eps=True, requires_grad=False)
+    views = [base[:, ::2], base[::2, :4, 1:, ::3], base.transpose(2, 3), base[:, :4].permute(0, 1, 3, 2)]
+    for view in views:
+        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+        x = view.detach().requires_grad_()
+        C = x.shape[1]
+        params = [p[:C].clone().requires_grad_() for p in (w, b, t)]
+        assert_matches_reference(x, *params, e.clone().requires_grad_(), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 5), (1, 1, 90, 90)])
+def test_nan_stays_in_its_plane(channels_last, shape):
+    x, w, b, t, _ = make_inputs(shape, dtype=torch.float32, channels_last=channels_last, requires_grad=False)
+    g = torch.randn(shape)
+    bad = x.clone()
+    bad[0, 0, 1, 2] = float("nan")
+    outs = []
+    for inp in (x, bad):
+        inp = inp.clone().requires_grad_()
+        out = frn(inp, w, b, t, 1e-6, None, impl="op")
+        out.backward(g)
+        outs.append((out.detach(), inp.grad))
+    (out_ok, gx_ok), (out_bad, gx_bad) = outs
+    other = torch.ones(shape, dtype=torch.bool)
+    other[0, 0] = False
+    if other.any():
+        assert torch.isfinite(out_bad[other]).all() and torch.isfinite(gx_bad[other]).all()
+        torch.testing.assert_close(out_bad[other], out_ok[other], atol=0, rtol=0)
+        torch.testing.assert_close(gx_bad[other], gx_ok[other], atol=0, rtol=0)
+    assert torch.isnan(gx_bad[0, 0]).any()  # the poisoned plane itself is not silently "fixed"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_independence(channels_last):
+    x, w, b, t, e = make_inputs((3, 4, 7, 6), dtype=torch.float32, channels_last=channels_last,
+                                learned_eps=True, requires_grad=False)
+    g = torch.randn(x.shape)
+    results = []
+    for seed in (0, 1):
+        xi = x.clone()
+        gi = g.clone()
+        gen = torch.Generator().manual_seed(100 + seed)
+        xi[1:] = torch.randn(xi[1:].shape, generator=gen) * (10 ** seed)
+        gi[1:] = torch.randn(gi[1:].shape, generator=gen)
+        xi.requires_grad_()
+        out = frn(xi, w, b, t, 1e-6, e, impl="op")
+        out.backward(gi)
+        results.append((out[0].detach(), xi.grad[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0)
+    # Batch size does not matter either: sample 0 alone gives the same numbers.
+    x0 = x[:1].clone().requires_grad_()
+    out0 = frn(x0, w, b, t, 1e-6, e, impl="op")
+    out0.backward(g[:1])
+    torch.testing.assert_close(out0[0].detach(), results[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x0.grad[0], results[0][1], atol=1e-6, rtol=1e-6)
+
+
+def test_results_do_not_depend_on_thread_count():
+    # Large planes take the split-plane path on 2+ threads; sums run over fixed chunks either way.
+    x, w, b, t, _ = make_inputs((1, 2, 100, 90), dtype=torch.float32, requires_grad=False)
+    g = torch.randn(x.shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, None)
+            grads = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, None, True)
+            results.append((out, rstd) + tuple(grads[:4]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+def test_tie_rule_gradient_goes_to_y():
+    # y = x * a + bias == tau exactly where x == 0 (bias == tau): those gradients go to y (bias).
+    x = torch.tensor([[[[0.0, 1.0, -1.0, 0.0, 2.0, -0.5]]]], dtype=torch.float32).repeat(2, 2, 1, 1)
+    x.requires_grad_()
+    w = torch.ones(2, requires_grad=True)
+    b = torch.full((2,), 0.25, requires_grad=True)
+    t = torch.full((2,), 0.25, requires_grad=True)
+    g = torch.arange(1.0, 1.0 + x.numel()).reshape(x.shape)
+    out = frn(x, w, b, t, 1e-6, None, impl="op")
+    out.backward(g)
+    xd = x.detach()
+    above_or_tie = xd >= 0
+    assert (out.detach()[xd == 0] == 0.25).all()
+    torch.testing.assert_close(t.grad, (g * ~above_or_tie).sum(dim=(0, 2, 3)))
+    torch.testing.assert_close(b.grad, (g * above_or_tie).sum(dim=(0, 2, 3)))
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        frn_module.FilterResponseNorm2d(4, learned_eps=True, impl="op"),
+    )
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].tau.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, fullgraph=True)
+    outs = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.square().sum().backward()
+        outs.append([out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- input validation --------------------------------------------------------------------------
+
+def _valid():
+    return make_inputs((2, 3, 4, 4), dtype=torch.float32, requires_grad=False)
+
+
+def test_bad_rank_is_rejected():
+    x, w, b, t, _ = _valid()
+    with pytest.raises(ValueError, match="4D"):
+        frn(x[0], w, b, t, impl="op")
+    with pytest.raises(RuntimeError, match="4D"):  # the op's own C++ check
+        torch.ops.frn_det.frn(x[0], w, b, t, 1e-6, None)
+
+
+def test_channel_mismatch_is_rejected():
+    x, w, b, t, _ = _valid()
+    with pytest.raises(ValueError, match="channels"):
+        frn(x, w[:2], b, t, impl="op")
+    with pytest.raises(RuntimeError, match="tau must have shape"):
+        torch.ops.frn_det.frn(x, w, b, t[:2], 1e-6, None)
+    with pytest.raises(ValueError, match="channels"):
+        frn_module.FilterResponseNorm2d(5, impl="op")(x)
+
+
+def test_integer_input_is_rejected():
+    x, w, b, t, _ = _valid()
+    xi = x.to(torch.int32)
+    with pytest.raises(TypeError, match="floating"):
+        frn(xi, w, b, t, impl="op")
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
+        torch.ops.frn_det.frn(xi, w, b, t, 1e-6, None)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.frn_det.frn(x, w.to(torch.int64), b, t, 1e-6, None)
+
+
+def test_parameters_on_another_device_are_rejected():
+    x, w, b, t, _ = _valid()
+    w_meta = w.to("meta")
+    with pytest.raises(ValueError, match="weight is on meta"):
+        frn(x, w_meta, b, t, impl="op")
+    # The raw op dispatches to its fake (meta) kernel, which checks devices with torch._check.
+    with pytest.raises(RuntimeError, match="weight is on meta"):
+        torch.ops.frn_det.frn(x, w_meta, b, t, 1e-6, None)
+    with pytest.raises(RuntimeError, match="eps_l is on meta"):
+        torch.ops.frn_det.frn(x, w, b, t, 1e-6, torch.tensor(1e-4, device="meta"))
+
+
+def test_backward_argument_checks():
+    x, w, b, t, _ = _valid()
+    _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, None)
+    g = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        torch.ops.frn_det.frn_backward(g[:1], x, w, b, t, rstd, None, True)
+    with pytest.raises(RuntimeError, match="rstd must have shape"):
+        torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd[:1], None, True)
+    with pytest.raises(RuntimeError, match="rstd must be"):
+        torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd.double(), None, True)
+
+
+# ---- implementation switch ---------------------------------------------------------------------
+
+def test_impl_switch_selects_the_implementation(monkeypatch):
+    calls = []
+    real_op, real_ref = ops.frn_op, frn_module.frn_reference
+    monkeypatch.setattr(ops, "frn_op", lambda *a: calls.append("op") or real_op(*a))
+    monkeypatch.setattr(frn_module, "frn_reference", lambda *a: calls.append("reference") or real_ref(*a))
+    x, w, b, t, _ = _valid()
+    frn_module.frn(x, w, b, t, impl="reference")
+    frn_module.frn(x, w, b, t, impl="op")
+    monkeypatch.setenv("FRN_DET_IMPL", "reference")
+    frn_module.frn(x, w, b, t)
+    monkeypatch.setenv("FRN_DET_IMPL", "op")
+    frn_module.frn(x, w, b, t)
+    monkeypatch.setenv("FRN_DET_IMPL", "auto")
+    frn_module.frn(x, w, b, t)  # auto uses the op when the extension is built
+    assert calls == ["reference", "op", "reference", "op", "op"]
+    layer = frn_module.FilterResponseNorm2d(3, impl="reference")
+    layer(x)
+    assert calls[-1] == "reference"
+    monkeypatch.setenv("FRN_DET_IMPL", "fast")
+    with pytest.raises(ValueError, match="unknown FRN implementation"):
+        frn_module.frn(x, w, b, t)
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+
+CUDA_TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 1e-2),
+            torch.bfloat16: (6e-2, 3e-2)}
+# Warp-per-plane (ROI heads), block-per-plane, split plane (few large planes), 1x1 and empty.
+CUDA_SHAPES = [(64, 32, 7, 7), (8, 16, 14, 14), (4, 300, 40, 48), (1, 2, 200, 336), (2, 8, 1, 1), (0, 4, 3, 3)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(CUDA_TOL))
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_float64_reference(dtype, shape, channels_last):
+    atol, rtol = CUDA_TOL[dtype]
+    for tlu, learned_eps in ((True, False), (False, True)):
+        args = make_inputs(shape, dtype=dtype, tlu=tlu, learned_eps=learned_eps, channels_last=channels_last,
+                           device="cuda", param_dtype=torch.float32 if dtype != torch.float64 else None)
+        out, _ = assert_matches_reference(*args, atol=atol, rtol=rtol)
+        if channels_last and shape[0] > 0 and shape[2] * shape[3] > 1:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_inputs_up_to_6e4(dtype):
+    x, w, b, t, _ = make_inputs((2, 4, 30, 40), dtype=dtype, device="cuda", scale=2e4)
+    with torch.no_grad():
+        x.clamp_(-6e4, 6e4)
+    out, grads = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
+    assert torch.isfinite(out).all()
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    _opcheck_all("cuda")
+
+
+@needs_cuda
+def test_cuda_nan_stays_in_its_plane():
+    for shape in ((2, 3, 6, 5), (1, 2, 200, 336)):
+        x, w, b, t, _ = make_inputs(shape, dtype=torch.float32, device="cuda", requires_grad=False)
+        bad = x.clone()
+        bad[0, 0, 1, 2] = float("nan")
+        out_ok = frn(x, w, b, t, impl="op")
+        out_bad = frn(bad, w, b, t, impl="op")
+        other = torch.ones(shape, dtype=torch.bool, device="cuda")
+        other[0, 0] = False
+        torch.testing.assert_close(out_bad[other], out_ok[other])
