@@ -5,8 +5,9 @@ restores detectron2 exactly.
 
 detectron2's ``get_norm`` is a closed dict that every consumer binds by name at import, so
 :func:`install` rebinds ``get_norm`` (and ``build_model`` / ``build_backbone``, to read MODEL.FRN
-from the cfg being built) in every loaded ``detectron2.*`` module; modules imported later bind the
-patched names from ``detectron2.layers`` / ``detectron2.modeling``.
+from the cfg being built) wherever a loaded module bound the stock function under that name:
+detectron2's consumers and user modules that imported it before frn_det. Modules imported later
+bind the patched names from ``detectron2.layers`` / ``detectron2.modeling``.
 
 ``get_norm("FRN", C)`` returns a ``FilterResponseNorm2d`` without TLU: a drop-in norm, followed by
 whatever activation the consumer applies. With MODEL.FRN.ACTIVATION "TLU" (default) the ``__init__``
@@ -29,11 +30,14 @@ drops the ReLUs; every other instance keeps the stock class and code. Subclasses
 Checkpoint keys (a BN/GN checkpoint's conv keys stay valid; nn.Identity keeps the subnet indices):
 ``<conv>.norm.{weight,bias}`` every FRN; ``<conv>.norm.tau`` FRN+TLU; ``<conv>.norm.eps_l`` learned
 eps (RetinaNet head with LEARNED_EPS "auto"); ``backbone.bottom_up.res<k>.<i>.tlu.tau`` post-add TLU.
+Models from ``build_model`` / ``build_backbone`` that contain FRN also log one line saying what a
+BatchNorm checkpoint did to their FRN layers, besides detectron2's missing / unused key lists.
 """
 import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 import sys
 from typing import Optional
 
@@ -233,13 +237,27 @@ def _wrap_init(cls, place, small_planes):
     return __init__
 
 
+def _report_bn_checkpoint(model, incompatible_keys):
+    """Load-state-dict post-hook: say in one line what loading BatchNorm entries into FRN layers did."""
+    frns = [n for n, m in model.named_modules() if isinstance(m, FilterResponseNorm2d)]
+    from_bn = [n for n in frns if f"{n}.running_mean" in incompatible_keys.unexpected_keys]
+    if from_bn:
+        logging.getLogger(__name__).warning(
+            f"{len(from_bn)} of {len(frns)} FRN layers were loaded from BatchNorm entries (e.g. {from_bn[0]}): "
+            "BN weight/bias became FRN gamma/beta, running statistics were ignored, TLU tau and eps_l keep "
+            "their initial values.")
+
+
 def _cfg_scoped(builder):
     """Run a stock builder ``builder(cfg, ...)`` inside ``frn_options(cfg)``."""
 
     @functools.wraps(builder)
     def build(cfg, *args, **kwargs):
         with frn_options(cfg):
-            return builder(cfg, *args, **kwargs)
+            module = builder(cfg, *args, **kwargs)
+        if any(isinstance(m, FilterResponseNorm2d) for m in module.modules()):
+            module.register_load_state_dict_post_hook(_report_bn_checkpoint)
+        return module
 
     return build
 
@@ -255,11 +273,10 @@ _FUNCTIONS = (
 
 
 def _rebind(old, new):
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "detectron2" or name.startswith("detectron2.")):
-            continue
-        namespace = vars(module)
-        if namespace.get(old.__name__) is old:
+    # Every loaded module, not only detectron2's: scripts and plugins commonly import build_model or
+    # get_norm from detectron2 before importing frn_det (isort puts detectron2 first).
+    for module in list(sys.modules.values()):
+        if module is not None and module.__name__ != __name__ and vars(module).get(old.__name__) is old:
             setattr(module, old.__name__, new)
 
 

@@ -8,6 +8,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
+import d2_testing
 import frn_det
 from d2_testing import MASK_RCNN, R18, RETINANET, ReluAfterNorm, batch, build, frn_modules, images, make_cfg
 from frn_det import TLU, FilterResponseNorm2d, d2_norm_adapter as adapter
@@ -50,10 +51,13 @@ def test_install_is_idempotent_and_uninstall_restores_detectron2(uninstalled):
     assert ours[("detectron2.engine.defaults", "build_model")].__wrapped__ is stock[("detectron2.engine.defaults", "build_model")]
     assert BottleneckBlock.__init__.__frn_det_stock__ is stock_inits[BottleneckBlock]  # wrapped once
     assert isinstance(resnet.get_norm("FRN", 8), FilterResponseNorm2d)
+    # also rebound in modules outside detectron2, e.g. this helper that imported it before frn_det
+    assert d2_testing.build_model is ours[("detectron2.modeling", "build_model")]
 
     adapter.uninstall()
     adapter.uninstall()
     assert patched_sites() == stock
+    assert d2_testing.build_model is stock[("detectron2.modeling", "build_model")]
     assert {cls: cls.__init__ for cls in stock_inits} == stock_inits
 
 

@@ -192,3 +192,5 @@ def test_loading_bn_checkpoint_loads_convs_and_reports_norms(models, tmp_path, c
     assert "backbone.bottom_up.res2.0.tlu.tau" in log
     assert "backbone.bottom_up.stem.conv1.norm.tau" in log
     assert "running_mean" in log and "running_var" in log
+    n_frn = len(frn_modules(frn))
+    assert f"{n_frn - 8} of {n_frn} FRN layers were loaded from BatchNorm entries" in log  # head: CycleBN keys
