@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Benchmark the fused FRN op against the alternatives on R50-FPN feature shapes.
+
+For every shape and method: forward and forward+backward time (median over --iters runs after
+warm-up), effective bandwidth and the time ratio to the op (> 1: the op is faster). Effective
+bandwidth counts the minimum traffic of a fused norm: forward reads x and writes the output
+(2 tensors), forward+backward adds reading grad_out and x and writing grad_x (5 tensors).
+
+Methods: the op (``frn(..., impl="op")``), ``frn_reference`` eager, ``torch.compile(frn_reference)``,
+timm's ``FilterResponseNormTlu2d`` (when timm is installed), ``BatchNorm2d + ReLU`` (training mode)
+and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
+
+Examples::
+
+    python tools/benchmark_frn.py                       # CPU (and CUDA when present), default shapes
+    python tools/benchmark_frn.py --device cuda --dtype float16 --shapes all
+    python tools/benchmark_frn.py --shapes target --iters 20
+    python tools/benchmark_frn.py --shapes 2x256x100x168,512x256x7x7 --channels-last
+
+Prints a markdown table; there are no pass/fail thresholds here (see issue 3 for the targets).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from frn_det.layers import frn, frn_reference  # noqa: E402
+from frn_det.layers import ops  # noqa: E402
+
+# Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
+SHAPES = {
+    "stem": (2, 64, 400, 672),
+    "res2": (2, 256, 200, 336),
+    "res3": (2, 512, 100, 168),
+    "res4": (2, 1024, 50, 84),
+    "res5": (2, 2048, 25, 42),
+    "fpn_p2": (2, 256, 200, 336),
+    "target": (2, 256, 100, 168),  # FPN P3 / the issue's target shape
+    "fpn_p4": (2, 256, 50, 84),
+    "fpn_p6": (2, 256, 13, 21),
+    "box_head": (512, 256, 7, 7),  # conv box head, 512 ROIs
+    "mask_head": (128, 256, 14, 14),
+}
+DEFAULT_SHAPES = {
+    "cpu": ["target", "res4", "fpn_p4", "fpn_p6", "box_head", "mask_head"],
+    "cuda": list(SHAPES),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_shapes(spec, device):
+    if spec is None:
+        names = DEFAULT_SHAPES[device]
+    elif spec == "all":
+        names = list(SHAPES)
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    shapes = []
+    for name in names:
+        if name in SHAPES:
+            shapes.append((name, SHAPES[name]))
+        else:
+            try:
+                dims = tuple(int(d) for d in name.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"unknown shape {name!r}: use one of {sorted(SHAPES)} or NxCxHxW") from None
+            if len(dims) != 4:
+                raise SystemExit(f"shape {name!r} must have 4 dimensions (NxCxHxW)")
+            shapes.append((name, dims))
+    return shapes
+
+
+class FRNFunctional(nn.Module):
+    """FRN + TLU parameters around a functional implementation."""
+
+    def __init__(self, C, fn):
+        super().__init__()
+        self.fn = fn
+        self.weight = nn.Parameter(torch.rand(C) + 0.5)
+        self.bias = nn.Parameter(torch.randn(C) * 0.1)
+        self.tau = nn.Parameter(torch.randn(C) * 0.1)
+
+    def forward(self, x):
+        return self.fn(x, self.weight, self.bias, self.tau, 1e-6, None)
+
+
+def make_methods(C):
+    """name -> factory returning a module (None when unavailable, with the reason)."""
+    methods = {}
+    if ops.is_available():
+        methods["op"] = lambda: FRNFunctional(C, lambda *a: frn(*a, impl="op"))
+    methods["reference"] = lambda: FRNFunctional(C, frn_reference)
+    methods["compiled reference"] = lambda: FRNFunctional(C, torch.compile(frn_reference, dynamic=False))
+    try:
+        from timm.layers import FilterResponseNormTlu2d
+
+        methods["timm FRN+TLU"] = lambda: FilterResponseNormTlu2d(C)
+    except ImportError:
+        pass
+    methods["BatchNorm2d+ReLU"] = lambda: nn.Sequential(nn.BatchNorm2d(C), nn.ReLU())
+    methods["GroupNorm32+ReLU"] = lambda: nn.Sequential(nn.GroupNorm(32, C), nn.ReLU())
+    return methods
+
+
+def timeit(fn, device, iters, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_one(module, x, grad_out, device, iters):
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        # autograd.grad instead of .backward(): no gradient accumulation in the timing.
+        out = module(x)
+        torch.autograd.grad(out, [x, *params], grad_out)
+
+    return timeit(fwd, device, iters), timeit(fwd_bwd, device, iters)
+
+
+def run(device, dtype, shapes, iters, channels_last):
+    rows = []
+    for name, shape in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad_out = torch.randn_like(x)
+        nbytes = x.numel() * x.element_size()
+        results = {}
+        for method, factory in make_methods(shape[1]).items():
+            if method == "compiled reference":
+                torch._dynamo.reset()
+            try:
+                module = factory().to(device=device, dtype=dtype).train()
+                results[method] = bench_one(module, x, grad_out, device, iters)
+            except Exception as e:  # report, keep benchmarking the other methods
+                results[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        op = results.get("op")
+        for method, res in results.items():
+            if isinstance(res, str):
+                rows.append((name, shape, method, res))
+                continue
+            fwd, fb = res
+            ratio = ""
+            if isinstance(op, tuple):
+                ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}"
+            rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
+        print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows, device, dtype, channels_last, iters):
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    layout = "channels_last" if channels_last else "contiguous"
+    print(f"\n### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, median of {iters}\n")
+    print("| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | time / op (fwd / fwd+bwd) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        name, shape, method = row[:3]
+        dims = "x".join(str(d) for d in shape)
+        if len(row) == 4:
+            print(f"| {name} | {dims} | {method} | n/a ({row[3]}) | | | | |")
+        else:
+            fwd, fgb, fb, fbgb, ratio = row[3:]
+            print(f"| {name} | {dims} | {method} | {fwd:.2f} | {fgb:.1f} | {fb:.2f} | {fbgb:.1f} | {ratio} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="all: CPU, plus CUDA when available (default)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated names ({', '.join(SHAPES)}), NxCxHxW, or 'all'; "
+                             "default: a per-device subset")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args(argv)
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            raise SystemExit("--device cuda: no CUDA device available")
+        devices.remove("cuda")
+    if not ops.is_available():
+        print(f"note: frn_det._C is not built ({ops.load_error()}); the op is skipped", file=sys.stderr)
+    for device in devices:
+        dtype = DTYPES[args.dtype]
+        rows = run(device, dtype, parse_shapes(args.shapes, device), args.iters, args.channels_last)
+        print_table(rows, device, dtype, args.channels_last, args.iters)
+
+
+if __name__ == "__main__":
+    main()
