@@ -287,9 +287,14 @@ def test_results_do_not_depend_on_thread_count():
         torch.testing.assert_close(a, b_, atol=0, rtol=0)
 
 
-def test_tie_rule_gradient_goes_to_y():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tie_rule_gradient_goes_to_y(channels_last):
     # y = x * a + bias == tau exactly where x == 0 (bias == tau): those gradients go to y (bias).
-    x = torch.tensor([[[[0.0, 1.0, -1.0, 0.0, 2.0, -0.5]]]], dtype=torch.float32).repeat(2, 2, 1, 1)
+    # Planes of 51 elements cover the kernels' vectorised loops and their scalar tails.
+    row = torch.tensor([0.0, 1.0, -1.0, 0.0, 2.0, -0.5], dtype=torch.float32)
+    x = row.repeat(9)[:51].reshape(1, 1, 3, 17).repeat(2, 2, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w = torch.ones(2, requires_grad=True)
     b = torch.full((2,), 0.25, requires_grad=True)
