@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the fused FRN op against the alternatives on R50-FPN feature shapes.
 
-For every shape and method: forward and forward+backward time (median over --iters runs after
-warm-up), effective bandwidth and the time ratio to the op (> 1: the op is faster). Effective
+For every shape and method: forward and forward+backward time (median, or min, over --iters runs
+after warm-up; the methods take turns in every round), effective bandwidth and the time ratio to the op (> 1: the op is faster). Effective
 bandwidth counts the minimum traffic of a fused norm: forward reads x and writes the output
 (2 tensors), forward+backward adds reading grad_out and x and writing grad_x (5 tensors).
 
@@ -107,26 +107,20 @@ def make_methods(C):
     return methods
 
 
-def timeit(fn, device, iters, warmup=2):
-    for _ in range(warmup):
+def time_once(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def bench_one(module, x, grad_out, device, iters):
+def make_closures(module, x, grad_out):
     params = [p for p in module.parameters() if p.requires_grad]
 
     def fwd():
@@ -138,12 +132,14 @@ def bench_one(module, x, grad_out, device, iters):
         out = module(x)
         torch.autograd.grad(out, [x, *params], grad_out)
 
-    return timeit(fwd, device, iters), timeit(fwd_bwd, device, iters)
+    return fwd, fwd_bwd
 
 
-def run(device, dtype, shapes, iters, channels_last):
+def run(device, dtype, shapes, iters, channels_last, stat):
+    reduce = statistics.median if stat == "median" else min
     rows = []
     for name, shape in shapes:
+        torch._dynamo.reset()  # compiled code is cached per function: keep each shape's entries apart
         torch.manual_seed(0)
         x = torch.randn(shape, device=device, dtype=dtype)
         if channels_last:
@@ -151,33 +147,38 @@ def run(device, dtype, shapes, iters, channels_last):
         x.requires_grad_()
         grad_out = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
-        results = {}
+        closures, errors = {}, {}
         for method, factory in make_methods(shape[1]).items():
-            if method == "compiled reference":
-                torch._dynamo.reset()
             try:
                 module = factory().to(device=device, dtype=dtype).train()
-                results[method] = bench_one(module, x, grad_out, device, iters)
+                fns = make_closures(module, x, grad_out)
+                for fn in fns * 2:  # warm-up (and compilation)
+                    fn()
+                closures[method] = fns
             except Exception as e:  # report, keep benchmarking the other methods
-                results[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
-        op = results.get("op")
-        for method, res in results.items():
-            if isinstance(res, str):
-                rows.append((name, shape, method, res))
+                errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        # Methods take turns in every round, so that load from other processes hits them alike.
+        times = {m: ([], []) for m in closures}
+        for _ in range(iters):
+            for kind in (0, 1):
+                for method, fns in closures.items():
+                    times[method][kind].append(time_once(fns[kind], device))
+        op = (reduce(times["op"][0]), reduce(times["op"][1])) if "op" in times else None
+        for method in list(closures) + list(errors):
+            if method in errors:
+                rows.append((name, shape, method, errors[method]))
                 continue
-            fwd, fb = res
-            ratio = ""
-            if isinstance(op, tuple):
-                ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}"
+            fwd, fb = reduce(times[method][0]), reduce(times[method][1])
+            ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}" if op else ""
             rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
         print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
     return rows
 
 
-def print_table(rows, device, dtype, channels_last, iters):
+def print_table(rows, device, dtype, channels_last, iters, stat):
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = "channels_last" if channels_last else "contiguous"
-    print(f"\n### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, median of {iters}\n")
+    print(f"\n### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs\n")
     print("| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | time / op (fwd / fwd+bwd) |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -200,6 +201,8 @@ def main(argv=None):
                              "default: a per-device subset")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="min is the better estimate on a machine shared with other jobs")
     args = parser.parse_args(argv)
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -211,8 +214,8 @@ def main(argv=None):
         print(f"note: frn_det._C is not built ({ops.load_error()}); the op is skipped", file=sys.stderr)
     for device in devices:
         dtype = DTYPES[args.dtype]
-        rows = run(device, dtype, parse_shapes(args.shapes, device), args.iters, args.channels_last)
-        print_table(rows, device, dtype, args.channels_last, args.iters)
+        rows = run(device, dtype, parse_shapes(args.shapes, device), args.iters, args.channels_last, args.stat)
+        print_table(rows, device, dtype, args.channels_last, args.iters, args.stat)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ enum class Layout { NCHW, NHWC };
 // A tensor that is both (C == 1 or H*W == 1) takes NCHW: the element offsets are the same.
 Layout layout_of(const at::Tensor& x);
 
+// The memory format of the op's outputs (explicit, so that the fake kernels can match the strides
+// even where both formats describe the same memory, e.g. 1x1 planes).
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // Returns x in the layout the kernels read (a no-op for contiguous or channels_last x).
 at::Tensor to_layout(const at::Tensor& x, Layout layout);
 

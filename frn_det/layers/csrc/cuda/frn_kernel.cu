@@ -522,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor> frn_forward_cuda(
   const at::Tensor x = to_layout(x_in, layout);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3), P = N * C;
   const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(x, memory_format_of(layout));
   at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
   if (P == 0) {
     return {out, rstd};
@@ -612,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
   const at::Tensor rstd = rstd_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3), P = N * C;
   const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor grad_x = grad_input ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_x = grad_input ? at::empty_like(x, memory_format_of(layout)) : at::empty({0}, x.options());
   const bool plane_kernels = use_plane_kernels(layout, P, L);
   // The split path accumulates with atomics into zeroed buffers; the plane kernels write each entry.
   auto alloc = [&] { return plane_kernels ? at::empty({N, C}, x.options().dtype(acc)) : at::zeros({N, C}, x.options().dtype(acc)); };
