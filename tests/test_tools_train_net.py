@@ -1,0 +1,183 @@
+"""tools/train_net.py end to end on a tiny synthetic dataset (CPU), and tools/coco_eval.py.
+
+Each run is a subprocess, as users run it; a few iterations on 64x64 images keep every run to
+seconds. The score threshold is 0 so that an untrained model still produces detections to compare.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import frn_det  # noqa: F401
+from frn_det.data.synthetic import SyntheticSpec, generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+RETINANET = os.path.join(REPO, "configs", "synthetic", "retinanet_R18_FPN_{}.yaml")
+MASK_RCNN = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
+CONTRACT_KEYS = {"config_file", "meta_architecture", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "seed",
+                 "max_iter", "base_lr", "train_datasets", "test_datasets", "wall_time_s", "results"}
+METRICS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    roots = {}
+    for fmt in ("polygon", "rle"):
+        root = str(tmp_path_factory.mktemp(fmt))
+        generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, mask_format=fmt, seed=1), root, progress=False)
+        roots[fmt] = root
+    return roots
+
+
+def _dataset_args(root, prefix="tiny"):
+    return [
+        "--dataset", f"{prefix}_train", os.path.join(root, "annotations", "instances_train.json"), os.path.join(root, "train"),
+        "--dataset", f"{prefix}_val", os.path.join(root, "annotations", "instances_val.json"), os.path.join(root, "val"),
+    ]
+
+
+def _opts(out, max_iter=4, prefix="tiny"):
+    return [
+        "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_val',)",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out),
+    ]
+
+
+def train_net(*args, check=True):
+    # One intra-op thread per process: the runs are tiny and the test machine is shared.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _result(out):
+    with open(os.path.join(out, "frn_det_result.json")) as f:
+        return json.load(f)
+
+
+def _detections(out):
+    with open(os.path.join(out, "inference", "coco_instances_results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """FRN RetinaNet, 4 iterations, evaluated after training."""
+    out = tmp_path_factory.mktemp("train")
+    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), *_opts(out))
+    return out
+
+
+def test_train_and_evaluate_writes_the_contract_result(trained):
+    r = _result(trained)
+    assert set(r) == CONTRACT_KEYS
+    assert (r["meta_architecture"], r["norm"], r["num_gpus"], r["ims_per_batch"], r["images_per_gpu"]) == ("RetinaNet", "FRN", 1, 2, 2)
+    assert (r["max_iter"], r["seed"], r["train_datasets"], r["test_datasets"]) == (4, 0, ["tiny_train"], ["tiny_val"])
+    assert set(r["results"]) == {"bbox"} and set(r["results"]["bbox"]) == METRICS
+    assert r["results"]["bbox"]["AP50"] is not None and r["wall_time_s"] > 0
+    assert os.path.isfile(os.path.join(trained, "model_final.pth"))
+    with open(os.path.join(trained, "metrics.json")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert max(m["iteration"] for m in metrics if "total_loss" in m) == 3
+    assert "bbox/AP" in metrics[-1]
+    assert _detections(trained)
+
+
+def test_eval_only_with_the_checkpoint_reproduces_the_result(data, trained, tmp_path):
+    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--eval-only",
+              *_opts(tmp_path), "MODEL.WEIGHTS", os.path.join(trained, "model_final.pth"))
+    assert _result(tmp_path)["results"] == _result(trained)["results"]
+    assert _detections(tmp_path) == _detections(trained)
+
+
+def test_resume_continues_from_the_last_checkpoint(data, trained, tmp_path):
+    # The state an interruption after iteration 2 leaves: checkpoint model_0000001 and no final model.
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for name in ("model_final.pth", "model_0000003.pth", "frn_det_result.json"):
+        if os.path.exists(out / name):
+            os.remove(out / name)
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume", *_opts(out))
+    assert "Starting training from iteration 2" in proc.stdout + proc.stderr
+    assert _result(out)["max_iter"] == 4
+    assert os.path.isfile(out / "model_final.pth")
+
+
+def test_two_process_cpu_gloo_training_and_evaluation(data, tmp_path):
+    # GN: with one image per process, BN cannot normalise the RetinaNet head's 1x1 P7 plane.
+    train_net("--config-file", RETINANET.format("GN"), *_dataset_args(data["polygon"]), "--num-gpus", "2",
+                     "--dist-url", "auto", *_opts(tmp_path, max_iter=2), "MODEL.DEVICE", "cpu")
+    r = _result(tmp_path)
+    assert (r["num_gpus"], r["ims_per_batch"], r["images_per_gpu"]) == (2, 2, 1)
+    assert set(r["results"]["bbox"]) == METRICS
+    # The evaluator gathered the detections of both processes: all 3 val images have some.
+    assert {d["image_id"] for d in _detections(tmp_path)} == {1, 2, 3}
+    with open(tmp_path / "log.txt.rank1") as f:  # detectron2's log of the second process
+        assert "Rank of current process: 1. World size: 2" in f.read()
+
+
+def test_rle_dataset_with_mask_rcnn_switches_to_bitmask(data, tmp_path):
+    proc = train_net("--config-file", MASK_RCNN, *_dataset_args(data["rle"], "rle"), *_opts(tmp_path, 2, "rle"))
+    assert "['rle_train'] have RLE masks: using INPUT.MASK_FORMAT bitmask" in proc.stdout + proc.stderr
+    r = _result(tmp_path)
+    assert r["meta_architecture"] == "GeneralizedRCNN" and set(r["results"]) == {"bbox", "segm"}
+
+
+def test_malformed_dataset_json_fails_naming_the_file(data, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": ')
+    proc = train_net("--config-file", RETINANET.format("GN"), "--dataset", "broken", str(bad), str(tmp_path),
+                     *_dataset_args(data["polygon"]), *_opts(tmp_path / "out"), "DATASETS.TRAIN", "('broken',)", check=False)
+    assert proc.returncode != 0
+    assert f"dataset 'broken': {bad} is not valid JSON" in proc.stderr
+
+
+def test_unknown_dataset_name_fails_before_training():
+    tool = _load_tool("train_net")
+    args = tool.add_dataset_argument(tool.default_argument_parser()).parse_args(
+        ["--config-file", RETINANET.format("BN"), "DATASETS.TEST", "('no_such_val',)"])
+    with pytest.raises(ValueError, match=r"unknown dataset name\(s\) \['no_such_val'\] in DATASETS.TEST.*frn_synthetic_val"):
+        tool.build_cfg(args)
+
+
+def test_coco_eval_matches_the_trainer_evaluation(data, trained, capsys):
+    coco_eval = _load_tool("coco_eval")
+    gt = os.path.join(data["polygon"], "annotations", "instances_val.json")
+    stats = coco_eval.evaluate(gt, os.path.join(trained, "inference", "coco_instances_results.json"), "bbox")
+    for k, v in _result(trained)["results"]["bbox"].items():
+        assert stats[k] == pytest.approx(v, nan_ok=True) if v is not None else stats[k] != stats[k]
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in capsys.readouterr().out
+
+
+def test_coco_eval_errors_name_the_file(data, trained, tmp_path, capsys):
+    coco_eval = _load_tool("coco_eval")
+    gt = os.path.join(data["polygon"], "annotations", "instances_val.json")
+    results = os.path.join(trained, "inference", "coco_instances_results.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    cases = [
+        ([str(bad), results], f"ground-truth file {bad} is not valid JSON"),
+        ([gt, str(bad)], f"results file {bad} is not valid JSON"),
+        ([gt, str(tmp_path / "none.json")], "none.json does not exist"),
+        ([gt, results, "--iou-type", "segm"], "lacks ['segmentation']"),
+    ]
+    for argv, message in cases:
+        assert coco_eval.main(argv) == 2
+        assert message in capsys.readouterr().err
