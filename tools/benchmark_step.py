@@ -3,7 +3,8 @@
 BN, GN, FRN (custom op) and FRN (reference) in all norm places, and the ratio of each to BN.
 
 The variants run interleaved (one iteration of each per round) so that load on a shared machine
-hits them alike; the table gives the median over rounds after warm-up.
+hits them alike; the table gives the median over rounds after warm-up of the wall time and of the
+process CPU time (on a loaded machine with --threads 1, CPU time is the steadier measure of cost).
 
     python tools/benchmark_step.py                      # RetinaNet R18-FPN, 2 images of 128x128, CPU
     python tools/benchmark_step.py --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
@@ -91,31 +92,34 @@ def main():
         steps[name] = (model, frn_det.build_optimizer(cfg, model))
 
     batch = make_batch(args.images, args.size, args.device)
-    times = {name: [] for name in steps}
+    times = {name: ([], []) for name in steps}  # wall, process CPU
     with EventStorage(0):
         for i in range(args.warmup + args.iters):
             for name, (model, optimizer) in steps.items():
                 synchronize(args.device)
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 loss = sum(model(batch).values())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 synchronize(args.device)
                 if i >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name][0].append(time.perf_counter() - wall)
+                    times[name][1].append(time.process_time() - cpu)
 
     print(f"{args.config} R{args.depth}, {args.images} images of {args.size}x{args.size}, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.iters} iterations after {args.warmup} warm-up")
-    median = {name: statistics.median(t) for name, t in times.items()}
-    base = median.get("BN")
-    print(f"{'variant':<17}{'s/iter':>9}{'x BN':>8}")
+    median = {name: [statistics.median(t) for t in ts] for name, ts in times.items()}
+    print(f"{'variant':<17}{'wall s':>9}{'x BN':>7}{'CPU s':>9}{'x BN':>7}")
     for name in args.variants:
         if name in skipped:
-            print(f"{name:<17}{'-':>9}{'-':>8}  skipped: {skipped[name]}")
-        else:
-            ratio = f"{median[name] / base:8.2f}" if base else f"{'-':>8}"
-            print(f"{name:<17}{median[name]:9.3f}{ratio}")
+            print(f"{name:<17}{'-':>9}{'-':>7}{'-':>9}{'-':>7}  skipped: {skipped[name]}")
+            continue
+        row = f"{name:<17}"
+        for k in (0, 1):
+            base = median["BN"][k] if "BN" in median else None
+            row += f"{median[name][k]:9.3f}" + (f"{median[name][k] / base:7.2f}" if base else f"{'-':>7}")
+        print(row)
 
 
 if __name__ == "__main__":
