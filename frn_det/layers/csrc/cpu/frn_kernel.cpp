@@ -307,8 +307,11 @@ void forward_nhwc(
       }
     }
   });
+  // Combined serially (N * K * C additions, a fraction of the data): a parallel region here costs
+  // more than it saves.
   std::vector<acc_t> scale(N * C);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  {
+    const int64_t begin = 0, end = N;
     std::vector<acc_t> ss(C);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(ss.begin(), ss.end(), acc_t(0));
@@ -324,7 +327,7 @@ void forward_nhwc(
         scale[n * C + c] = w[c] * r;
       }
     }
-  });
+  }
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / K, k = u % K;
@@ -388,7 +391,8 @@ void backward_nhwc(
     }
   });
   std::vector<acc_t> cx(N * C);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  {
+    const int64_t begin = 0, end = N;
     for (int64_t n = begin; n < end; ++n) {
       acc_t* An = A + n * C;
       acc_t* Bn = B + n * C;
@@ -409,7 +413,7 @@ void backward_nhwc(
         cx[n * C + c] = L > 0 ? -w[c] * r * r * r * An[c] / static_cast<acc_t>(L) : acc_t(0);
       }
     }
-  });
+  }
   if (dx == nullptr) {
     return;
   }
@@ -524,8 +528,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
       run(std::false_type{});
     }
   });
-  auto [grad_weight, grad_bias, grad_tau, grad_eps_l] =
-      param_grads_from_plane_sums(A, B, T, rstd, weight, bias, tau, eps_l);
+  // Parameter gradients: batch sums of the per-plane sums, in plain loops. ATen reductions here
+  // would each open a parallel region for a few thousand values, which costs more than the work
+  // (and much more on a loaded machine, where every region waits for all threads to be scheduled).
+  at::Tensor gw = at::empty({C}, x.options().dtype(acc));
+  at::Tensor gb = at::empty({C}, x.options().dtype(acc));
+  at::Tensor gt = at::empty({tau.has_value() ? C : 0}, x.options().dtype(acc));
+  at::Tensor ge = at::empty(eps_l.has_value() ? eps_l->sizes() : at::IntArrayRef{0}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "frn_backward_cpu_params", [&] {
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    const scalar_t* Bp = B.const_data_ptr<scalar_t>();
+    const scalar_t* Tp = T.const_data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
+    scalar_t* gtp = tau.has_value() ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    std::fill(gwp, gwp + C, scalar_t(0));
+    std::fill(gbp, gbp + C, scalar_t(0));
+    if (gtp != nullptr) {
+      std::fill(gtp, gtp + C, scalar_t(0));
+    }
+    scalar_t d_eps_eff = 0; // sum over planes of -0.5 * gamma * A * rstd^3
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t p = n * C + c;
+        const scalar_t ar = Ap[p] * rp[p];
+        gwp[c] += ar; // dL/dgamma = sum dy * x_hat = sum_n A * rstd
+        gbp[c] += Bp[p];
+        if (gtp != nullptr) {
+          gtp[c] += Tp[p];
+        }
+        d_eps_eff += scalar_t(-0.5) * wp[c] * ar * rp[p] * rp[p];
+      }
+    }
+    if (eps_l.has_value()) {
+      // eps_eff = eps + |eps_l|: d/d(eps_l) = sign(eps_l), 0 at 0 like autograd's abs.
+      const double e = eps_l->item().toDouble();
+      const scalar_t sign = e > 0 ? scalar_t(1) : (e < 0 ? scalar_t(-1) : scalar_t(0));
+      ge.mutable_data_ptr<scalar_t>()[0] = d_eps_eff * sign;
+    }
+  });
+  at::Tensor grad_weight = gw.to(weight.scalar_type());
+  at::Tensor grad_bias = gb.to(bias.scalar_type());
+  at::Tensor grad_tau = tau.has_value() ? gt.to(tau->scalar_type()) : gt;
+  at::Tensor grad_eps_l = eps_l.has_value() ? ge.to(eps_l->scalar_type()) : ge;
   return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
 }
 

@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "frn.h"
 
@@ -417,8 +419,9 @@ __global__ void frn_finalize_rstd_kernel(acc_t* __restrict__ rstd, const acc_t* 
   }
 }
 
-template <bool kNHWC>
-__device__ __forceinline__ void plane_and_channel(int64_t i, int64_t C, int64_t L, int64_t& p, int64_t& c) {
+// index_t is int32_t whenever the launcher can prove no overflow: 64-bit division is slow on GPUs.
+template <bool kNHWC, typename index_t>
+__device__ __forceinline__ void plane_and_channel(index_t i, index_t C, index_t L, index_t& p, index_t& c) {
   if constexpr (kNHWC) {
     c = i % C;
     p = (i / (L * C)) * C + c;
@@ -428,7 +431,7 @@ __device__ __forceinline__ void plane_and_channel(int64_t i, int64_t C, int64_t 
   }
 }
 
-template <typename scalar_t, bool kNHWC>
+template <typename scalar_t, bool kNHWC, typename index_t>
 __global__ void frn_forward_apply_kernel(
     const scalar_t* __restrict__ x,
     scalar_t* __restrict__ out,
@@ -436,21 +439,21 @@ __global__ void frn_forward_apply_kernel(
     const typename Acc<scalar_t>::type* __restrict__ w,
     const typename Acc<scalar_t>::type* __restrict__ b,
     const typename Acc<scalar_t>::type* __restrict__ tau,
-    int64_t numel,
-    int64_t C,
-    int64_t L) {
+    index_t numel,
+    index_t C,
+    index_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const bool tlu = tau != nullptr;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t p, c;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t p, c;
     plane_and_channel<kNHWC>(i, C, L, p, c);
     const acc_t y = affine(static_cast<acc_t>(x[i]), w[c] * rstd[p], b[c]);
     out[i] = static_cast<scalar_t>(tlu && !(y >= tau[c]) ? tau[c] : y);
   }
 }
 
-template <typename scalar_t, bool kNHWC>
+template <typename scalar_t, bool kNHWC, typename index_t>
 __global__ void frn_backward_apply_kernel(
     const scalar_t* __restrict__ g,
     const scalar_t* __restrict__ x,
@@ -460,14 +463,14 @@ __global__ void frn_backward_apply_kernel(
     const typename Acc<scalar_t>::type* __restrict__ w,
     const typename Acc<scalar_t>::type* __restrict__ b,
     const typename Acc<scalar_t>::type* __restrict__ tau,
-    int64_t numel,
-    int64_t C,
-    int64_t L) {
+    index_t numel,
+    index_t C,
+    index_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const bool tlu = tau != nullptr;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t p, c;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t p, c;
     plane_and_channel<kNHWC>(i, C, L, p, c);
     const acc_t r = rstd[p];
     const acc_t a = w[c] * r;
@@ -487,6 +490,11 @@ int num_sms() {
 
 int64_t elementwise_grid(int64_t numel) {
   return std::max<int64_t>(1, std::min<int64_t>((numel + kBlock - 1) / kBlock, static_cast<int64_t>(num_sms()) * 32));
+}
+
+// The grid-stride loop's last increment must not overflow index_t either.
+bool fits_int32(int64_t numel, int64_t grid) {
+  return numel + grid * kBlock < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
 }
 
 template <typename scalar_t>
@@ -584,10 +592,17 @@ std::tuple<at::Tensor, at::Tensor> frn_forward_cuda(
     if (numel == 0) {
       return;
     }
+    const int64_t grid = elementwise_grid(numel);
+    auto launch = [&](auto nhwc, auto index) {
+      using index_t = decltype(index);
+      frn_forward_apply_kernel<scalar_t, decltype(nhwc)::value, index_t><<<grid, kBlock, 0, stream>>>(
+          xp, op, rp, wp, bp, tp, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(L));
+    };
+    const bool small = fits_int32(numel, grid);
     if (layout == Layout::NHWC) {
-      frn_forward_apply_kernel<scalar_t, true><<<elementwise_grid(numel), kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, numel, C, L);
+      small ? launch(std::true_type{}, int32_t{}) : launch(std::true_type{}, int64_t{});
     } else {
-      frn_forward_apply_kernel<scalar_t, false><<<elementwise_grid(numel), kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, numel, C, L);
+      small ? launch(std::false_type{}, int32_t{}) : launch(std::false_type{}, int64_t{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -674,10 +689,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
       if (dxp == nullptr || numel == 0) {
         return;
       }
+      const int64_t grid = elementwise_grid(numel);
+      auto launch = [&](auto nhwc, auto index) {
+        using index_t = decltype(index);
+        frn_backward_apply_kernel<scalar_t, decltype(nhwc)::value, index_t><<<grid, kBlock, 0, stream>>>(
+            gp, xp, dxp, rp, Ap, wp, bp, tp, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(L));
+      };
+      const bool small = fits_int32(numel, grid);
       if (layout == Layout::NHWC) {
-        frn_backward_apply_kernel<scalar_t, true><<<elementwise_grid(numel), kBlock, 0, stream>>>(gp, xp, dxp, rp, Ap, wp, bp, tp, numel, C, L);
+        small ? launch(std::true_type{}, int32_t{}) : launch(std::true_type{}, int64_t{});
       } else {
-        frn_backward_apply_kernel<scalar_t, false><<<elementwise_grid(numel), kBlock, 0, stream>>>(gp, xp, dxp, rp, Ap, wp, bp, tp, numel, C, L);
+        small ? launch(std::false_type{}, int32_t{}) : launch(std::false_type{}, int64_t{});
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
