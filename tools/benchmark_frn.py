@@ -201,10 +201,13 @@ def main(argv=None):
                              "default: a per-device subset")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="min is the better estimate on a machine shared with other jobs")
     args = parser.parse_args(argv)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device == "cuda":

@@ -97,6 +97,9 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
     Returns:
         Tensor with the input's shape, dtype and memory format. Statistics accumulate in fp32
         (fp64 for fp64 input).
+
+    The parameters may have another floating dtype than ``x`` (fp32 parameters with fp16/bf16
+    activations, as under autocast): the output takes x's dtype, each gradient its tensor's dtype.
     """
     if resolve_impl(impl) == "reference":
         return frn_reference(x, weight, bias, tau, eps, eps_l)
