@@ -24,5 +24,6 @@ def add_frn_config(cfg):
     # "RELU": FRN without TLU everywhere, detectron2's ReLUs kept (the paper's TLU ablation).
     cfg.MODEL.FRN.ACTIVATION = "TLU"
     # FRN implementation: "op" (fused custom op, frn_det._C), "reference" (plain PyTorch) or
-    # "auto" (the op when frn_det._C is built, else the reference).
+    # "auto" (the environment variable FRN_DET_IMPL if set, else the op when frn_det._C is built,
+    # else the reference).
     cfg.MODEL.FRN.IMPL = "auto"

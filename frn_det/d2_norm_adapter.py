@@ -138,7 +138,8 @@ def get_norm(norm, out_channels):
 def _new_frn(channels):
     options = _OPTIONS.get()
     learned = options.learned_eps == "all" or (options.learned_eps == "auto" and _SMALL_PLANES.get())
-    module = FilterResponseNorm2d(channels, eps=options.eps, learned_eps=learned, tlu=False, impl=options.impl)
+    impl = None if options.impl == "auto" else options.impl  # None: the layer reads FRN_DET_IMPL, else auto
+    module = FilterResponseNorm2d(channels, eps=options.eps, learned_eps=learned, tlu=False, impl=impl)
     built = _BUILT.get()
     if built is not None:
         built.append(module)
@@ -275,8 +276,8 @@ _FUNCTIONS = (
 def _rebind(old, new):
     # Every loaded module, not only detectron2's: scripts and plugins commonly import build_model or
     # get_norm from detectron2 before importing frn_det (isort puts detectron2 first).
-    for module in list(sys.modules.values()):
-        if module is not None and module.__name__ != __name__ and vars(module).get(old.__name__) is old:
+    for name, module in list(sys.modules.items()):
+        if name != __name__ and getattr(module, "__dict__", {}).get(old.__name__) is old:
             setattr(module, old.__name__, new)
 
 

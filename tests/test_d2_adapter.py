@@ -127,7 +127,7 @@ def test_cfg_options_reach_every_frn_layer():
 def test_default_options_learn_eps_only_in_the_retinanet_head(frn_config):
     model = build(RETINANET, "FRN", *R18, frn_config=frn_config)
     frns = frn_modules(model)
-    assert all(m.eps == 1e-6 and m.impl == "auto" for _, m in frns)
+    assert all(m.eps == 1e-6 and m.impl is None for _, m in frns)  # None: FRN_DET_IMPL, else auto
     learned = {n for n, m in frns if m.eps_l is not None}
     assert learned == {n for n, _ in frns if n.startswith("head.")} and len(learned) == 8
     assert all(m.tau is not None for n, m in frns if n.startswith("head."))  # "TLU" placement
