@@ -1,6 +1,8 @@
 """FRN models built from stock model-zoo configs: placement, training, inference, checkpoints."""
+import copy
 import logging
 import math
+import pickle
 
 import pytest
 import torch
@@ -194,3 +196,10 @@ def test_loading_bn_checkpoint_loads_convs_and_reports_norms(models, tmp_path, c
     assert "running_mean" in log and "running_var" in log
     n_frn = len(frn_modules(frn))
     assert f"{n_frn - 8} of {n_frn} FRN layers were loaded from BatchNorm entries" in log  # head: CycleBN keys
+
+
+def test_frn_models_pickle_and_deepcopy(models):
+    model = models["retinanet_R18"]
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
+        assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), model.state_dict().values()))
