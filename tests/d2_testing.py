@@ -3,7 +3,7 @@ import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling import build_model
+from detectron2.modeling import build_model  # bound before `import frn_det`: the adapter must rebind it
 from detectron2.structures import BitMasks, Boxes, Instances
 from torch import nn
 from torch.overrides import TorchFunctionMode

@@ -14,8 +14,6 @@ from d2_testing import MASK_RCNN, R18, RETINANET, ReluAfterNorm, batch, build, f
 from frn_det import TLU, FilterResponseNorm2d, d2_norm_adapter as adapter
 from frn_det.layers import frn
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture
 def uninstalled():

@@ -16,8 +16,6 @@ from d2_testing import (MASK_RCNN, R18, RETINANET, STOCK_NORM_TYPES, ReluAfterNo
                         images, norm_params)
 from frn_det import TLU, FilterResponseNorm2d
 
-torch.set_num_threads(2)
-
 MODELS = {
     "retinanet_R50": (RETINANET,),
     "mask_rcnn_R50": (MASK_RCNN,),
