@@ -10,6 +10,7 @@ IMPLS = ["reference"] + (["op"] if ops.is_available() else [])
 
 
 def test_exported_from_package():
+    assert frn_det.FilterResponseNorm2d is FilterResponseNorm2d and frn_det.TLU is TLU
     assert frn_det.layers.FilterResponseNorm2d is FilterResponseNorm2d
 
 
