@@ -5,7 +5,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "frn.h"
 
@@ -28,6 +34,22 @@ Layout layout_of(const at::Tensor& x) {
     return Layout::NHWC;
   }
   return Layout::NCHW; // arbitrary strides: copied to contiguous by to_layout
+}
+
+at::Tensor empty_cpu_output(const at::Tensor& x, Layout layout) {
+  at::Tensor out = at::empty_like(x, memory_format_of(layout));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(out.nbytes());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (out.nbytes() >= 4 * kHuge && last > first) {
+    // A hint: ignored where THP is disabled, harmless for memory that is already resident.
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 at::Tensor to_layout(const at::Tensor& x, Layout layout) {

@@ -26,6 +26,12 @@ inline at::MemoryFormat memory_format_of(Layout layout) {
   return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Allocates an output like x (in x's kernel layout) for the CPU kernels. Large buffers are marked
+// for transparent huge pages before their first touch: the kernels write every byte, and on
+// Linux the 4 KiB page faults of a fresh multi-MB buffer otherwise cost more than the op's
+// arithmetic (measured: 34 MB output, 25 ms with 4 KiB faults vs 10 ms with huge pages).
+at::Tensor empty_cpu_output(const at::Tensor& x, Layout layout);
+
 // Returns x in the layout the kernels read (a no-op for contiguous or channels_last x).
 at::Tensor to_layout(const at::Tensor& x, Layout layout);
 

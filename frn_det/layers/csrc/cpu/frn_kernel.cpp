@@ -456,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> frn_forward_cpu(
   const at::Tensor x = to_layout(x_in, layout);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
   const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor out = at::empty_like(x, memory_format_of(layout));
+  at::Tensor out = empty_cpu_output(x, layout);
   at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
   const at::Tensor w = weight.to(acc).contiguous();
   const at::Tensor b = bias.to(acc).contiguous();
@@ -504,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
   const at::Tensor rstd = rstd_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
   const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor grad_x = grad_input ? at::empty_like(x, memory_format_of(layout)) : at::empty({0}, x.options());
+  at::Tensor grad_x = grad_input ? empty_cpu_output(x, layout) : at::empty({0}, x.options());
   at::Tensor A = at::empty({N, C}, x.options().dtype(acc));
   at::Tensor B = at::empty({N, C}, x.options().dtype(acc));
   at::Tensor T = at::empty({N, C}, x.options().dtype(acc));
