@@ -96,6 +96,8 @@ if is_available():
         x, weight, bias, tau, eps, eps_l = inputs
         _, rstd = output
         ctx.mark_non_differentiable(rstd)
+        # rstd never gets a gradient: don't let autograd allocate and zero-fill one.
+        ctx.set_materialize_grads(False)
         # x and the per-plane rstd are the only activation-sized state; the parameters are needed to
         # recompute y for the TLU mask.
         ctx.save_for_backward(x, weight, bias, tau, rstd, eps_l)
@@ -103,6 +105,8 @@ if is_available():
     def _backward(ctx, grad_out, _grad_rstd):
         x, weight, bias, tau, rstd, eps_l = ctx.saved_tensors
         need = ctx.needs_input_grad  # (x, weight, bias, tau, eps, eps_l)
+        if grad_out is None:  # grads are not materialised: None means zero
+            grad_out = torch.zeros_like(x)
         grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l = torch.ops.frn_det.frn_backward.default(
             grad_out, x, weight, bias, tau, rstd, eps_l, need[0])
         return (
