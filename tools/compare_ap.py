@@ -309,6 +309,7 @@ def plot(groups, path, task="bbox", metric="AP"):
     fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         norms = sorted({k[1] for k in groups if k[0] == fam})
+        colors = {}
         for norm in norms:
             pts = sorted(((k[2], g) for k, g in groups.items() if k[0] == fam and k[1] == norm
                           and (task, metric) in g["stats"]), key=lambda p: p[0])
@@ -317,11 +318,12 @@ def plot(groups, path, task="bbox", metric="AP"):
             xs = [p[0] for p in pts]
             ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
             es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
+            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
+            colors[norm] = line[0].get_color()
         failed = [(k, g) for k, g in groups.items() if k[0] == fam and not g["ok"]]
         for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
-            ax.plot([k[2]], [0], marker="x", color="k", markersize=9, clip_on=False,
-                    label="all runs failed" if i == 0 else None)
+            ax.plot([k[2]], [0], marker="x", color=colors.get(k[1], "k"), markersize=9, clip_on=False,
+                    linestyle="none", label="all runs failed" if i == 0 else None)
             ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
         ax.set_xscale("log", base=2)
         xs_all = sorted({k[2] for k in groups if k[0] == fam and k[2] is not None})
@@ -329,7 +331,9 @@ def plot(groups, path, task="bbox", metric="AP"):
         ax.set_xticklabels([str(x) for x in xs_all])
         ax.set_xlabel("images per GPU")
         ax.set_ylabel(f"{task} {metric}")
-        ax.set_title(fam)
+        seeds = sorted({len(g["ok"]) for k, g in groups.items() if k[0] == fam and g["ok"]})
+        n = "/".join(str(x) for x in seeds)
+        ax.set_title(f"{fam}: mean ± std over {n} seed{'s' if seeds != [1] else ''}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(title="norm")
     fig.tight_layout()
