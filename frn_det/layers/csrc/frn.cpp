@@ -1,5 +1,5 @@
-// Schema of the fused FRN op (torch.ops.frn_det), shared argument checks, the parameter-gradient
-// epilogue used by every backend, and the Python module init that makes `import frn_det._C` load
+// Schema of the fused FRN op (torch.ops.frn_det), shared argument checks and helpers, the
+// parameter-gradient epilogue of the CUDA backend, and the Python module init that makes `import frn_det._C` load
 // this library (which runs the TORCH_LIBRARY registrations below and in cpu/, cuda/).
 #include <Python.h>
 

@@ -52,7 +52,8 @@ void check_backward_args(
     const at::Tensor& rstd,
     const std::optional<at::Tensor>& eps_l);
 
-// Parameter gradients from the per-plane sums the backward kernels produce (all (N, C), acc dtype):
+// Parameter gradients from the per-plane sums the backward kernels produce (all (N, C), acc dtype),
+// with tensor ops (used by the CUDA backend; the CPU backend does the same sums in plain loops):
 //   A = sum_plane(dy * x), B = sum_plane(dy), T = sum_plane(g where y < tau).
 // Returns (grad_weight, grad_bias, grad_tau, grad_eps_l), each in its parameter's dtype and shape;
 // grad_tau / grad_eps_l are empty (shape (0,)) when tau / eps_l are absent. No host sync.

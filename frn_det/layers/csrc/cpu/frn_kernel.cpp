@@ -5,7 +5,7 @@
 // phases run as separate parallel loops. NHWC (channels_last): tasks are blocks of rows of one
 // sample; every row is C contiguous channels, so the per-channel loops vectorise.
 // Sums always run over fixed chunks of a plane in the same order, so results do not depend on the
-// thread count or on which path ran.
+// thread count or on which NCHW path ran (NHWC sums in another order: results agree to rounding).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
