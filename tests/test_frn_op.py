@@ -77,8 +77,9 @@ def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
 
 # ---- float64 correctness ---------------------------------------------------------------------
 
-# (1, 1, 90, 90): fewer planes than threads, so planes are split into chunks across threads.
-SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (3, 4, 1, 1), (1, 5, 1, 9)]
+# (1, 1, 90, 90): fewer planes than threads, so NCHW planes are split into chunks across threads;
+# (2, 8, 70, 70): channels_last samples above the one-task-per-sample size, split into row blocks.
+SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -279,8 +279,11 @@ void backward_nchw(
 }
 
 // ---- NHWC (channels_last) drivers -------------------------------------------------------------
-// Sample n is an (L, C) row-major matrix. Tasks are (n, block of rows); per-channel partial sums
-// of each task go to their own slice of a buffer and are combined in task order.
+// Sample n is an (L, C) row-major matrix. A sample of at most kSampleFuse elements is one task:
+// statistics, then the output, while the sample is in cache. Larger samples are split into tasks
+// of (n, block of rows); per-channel partial sums of each task go to their own slice of a buffer
+// and are combined in task order.
+constexpr int64_t kSampleFuse = 32768;
 
 template <typename scalar_t, bool kTLU>
 void forward_nhwc(
@@ -289,6 +292,43 @@ void forward_nhwc(
     const typename Acc<scalar_t>::type* tau, typename Acc<scalar_t>::type eps_eff,
     int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
+  // s[c] += x^2 over rows [l0, l1) of sample n.
+  auto stats_rows = [&](int64_t n, int64_t l0, int64_t l1, acc_t* __restrict__ s) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(xr[c]);
+        s[c] += v * v;
+      }
+    }
+  };
+  // out = TLU(x * a[c] + bias[c]) over rows [l0, l1) of sample n.
+  auto apply_rows = [&](int64_t n, int64_t l0, int64_t l1, const acc_t* __restrict__ a) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+      scalar_t* __restrict__ orow = out + (n * L + l) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t y = static_cast<acc_t>(xr[c]) * a[c] + bias[c];
+        orow[c] = static_cast<scalar_t>(kTLU ? (y >= tau[c] ? y : tau[c]) : y);
+      }
+    }
+  };
+  if (L * C <= kSampleFuse) {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L * C, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s(C), a(C);
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(s.begin(), s.end(), acc_t(0));
+        stats_rows(n, 0, L, s.data());
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t r = rstd_from(s[c], L, eps_eff);
+          rstd[n * C + c] = r;
+          a[c] = w[c] * r;
+        }
+        apply_rows(n, 0, L, a.data());
+      }
+    });
+    return;
+  }
   const int64_t R = std::max<int64_t>(1, kChunk / C); // rows per task
   const int64_t K = divup(L, R);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (R * C));
@@ -296,50 +336,33 @@ void forward_nhwc(
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / K, k = u % K;
-      acc_t* __restrict__ s = part.data() + u * C;
+      acc_t* s = part.data() + u * C;
       std::fill(s, s + C, acc_t(0));
-      for (int64_t l = k * R; l < std::min(L, (k + 1) * R); ++l) {
-        const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(xr[c]);
-          s[c] += v * v;
-        }
-      }
+      stats_rows(n, k * R, std::min(L, (k + 1) * R), s);
     }
   });
   // Combined serially (N * K * C additions, a fraction of the data): a parallel region here costs
   // more than it saves.
   std::vector<acc_t> scale(N * C);
-  {
-    const int64_t begin = 0, end = N;
-    std::vector<acc_t> ss(C);
-    for (int64_t n = begin; n < end; ++n) {
-      std::fill(ss.begin(), ss.end(), acc_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* s = part.data() + (n * K + k) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          ss[c] += s[c];
-        }
-      }
+  std::vector<acc_t> ss(C);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(ss.begin(), ss.end(), acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* s = part.data() + (n * K + k) * C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t r = rstd_from(ss[c], L, eps_eff);
-        rstd[n * C + c] = r;
-        scale[n * C + c] = w[c] * r;
+        ss[c] += s[c];
       }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t r = rstd_from(ss[c], L, eps_eff);
+      rstd[n * C + c] = r;
+      scale[n * C + c] = w[c] * r;
     }
   }
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / K, k = u % K;
-      const acc_t* __restrict__ a = scale.data() + n * C;
-      for (int64_t l = k * R; l < std::min(L, (k + 1) * R); ++l) {
-        const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-        scalar_t* __restrict__ orow = out + (n * L + l) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t y = static_cast<acc_t>(xr[c]) * a[c] + bias[c];
-          orow[c] = static_cast<scalar_t>(kTLU ? (y >= tau[c] ? y : tau[c]) : y);
-        }
-      }
+      apply_rows(n, k * R, std::min(L, (k + 1) * R), scale.data() + n * C);
     }
   });
 }
@@ -352,67 +375,104 @@ void backward_nhwc(
     typename Acc<scalar_t>::type* A, typename Acc<scalar_t>::type* B, typename Acc<scalar_t>::type* T,
     int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t R = std::max<int64_t>(1, kChunk / C);
-  const int64_t K = divup(L, R);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * R * C));
-  std::vector<acc_t> scale(N * C);
+  std::vector<acc_t> scale(N * C); // gamma * rstd
   for (int64_t i = 0; i < N * C; ++i) {
     scale[i] = w[i % C] * rstd[i];
   }
+  // sA/sB/sT[c] += the per-channel sums over rows [l0, l1) of sample n.
+  auto sums_rows = [&](int64_t n, int64_t l0, int64_t l1, acc_t* __restrict__ sA, acc_t* __restrict__ sB,
+                       acc_t* __restrict__ sT) {
+    const acc_t* __restrict__ a = scale.data() + n * C;
+    for (int64_t l = l0; l < l1; ++l) {
+      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+      const scalar_t* __restrict__ gr = g + (n * L + l) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xi = static_cast<acc_t>(xr[c]);
+        const acc_t gi = static_cast<acc_t>(gr[c]);
+        if constexpr (kTLU) {
+          const acc_t y = xi * a[c] + bias[c];
+          const acc_t d = y >= tau[c] ? gi : acc_t(0);
+          const acc_t e = y >= tau[c] ? acc_t(0) : gi;
+          sT[c] += e;
+          sA[c] += d * xi;
+          sB[c] += d;
+        } else {
+          sA[c] += gi * xi;
+          sB[c] += gi;
+        }
+      }
+    }
+  };
+  // dx = a * dy + cx * x over rows [l0, l1) of sample n.
+  auto apply_rows = [&](int64_t n, int64_t l0, int64_t l1, const acc_t* __restrict__ cxn) {
+    const acc_t* __restrict__ a = scale.data() + n * C;
+    for (int64_t l = l0; l < l1; ++l) {
+      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+      const scalar_t* __restrict__ gr = g + (n * L + l) * C;
+      scalar_t* __restrict__ dr = dx + (n * L + l) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xi = static_cast<acc_t>(xr[c]);
+        const acc_t gi = static_cast<acc_t>(gr[c]);
+        const acc_t d = kTLU ? (xi * a[c] + bias[c] >= tau[c] ? gi : acc_t(0)) : gi;
+        dr[c] = static_cast<scalar_t>(d * a[c] + xi * cxn[c]);
+      }
+    }
+  };
+  std::vector<acc_t> cx(N * C); // -gamma * rstd^3 * A / L
+  auto finish_sample = [&](int64_t n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t r = rstd[n * C + c];
+      cx[n * C + c] = L > 0 ? -w[c] * r * r * r * A[n * C + c] / static_cast<acc_t>(L) : acc_t(0);
+    }
+  };
+  if (L * C <= kSampleFuse) {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        acc_t* An = A + n * C;
+        acc_t* Bn = B + n * C;
+        acc_t* Tn = T + n * C;
+        std::fill(An, An + C, acc_t(0));
+        std::fill(Bn, Bn + C, acc_t(0));
+        std::fill(Tn, Tn + C, acc_t(0));
+        sums_rows(n, 0, L, An, Bn, Tn);
+        finish_sample(n);
+        if (dx != nullptr) {
+          apply_rows(n, 0, L, cx.data() + n * C);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t R = std::max<int64_t>(1, kChunk / C);
+  const int64_t K = divup(L, R);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * R * C));
   // part[u] holds A, B, T for C channels: 3 * C values per task.
   std::vector<acc_t> part(N * K * 3 * C);
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / K, k = u % K;
-      acc_t* __restrict__ sA = part.data() + u * 3 * C;
-      acc_t* __restrict__ sB = sA + C;
-      acc_t* __restrict__ sT = sB + C;
+      acc_t* sA = part.data() + u * 3 * C;
       std::fill(sA, sA + 3 * C, acc_t(0));
-      const acc_t* __restrict__ a = scale.data() + n * C;
-      for (int64_t l = k * R; l < std::min(L, (k + 1) * R); ++l) {
-        const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-        const scalar_t* __restrict__ gr = g + (n * L + l) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xi = static_cast<acc_t>(xr[c]);
-          const acc_t gi = static_cast<acc_t>(gr[c]);
-          if constexpr (kTLU) {
-            const acc_t y = xi * a[c] + bias[c];
-            const acc_t d = y >= tau[c] ? gi : acc_t(0);
-            const acc_t e = y >= tau[c] ? acc_t(0) : gi;
-            sT[c] += e;
-            sA[c] += d * xi;
-            sB[c] += d;
-          } else {
-            sA[c] += gi * xi;
-            sB[c] += gi;
-          }
-        }
-      }
+      sums_rows(n, k * R, std::min(L, (k + 1) * R), sA, sA + C, sA + 2 * C);
     }
   });
-  std::vector<acc_t> cx(N * C);
-  {
-    const int64_t begin = 0, end = N;
-    for (int64_t n = begin; n < end; ++n) {
-      acc_t* An = A + n * C;
-      acc_t* Bn = B + n * C;
-      acc_t* Tn = T + n * C;
-      std::fill(An, An + C, acc_t(0));
-      std::fill(Bn, Bn + C, acc_t(0));
-      std::fill(Tn, Tn + C, acc_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* s = part.data() + (n * K + k) * 3 * C;
-        for (int64_t c = 0; c < C; ++c) {
-          An[c] += s[c];
-          Bn[c] += s[C + c];
-          Tn[c] += s[2 * C + c];
-        }
-      }
+  // Combined serially, see forward_nhwc.
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* An = A + n * C;
+    acc_t* Bn = B + n * C;
+    acc_t* Tn = T + n * C;
+    std::fill(An, An + C, acc_t(0));
+    std::fill(Bn, Bn + C, acc_t(0));
+    std::fill(Tn, Tn + C, acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* s = part.data() + (n * K + k) * 3 * C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t r = rstd[n * C + c];
-        cx[n * C + c] = L > 0 ? -w[c] * r * r * r * An[c] / static_cast<acc_t>(L) : acc_t(0);
+        An[c] += s[c];
+        Bn[c] += s[C + c];
+        Tn[c] += s[2 * C + c];
       }
     }
+    finish_sample(n);
   }
   if (dx == nullptr) {
     return;
@@ -420,19 +480,7 @@ void backward_nhwc(
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / K, k = u % K;
-      const acc_t* __restrict__ a = scale.data() + n * C;
-      const acc_t* __restrict__ cxn = cx.data() + n * C;
-      for (int64_t l = k * R; l < std::min(L, (k + 1) * R); ++l) {
-        const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-        const scalar_t* __restrict__ gr = g + (n * L + l) * C;
-        scalar_t* __restrict__ dr = dx + (n * L + l) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xi = static_cast<acc_t>(xr[c]);
-          const acc_t gi = static_cast<acc_t>(gr[c]);
-          const acc_t d = kTLU ? (xi * a[c] + bias[c] >= tau[c] ? gi : acc_t(0)) : gi;
-          dr[c] = static_cast<scalar_t>(d * a[c] + xi * cxn[c]);
-        }
-      }
+      apply_rows(n, k * R, std::min(L, (k + 1) * R), cx.data() + n * C);
     }
   });
 }
