@@ -80,12 +80,16 @@ def test_grid_is_complete():
 def test_committed_configs_equal_generator_output():
     assert gen_configs.diff() == [], "run `python tools/gen_configs.py` and commit the result"
     assert gen_configs.diff(gen_configs.SYNTH_DIR, gen_configs.render_synthetic_grid) == []
+    assert gen_configs.diff(gen_configs.SYNTH_LONG_DIR, gen_configs.render_synthetic_grid_long) == []
 
 
-def test_synthetic_grid_same_images_seen():
-    """configs/synthetic_grid: every run sees the same images, lr per image and warm-up/decay points."""
+@pytest.mark.parametrize("grid,images", [("synthetic_grid", 256), ("synthetic_grid_long", 1024)])
+def test_synthetic_grid_same_images_seen(grid, images):
+    """configs/synthetic_grid*: every run sees the same images, lr per image and warm-up/decay points."""
     seen = set()
-    for path in sorted(glob.glob(os.path.join(REPO, "configs", "synthetic_grid", "*.yaml"))):
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*.yaml")))
+    assert len(paths) == 12
+    for path in paths:
         norm, ipg = re.match(r"(BN|GN|FRN)_(\d+)img\.yaml$", os.path.basename(path)).groups()
         cfg = get_cfg()
         add_frn_config(cfg)
@@ -98,6 +102,7 @@ def test_synthetic_grid_same_images_seen():
         seen.add((s.MAX_ITER * s.IMS_PER_BATCH, round(s.BASE_LR / s.IMS_PER_BATCH, 12),
                   s.WARMUP_ITERS * s.IMS_PER_BATCH, tuple(x * s.IMS_PER_BATCH for x in s.STEPS)))
     assert len(seen) == 1, seen
+    assert next(iter(seen))[0] == images
 
 
 @pytest.mark.parametrize("rel", LEAVES)

@@ -279,10 +279,12 @@ def markdown(groups, runs, expected=None):
             row.append(f"{_fmt(ap['min'])}–{_fmt(ap['max'])}")
             for m in METRICS[1:]:
                 st = g["stats"][(t, m)]
-                row.append(f"{_fmt(st['mean'])} ± {_fmt(st['std'])}")
+                # n/a: undefined for every seed (e.g. APl when the test set has no large object)
+                row.append("n/a" if st["n"] == 0 else f"{_fmt(st['mean'])} ± {_fmt(st['std'])}")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append("Mean ± sample std over seeds (0 with one seed); APs are detectron2's percentages.")
+    lines.append("Mean ± sample std over seeds (0 with one seed); APs are detectron2's percentages; "
+                 "n/a: undefined in every run (COCO gives no APs/APm/APl without objects of that size).")
     bad = [r for r in runs if r.status != "ok"]
     lines.append("")
     if bad:
