@@ -46,7 +46,12 @@ fi
 # Compile the CUDA sources whenever a toolkit is present, so CI catches CUDA compile errors.
 if [ -z "${FORCE_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then
   export FORCE_CUDA=1
-  export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+  # The toolkit root: /usr/local/cuda where present (nvcc on PATH may be a wrapper script elsewhere).
+  if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+    else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
+  fi
+  export CUDA_HOME
   # Without a GPU nothing tells torch which arch to build: compile for Hopper only (fast, enough to
   # catch errors). With a GPU, torch targets the visible card.
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
