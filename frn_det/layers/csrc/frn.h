@@ -13,6 +13,16 @@ inline at::ScalarType acc_type_for(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The same rule as a type, for the kernels (CPU and CUDA).
+template <typename scalar_t>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
 // Memory layouts the kernels read natively; anything else is made contiguous first.
 enum class Layout { NCHW, NHWC };
 

@@ -31,16 +31,6 @@ int64_t divup(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Accumulation type: fp64 for fp64 input, fp32 for fp32 / fp16 / bf16.
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 // Independent partial sums per lane: the lane loops below are plain code that the compiler
 // vectorises (a single running sum would not be, as FP addition is not associative). The lanes
 // are combined in a fixed order, so results do not depend on the build's vector width.

@@ -31,15 +31,6 @@
 namespace frn_det {
 namespace {
 
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 constexpr int kBlock = 256;
 constexpr int kWarp = 32;
 constexpr int64_t kWarpPlaneMax = 1024;
