@@ -46,15 +46,16 @@ from detectron2.engine import (  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from frn_det import add_frn_config, build_optimizer  # noqa: E402
+from frn_det import add_frn_config  # noqa: E402
 from frn_det.data import check_registered, ensure_synthetic, register_coco_dataset, uses_rle_masks  # noqa: E402
+from frn_det.optimizer import FRNTrainerMixin  # noqa: E402
 
 RESULT_FILE = "frn_det_result.json"
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the FRN-aware optimizer, COCO evaluation and CPU multi-process DDP."""
+class Trainer(FRNTrainerMixin, DefaultTrainer):
+    """DefaultTrainer with the FRN-aware optimizer (the mixin), COCO evaluation and CPU multi-process DDP."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, except for the DDP wrapper: create_ddp_model passes
@@ -76,10 +77,6 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
