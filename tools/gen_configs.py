@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the COCO config grid under configs/coco/ (norms x images per GPU, from scratch).
 
-    python tools/gen_configs.py            # (re)write configs/coco/ and configs/synthetic_grid/
+    python tools/gen_configs.py            # (re)write configs/coco/, configs/synthetic_grid{,_long}/
     python tools/gen_configs.py --check    # exit 1 if the committed files differ from the output
 
 The generator is the single source of the grid; tests/test_configs.py checks that the committed
