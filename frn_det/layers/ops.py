@@ -15,6 +15,8 @@ each parameter gradient its parameter's dtype. Backward saves x, the (tiny) para
 """
 import torch
 
+from .frn import accumulation_dtype
+
 try:
     from frn_det import _C  # noqa: F401  (loading registers the torch.ops.frn_det kernels)
 
@@ -31,10 +33,6 @@ def is_available() -> bool:
 
 def load_error():
     return _LOAD_ERROR
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_args(x, weight, bias, tau, eps_l):
@@ -68,7 +66,7 @@ if is_available():
     def _frn_fake(x, weight, bias, tau, eps, eps_l):
         _check_args(x, weight, bias, tau, eps_l)
         out = torch.empty_like(x, memory_format=_kernel_memory_format(x))
-        rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=_acc_dtype(x.dtype))
+        rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=accumulation_dtype(x.dtype))
         return out, rstd
 
     @torch.library.register_fake("frn_det::frn_backward")
@@ -80,8 +78,8 @@ if is_available():
         torch._check(grad_out.device == x.device, lambda: "frn_backward: grad_out and x are on different devices")
         torch._check(rstd.dim() == 2 and rstd.shape[0] == x.shape[0] and rstd.shape[1] == x.shape[1],
                      lambda: f"frn_backward: rstd must have shape (N, C), got {tuple(rstd.shape)}")
-        torch._check(rstd.dtype == _acc_dtype(x.dtype), lambda: f"frn_backward: rstd must be {_acc_dtype(x.dtype)}")
-        acc = _acc_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
+        torch._check(rstd.dtype == acc, lambda: f"frn_backward: rstd must be {acc}")
         grad_x = (torch.empty_like(x, memory_format=_kernel_memory_format(x)) if grad_input
                   else x.new_empty((0,)))
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
