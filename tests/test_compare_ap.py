@@ -1,16 +1,18 @@
-"""tools/compare_ap.py on hand-made run directories (no training)."""
+"""frn_det.engine.compare / grid (and tools/compare_ap.py over them) on hand-made run directories (no training)."""
 
 import csv
 import json
 import math
 import os
+import subprocess
 import sys
 import textwrap
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import compare_ap  # noqa: E402
+from frn_det.engine import compare as compare_ap
+from frn_det.engine.paths import REPO, TOOLS
+from frn_det.engine.results import RESULT_FILE
 
 
 def write_run(d, norm="FRN", ipg=2, seed=0, ap=10.0, segm_ap=None, gpus=1, config="configs/fam/x.yaml"):
@@ -22,7 +24,7 @@ def write_run(d, norm="FRN", ipg=2, seed=0, ap=10.0, segm_ap=None, gpus=1, confi
            "num_gpus": gpus, "ims_per_batch": ipg * gpus, "seed": seed, "max_iter": 100,
            "base_lr": 0.01, "train_datasets": ["t"], "test_datasets": ["v"], "wall_time_s": 1.0,
            "results": res}
-    with open(os.path.join(d, compare_ap.RESULT_FILE), "w") as f:
+    with open(os.path.join(d, RESULT_FILE), "w") as f:
         json.dump(out, f)
     return d
 
@@ -106,6 +108,13 @@ def test_all_ok_markdown_says_so(tmp_path):
     assert "All 1 runs finished." in md and "Missing" not in md
 
 
+def compare_tool(argv):
+    """tools/compare_ap.py as users run it: (exit code, stdout)."""
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "compare_ap.py"), *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode, proc.stdout
+
+
 FAKE_TRAIN_NET = textwrap.dedent("""
     import json, os, sys
     args = sys.argv[1:]
@@ -137,7 +146,7 @@ def test_grid_launch_resumable_and_failure_reported(tmp_path, monkeypatch):
     out = str(tmp_path / "res" / "ap")
     argv = ["grid", "--configs", *configs, "--seeds", "0", "1", "--root", root, "--train-net", str(train),
             "--out", out, "--opts", "SOLVER.MAX_ITER", "7"]
-    assert compare_ap.main(argv) == 0
+    assert compare_tool(argv)[0] == 0
     calls = counter.read_text().splitlines()
     assert len(calls) == 6 and all(c.endswith("SOLVER.MAX_ITER 7") for c in calls)
     rows = list(csv.DictReader(open(out + ".csv")))
@@ -148,24 +157,23 @@ def test_grid_launch_resumable_and_failure_reported(tmp_path, monkeypatch):
     assert "exited with 3" in md and "simulated crash" in md and "bad_frn_4.yaml seed 1" in md
     assert "| 1/2 |" in md  # FRN 4 img/GPU averages 1 of the 2 expected runs
     # second call: finished runs are skipped, only the failed one is retried
-    assert compare_ap.main(argv) == 0
+    assert compare_tool(argv)[0] == 0
     calls2 = counter.read_text().splitlines()
     assert len(calls2) == 7 and "bad_frn_4.yaml 1" in calls2[-1]
 
 
-def test_dry_run_launches_nothing(tmp_path, capsys):
-    rc = compare_ap.main(["grid", "--configs", "c/a.yaml", "--seeds", "3", "--root", str(tmp_path / "r"),
-                          "--dry-run", "--out", str(tmp_path / "o")])
+def test_dry_run_launches_nothing(tmp_path):
+    rc, out = compare_tool(["grid", "--configs", "c/a.yaml", "--seeds", "3", "--root", str(tmp_path / "r"),
+                            "--dry-run", "--out", str(tmp_path / "o")])
     assert rc == 0 and not os.path.exists(tmp_path / "r")
-    out = capsys.readouterr().out
     assert "would run" in out and "SEED 3" in out and "--resume" in out
 
 
 def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
     d = write_run(str(tmp_path / "a"), ap=4.0)
-    res = json.load(open(os.path.join(d, compare_ap.RESULT_FILE)))
+    res = json.load(open(os.path.join(d, RESULT_FILE)))
     res["results"]["bbox"]["APs"] = float("nan")  # no small objects in the val set
-    json.dump(res, open(os.path.join(d, compare_ap.RESULT_FILE), "w"))
+    json.dump(res, open(os.path.join(d, RESULT_FILE), "w"))
     g = compare_ap.aggregate([compare_ap.load_run(d)])
     st = g[("fam", "FRN", 2, 1)]["stats"]
     assert math.isnan(st[("bbox", "APs")]["mean"]) and st[("bbox", "AP")]["mean"] == 4.0
@@ -173,7 +181,7 @@ def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
 
 def test_crashed_run_grouped_by_its_config(tmp_path):
     """A run that died before writing its result still gets a table row, from what its config says."""
-    cfg = os.path.join(compare_ap.REPO, "configs", "synthetic_grid", "BN_4img.yaml")
+    cfg = os.path.join(REPO, "configs", "synthetic_grid", "BN_4img.yaml")
     d = tmp_path / "crashed"
     d.mkdir()
     (d / compare_ap.STATUS_FILE).write_text(json.dumps({"command": ["p", "t", "--config-file", cfg, "SEED", "1"],

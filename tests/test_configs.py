@@ -1,12 +1,12 @@
 """configs/coco/: every config loads; norms sit in every place; images per GPU and the schedule
-follow the linear rule relative to the family base; the files equal tools/gen_configs.py's output.
+follow the linear rule relative to the family base; the files equal the generator's output
+(frn_det.engine.config_grid, written by tools/gen_configs.py).
 """
 
 import glob
 import math
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -14,19 +14,13 @@ from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO = os.path.join(REPO, "configs", "coco")
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import gen_configs  # noqa: E402
+from detectron2.engine import DefaultTrainer
+from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
+from detectron2.modeling import build_model
 
-try:
-    from frn_det import add_frn_config
-    from frn_det.layers import FilterResponseNorm2d
-except ImportError as e:  # only while the integration has not landed
-    pytest.skip(f"frn_det.add_frn_config is not importable yet ({e})", allow_module_level=True)
-
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import DefaultTrainer  # noqa: E402
-from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from frn_det.engine import config_grid as gen_configs
+from frn_det.engine import load_cfg
+from frn_det.layers import FilterResponseNorm2d
 
 LEAF_RE = re.compile(r"^(?P<norm>BN|SyncBN|GN|FRN|BN-finetuned)_(?P<ipg>\d+)img\.yaml$")
 # The file each family's schedule is defined in (R101 shares the RetinaNet family's base).
@@ -54,10 +48,7 @@ def leaves():
 
 
 def load(rel):
-    cfg = get_cfg()
-    add_frn_config(cfg)
-    cfg.merge_from_file(os.path.join(COCO, rel))
-    return cfg
+    return load_cfg(os.path.join(COCO, rel), freeze=False)
 
 
 def parse(rel):
@@ -91,9 +82,7 @@ def test_synthetic_grid_same_images_seen(grid, images):
     assert len(paths) == 12
     for path in paths:
         norm, ipg = re.match(r"(BN|GN|FRN)_(\d+)img\.yaml$", os.path.basename(path)).groups()
-        cfg = get_cfg()
-        add_frn_config(cfg)
-        cfg.merge_from_file(path)
+        cfg = load_cfg(path)
         s = cfg.SOLVER
         assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.DEVICE == "cpu"
         assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM) == (norm,) * 3

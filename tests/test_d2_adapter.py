@@ -1,4 +1,5 @@
-"""frn_det.d2_norm_adapter: install / uninstall, stock norms unchanged, MODEL.FRN options, eps policy."""
+"""frn_det.modeling: the adapter (install / uninstall, stock norms unchanged), MODEL.FRN options, the
+placement transform, the eps policy."""
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -11,7 +12,9 @@ from torch import nn
 import d2_testing
 import frn_det
 from d2_testing import MASK_RCNN, R18, RETINANET, ReluAfterNorm, batch, build, frn_modules, images, make_cfg
-from frn_det import TLU, FilterResponseNorm2d, d2_norm_adapter as adapter
+from frn_det import TLU, FilterResponseNorm2d
+from frn_det.modeling import FRNOptions, apply_frn_placement
+from frn_det.modeling import norm_adapter as adapter
 from frn_det.layers import frn
 
 
@@ -38,6 +41,7 @@ def test_install_is_idempotent_and_uninstall_restores_detectron2(uninstalled):
 
     stock = patched_sites()
     stock_inits = {cls: cls.__init__ for cls in (BasicBlock, BottleneckBlock, RetinaNetHead)}
+    assert not adapter.is_installed()
     with pytest.raises(KeyError):
         resnet.get_norm("FRN", 8)
 
@@ -47,7 +51,8 @@ def test_install_is_idempotent_and_uninstall_restores_detectron2(uninstalled):
     assert set(ours) == set(stock)
     assert all(ours[k] is not stock[k] for k in stock), "a consumer still binds a stock function"
     assert ours[("detectron2.engine.defaults", "build_model")].__wrapped__ is stock[("detectron2.engine.defaults", "build_model")]
-    assert BottleneckBlock.__init__.__frn_det_stock__ is stock_inits[BottleneckBlock]  # wrapped once
+    assert adapter.is_installed()
+    assert {cls: cls.__init__ for cls in stock_inits} == stock_inits  # no stock class is touched
     assert isinstance(resnet.get_norm("FRN", 8), FilterResponseNorm2d)
     # also rebound in modules outside detectron2, e.g. this helper that imported it before frn_det
     assert d2_testing.build_model is ours[("detectron2.modeling", "build_model")]
@@ -107,8 +112,8 @@ def test_add_frn_config_is_idempotent():
     cfg.MODEL.FRN.EPS = 1e-3
     frn_det.add_frn_config(cfg)
     assert cfg.MODEL.FRN.EPS == 1e-3
-    assert adapter.FRNOptions.from_cfg(cfg) == adapter.FRNOptions(eps=1e-3)
-    assert adapter.FRNOptions.from_cfg(get_cfg()) is None
+    assert FRNOptions.from_cfg(cfg) == FRNOptions(eps=1e-3)
+    assert FRNOptions.from_cfg(get_cfg()) is None
 
 
 def test_cfg_options_reach_every_frn_layer():
@@ -125,7 +130,7 @@ def test_cfg_options_reach_every_frn_layer():
 def test_default_options_learn_eps_only_in_the_retinanet_head(frn_config):
     model = build(RETINANET, "FRN", *R18, frn_config=frn_config)
     frns = frn_modules(model)
-    assert all(m.eps == 1e-6 and m.impl is None for _, m in frns)  # None: FRN_DET_IMPL, else auto
+    assert all(m.eps == 1e-6 and m.impl == frn_det.layers.resolve_impl() for _, m in frns)  # resolved at build
     learned = {n for n, m in frns if m.eps_l is not None}
     assert learned == {n for n, _ in frns if n.startswith("head.")} and len(learned) == 8
     assert all(m.tau is not None for n, m in frns if n.startswith("head."))  # "TLU" placement
@@ -150,21 +155,52 @@ def test_relu_mode_keeps_detectron2_relus_and_drops_every_tlu():
     assert len(seen.after_frn) == 1 + 2 * 8 + 8 * 5 and not seen.after_tlu
 
 
-def test_frn_options_for_parts_built_by_hand():
+def test_parts_built_by_hand_get_the_placement_from_apply_frn_placement():
     shapes = [ShapeSpec(channels=16)] * 5
     head = RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=1, conv_dims=[16], norm="FRN")
+    assert head.cls_subnet[1].tau is None and isinstance(head.cls_subnet[2], nn.ReLU)  # get_norm: plain FRN
+    assert apply_frn_placement(head) is head
     assert head.cls_subnet[1].eps_l is not None and head.cls_subnet[1].tau is not None
+    assert isinstance(head.cls_subnet[2], nn.Identity)
     with adapter.frn_options(learned_eps="none", eps=1e-4) as options:
         assert options.eps == 1e-4
-        head = RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=1, conv_dims=[16], norm="FRN")
-        block = BottleneckBlock(8, 16, bottleneck_channels=4, norm="FRN")
-        with adapter.frn_options(make_cfg(RETINANET, "FRN", "MODEL.FRN.ACTIVATION", "RELU")):
-            plain = BasicBlock(8, 16, norm="FRN")
+        head = apply_frn_placement(
+            RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=1, conv_dims=[16], norm="FRN"), options)
+        block = apply_frn_placement(BottleneckBlock(8, 16, bottleneck_channels=4, norm="FRN"), options)
+        with adapter.frn_options(make_cfg(RETINANET, "FRN", "MODEL.FRN.ACTIVATION", "RELU")) as relu:
+            plain = apply_frn_placement(BasicBlock(8, 16, norm="FRN"), relu)
     assert head.cls_subnet[1].eps_l is None and head.cls_subnet[1].eps == 1e-4
     assert isinstance(head.cls_subnet[2], nn.Identity)
     assert type(block).__name__ == "FRNBottleneckBlock" and block.conv3.norm.tau is None
     assert type(plain) is BasicBlock and plain.conv1.norm.tau is None and not hasattr(plain, "tlu")
     assert block(torch.randn(2, 8, 6, 6)).shape == (2, 16, 6, 6)
+
+
+def test_placement_is_in_place_idempotent_and_keeps_device_and_dtype():
+    block = BasicBlock(8, 16, stride=2, norm="FRN").double()
+    conv1_norm = block.conv1.norm
+    apply_frn_placement(block)
+    assert block.conv1.norm is conv1_norm  # changed in place, not rebuilt
+    assert type(block).__name__ == "FRNBasicBlock"
+    assert all(p.dtype == torch.float64 for p in block.parameters())
+    keys = list(block.state_dict())
+    assert keys == list(apply_frn_placement(block).state_dict())  # a second call changes nothing
+    assert {"conv1.norm.tau", "tlu.tau"} <= set(keys) and "conv2.norm.tau" not in keys
+    meta = apply_frn_placement(BasicBlock(8, 8, norm="FRN").to("meta"), FRNOptions(learned_eps="all"))
+    assert all(p.device.type == "meta" for p in meta.parameters()) and meta.conv2.norm.eps_l is not None
+
+
+def test_build_model_enters_the_options_and_places_once(monkeypatch):
+    entered, placed = [], []
+    real_options, real_place = adapter.frn_options, adapter.apply_frn_placement
+    monkeypatch.setattr(adapter, "frn_options", lambda *a, **k: entered.append(a) or real_options(*a, **k))
+    monkeypatch.setattr(adapter, "apply_frn_placement", lambda m, o: placed.append(type(m).__name__) or real_place(m, o))
+    model = build(RETINANET, "FRN", *R18)  # build_model -> RetinaNet.from_config -> build_backbone
+    assert len(entered) == 1 and placed == ["RetinaNet"]
+    assert type(model.backbone.bottom_up.stem).__name__ == "FRNBasicStem"
+    entered.clear(), placed.clear()
+    build(RETINANET, "GN", *R18)
+    assert len(entered) == 1 and placed == []  # no FRN: stock models are left as they are
 
 
 def test_learned_eps_keeps_1x1_planes_from_degenerating_to_sign():

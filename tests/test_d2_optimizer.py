@@ -1,13 +1,12 @@
 """frn_det.build_optimizer: FRN/TLU parameters get SOLVER.WEIGHT_DECAY_NORM, as BN/GN ones do."""
 import pytest
 import torch
-from detectron2.engine import DefaultTrainer
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer as d2_build_optimizer
 
 import frn_det
 from d2_testing import R18, RETINANET, make_cfg, norm_params
-from frn_det.optimizer import FRNTrainerMixin
+from frn_det.engine import Trainer
 
 SOLVER = ("MODEL.BACKBONE.FREEZE_AT", 0, "SOLVER.BASE_LR", 0.02, "SOLVER.WEIGHT_DECAY", 1e-4,
           "SOLVER.WEIGHT_DECAY_NORM", 5e-5)
@@ -67,10 +66,7 @@ def test_matches_detectron2_on_stock_models_including_gradient_clipping():
     assert hyperparams(model, ours) == hyperparams(model, stock)
 
 
-def test_trainer_mixin_builds_the_frn_optimizer():
-    class Trainer(FRNTrainerMixin, DefaultTrainer):
-        pass
-
+def test_trainer_builds_the_frn_optimizer():
     cfg, model = setup("FRN")
     assert hyperparams(model, Trainer.build_optimizer(cfg, model)) == \
         hyperparams(model, frn_det.build_optimizer(cfg, model))

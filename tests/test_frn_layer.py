@@ -109,3 +109,20 @@ def test_bad_num_features_and_impl():
         FilterResponseNorm2d(0)
     with pytest.raises(ValueError, match="unknown FRN implementation"):
         FilterResponseNorm2d(3, impl="cudnn")
+
+
+def test_add_tlu_and_learned_eps_in_place_keep_device_dtype_and_equal_a_built_layer():
+    m = FilterResponseNorm2d(3, tlu=False, dtype=torch.float64)
+    assert m.add_tlu().add_learned_eps() is m
+    assert m.tau.dtype == m.eps_l.dtype == torch.float64
+    assert list(m.state_dict()) == ["weight", "bias", "tau", "eps_l"]
+    tau, eps_l = m.tau, m.eps_l
+    m.add_tlu().add_learned_eps()  # idempotent
+    assert m.tau is tau and m.eps_l is eps_l
+    built = FilterResponseNorm2d(3, learned_eps=True, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(x), built(x), atol=0, rtol=0)
+    meta = FilterResponseNorm2d(3, tlu=False, device="meta").add_tlu().add_learned_eps()
+    assert meta.tau.device.type == "meta" and meta.eps_l.device.type == "meta"
+    frozen = FilterResponseNorm2d(3, tlu=False).requires_grad_(False).add_tlu().add_learned_eps()
+    assert not frozen.tau.requires_grad and not frozen.eps_l.requires_grad

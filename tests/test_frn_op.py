@@ -335,39 +335,42 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-# ---- input validation --------------------------------------------------------------------------
+# ---- input validation: one exception type per mistake on every path (Python, C++, fake kernel) ----
 
 def _valid():
     return make_inputs((2, 3, 4, 4), dtype=torch.float32, requires_grad=False)
 
 
-def test_bad_rank_is_rejected():
+def _raw_op(x, w, b, t=None, eps=1e-6, e=None):
+    return torch.ops.frn_det.frn(x, w, b, t, eps, e)
+
+
+# every path that validates: functional op wrapper, reference, the C++ op, the fake (meta) kernel
+PATHS = {
+    "frn(impl=op)": lambda x, w, b, t=None, eps=1e-6, e=None: frn(x, w, b, t, eps, e, impl="op"),
+    "frn_reference": frn_reference,
+    "C++ op": _raw_op,
+    "fake kernel": lambda x, w, b, t=None, eps=1e-6, e=None: _raw_op(
+        *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in (x, w, b, t, eps, e)]),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bad_arguments_raise_the_same_type_and_message_on_every_path(path):
+    fn = PATHS[path]
     x, w, b, t, _ = _valid()
-    with pytest.raises(ValueError, match="4D"):
-        frn(x[0], w, b, t, impl="op")
-    with pytest.raises(RuntimeError, match="4D"):  # the op's own C++ check
-        torch.ops.frn_det.frn(x[0], w, b, t, 1e-6, None)
-
-
-def test_channel_mismatch_is_rejected():
-    x, w, b, t, _ = _valid()
-    with pytest.raises(ValueError, match="channels"):
-        frn(x, w[:2], b, t, impl="op")
-    with pytest.raises(RuntimeError, match="tau must have shape"):
-        torch.ops.frn_det.frn(x, w, b, t[:2], 1e-6, None)
-    with pytest.raises(ValueError, match="channels"):
-        frn_module.FilterResponseNorm2d(5, impl="op")(x)
-
-
-def test_integer_input_is_rejected():
-    x, w, b, t, _ = _valid()
-    xi = x.to(torch.int32)
-    with pytest.raises(TypeError, match="floating"):
-        frn(xi, w, b, t, impl="op")
-    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
-        torch.ops.frn_det.frn(xi, w, b, t, 1e-6, None)
-    with pytest.raises(RuntimeError, match="weight must be"):
-        torch.ops.frn_det.frn(x, w.to(torch.int64), b, t, 1e-6, None)
+    cases = [
+        (ValueError, "x must be 4D", lambda: fn(x[0], w, b, t)),
+        (TypeError, "x must be float16, bfloat16, float32 or float64", lambda: fn(x.to(torch.int32), w, b, t)),
+        (ValueError, "weight must have shape \\(3,\\) to match the input's 3 channels", lambda: fn(x, w[:2], b, t)),
+        (ValueError, "tau must have shape", lambda: fn(x, w, b, t[:2])),
+        (TypeError, "bias must be float16", lambda: fn(x, w, b.to(torch.int64), t)),
+        (ValueError, "eps_l must be a scalar tensor", lambda: fn(x, w, b, t, 1e-6, torch.ones(2))),
+        (ValueError, "eps must be >= 0", lambda: fn(x, w, b, t, -1.0)),
+    ]
+    for exc, message, call in cases:
+        with pytest.raises(exc, match=message):
+            call()
 
 
 def test_parameters_on_another_device_are_rejected():
@@ -375,32 +378,55 @@ def test_parameters_on_another_device_are_rejected():
     w_meta = w.to("meta")
     with pytest.raises(ValueError, match="weight is on meta"):
         frn(x, w_meta, b, t, impl="op")
-    # The raw op dispatches to its fake (meta) kernel, which checks devices with torch._check.
-    with pytest.raises(RuntimeError, match="weight is on meta"):
+    # The raw op dispatches to its fake (meta) kernel, which runs the same validator.
+    with pytest.raises(ValueError, match="weight is on meta"):
         torch.ops.frn_det.frn(x, w_meta, b, t, 1e-6, None)
-    with pytest.raises(RuntimeError, match="eps_l is on meta"):
+    with pytest.raises(ValueError, match="eps_l is on meta"):
         torch.ops.frn_det.frn(x, w, b, t, 1e-6, torch.tensor(1e-4, device="meta"))
 
 
-def test_backward_argument_checks():
+def test_module_names_the_channel_mismatch():
+    x, _, _, _, _ = _valid()
+    with pytest.raises(ValueError, match=r"FilterResponseNorm2d\(5\) got an input with 3 channels"):
+        frn_module.FilterResponseNorm2d(5, impl="op")(x)
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["C++", "fake kernel"])
+def test_backward_argument_checks(fake):
     x, w, b, t, _ = _valid()
     _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, None)
     g = torch.randn_like(x)
-    with pytest.raises(RuntimeError, match="grad_out has shape"):
-        torch.ops.frn_det.frn_backward(g[:1], x, w, b, t, rstd, None, True)
-    with pytest.raises(RuntimeError, match="rstd must have shape"):
-        torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd[:1], None, True)
-    with pytest.raises(RuntimeError, match="rstd must be"):
-        torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd.double(), None, True)
+
+    def bwd(*args):
+        if fake:
+            args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        return torch.ops.frn_det.frn_backward(*args)
+
+    with pytest.raises(ValueError, match="grad_out has shape"):
+        bwd(g[:1], x, w, b, t, rstd, None, True)
+    with pytest.raises(TypeError, match="grad_out is torch.float64 but x is torch.float32|grad_out is Double but x is Float"):
+        bwd(g.double(), x, w, b, t, rstd, None, True)
+    with pytest.raises(ValueError, match="rstd must have shape"):
+        bwd(g, x, w, b, t, rstd[:1], None, True)
+    with pytest.raises(TypeError, match="rstd must be"):
+        bwd(g, x, w, b, t, rstd.double(), None, True)
+
+
+def test_checks_run_on_fake_tensors_under_torch_compile():
+    x, w, b, t, _ = _valid()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: frn(x, w, b, t, impl="op"), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), frn(x, w, b, t, impl="op"))
+    with pytest.raises(Exception, match=r"weight must have shape \(3,\)"):
+        compiled(x, w[:2])
 
 
 # ---- implementation switch ---------------------------------------------------------------------
 
 def test_impl_switch_selects_the_implementation(monkeypatch):
     calls = []
-    real_op, real_ref = ops.frn_op, frn_module.frn_reference
-    monkeypatch.setattr(ops, "frn_op", lambda *a: calls.append("op") or real_op(*a))
-    monkeypatch.setattr(frn_module, "frn_reference", lambda *a: calls.append("reference") or real_ref(*a))
+    for name, fn in list(frn_module._IMPL_FUNCTIONS.items()):
+        monkeypatch.setitem(frn_module._IMPL_FUNCTIONS, name, lambda *a, name=name, fn=fn: calls.append(name) or fn(*a))
     x, w, b, t, _ = _valid()
     frn_module.frn(x, w, b, t, impl="reference")
     frn_module.frn(x, w, b, t, impl="op")
@@ -411,12 +437,22 @@ def test_impl_switch_selects_the_implementation(monkeypatch):
     monkeypatch.setenv("FRN_DET_IMPL", "auto")
     frn_module.frn(x, w, b, t)  # auto uses the op when the extension is built
     assert calls == ["reference", "op", "reference", "op", "op"]
-    layer = frn_module.FilterResponseNorm2d(3, impl="reference")
-    layer(x)
-    assert calls[-1] == "reference"
     monkeypatch.setenv("FRN_DET_IMPL", "fast")
     with pytest.raises(ValueError, match="unknown FRN implementation"):
         frn_module.frn(x, w, b, t)
+
+
+def test_layer_resolves_its_implementation_once_when_built(monkeypatch):
+    monkeypatch.setenv("FRN_DET_IMPL", "reference")
+    layer = frn_module.FilterResponseNorm2d(3)
+    assert layer.impl == "reference" and "impl=reference" in repr(layer)
+    monkeypatch.setenv("FRN_DET_IMPL", "op")  # read when a layer is built, not on every forward
+    calls = []
+    monkeypatch.setitem(frn_module._IMPL_FUNCTIONS, "reference", lambda *a: calls.append(1) or frn_reference(*a))
+    layer(_valid()[0])
+    assert calls == [1]
+    assert frn_module.FilterResponseNorm2d(3).impl == "op"
+    assert frn_module.FilterResponseNorm2d(3, impl="auto").impl == "op"  # the extension is built
 
 
 # ---- CUDA --------------------------------------------------------------------------------------

@@ -5,20 +5,17 @@ import os
 import pytest
 import torch
 from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from frn_det import FilterResponseNorm2d, add_frn_config
+from frn_det import FilterResponseNorm2d
+from frn_det.engine import load_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORM_TYPES = {"BN": torch.nn.BatchNorm2d, "GN": torch.nn.GroupNorm, "FRN": FilterResponseNorm2d}
 
 
 def _cfg(path):
-    cfg = get_cfg()
-    add_frn_config(cfg)
-    cfg.merge_from_file(path)
-    return cfg
+    return load_cfg(path, freeze=False)
 
 
 @pytest.mark.parametrize("name", ["Base-RetinaNet.yaml", "Base-RCNN-FPN.yaml"])

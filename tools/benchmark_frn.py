@@ -20,7 +20,6 @@ Examples::
 Prints a markdown table; there are no pass/fail thresholds here (see issue 3 for the targets).
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,9 +27,8 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from frn_det.layers import frn, frn_reference  # noqa: E402
-from frn_det.layers import ops  # noqa: E402
+from frn_det.layers import frn, frn_reference
+from frn_det.layers import ops
 
 # Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
 SHAPES = {

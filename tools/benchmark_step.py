@@ -10,42 +10,29 @@ process CPU time (on a loaded machine with --threads 1, CPU time is the steadier
     python tools/benchmark_step.py --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from detectron2 import model_zoo
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2 import model_zoo  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-import frn_det  # noqa: E402
-from frn_det.layers import ops  # noqa: E402
+import frn_det
+from frn_det.engine import load_cfg, norm_everywhere
+from frn_det.layers import ops
 
 # name -> (norm name, MODEL.FRN.IMPL)
 VARIANTS = {"BN": ("BN", None), "GN": ("GN", None), "FRN (op)": ("FRN", "op"), "FRN (reference)": ("FRN", "reference")}
-NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.RETINANET.NORM", "MODEL.ROI_BOX_HEAD.NORM",
-             "MODEL.ROI_MASK_HEAD.NORM")
 
 
 def make_cfg(args, norm, impl):
-    cfg = get_cfg()
-    frn_det.add_frn_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file(args.config))
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RESNETS.DEPTH", args.depth]
     if args.depth in (18, 34):
         opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
-    for key in NORM_KEYS:
-        opts += [key, norm]
-    if impl:
-        opts += ["MODEL.FRN.IMPL", impl]
-    cfg.merge_from_list(opts + args.opts)
-    return cfg
+    opts += norm_everywhere(norm) + (["MODEL.FRN.IMPL", impl] if impl else [])
+    return load_cfg(model_zoo.get_config_file(args.config), opts + args.opts)
 
 
 def make_batch(n, size, device):

@@ -11,12 +11,9 @@ already holds a dataset generated with the same arguments is left as it is.
 """
 import argparse
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from frn_det.data.register import default_synthetic_root  # noqa: E402
-from frn_det.data.synthetic import SPLITS, SyntheticSpec, generate_split, is_generated  # noqa: E402
+from frn_det.data.register import default_synthetic_root
+from frn_det.data.synthetic import SPLITS, SyntheticSpec, generate_split, is_generated
 
 
 def main(argv=None):

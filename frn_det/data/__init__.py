@@ -1,5 +1,9 @@
 """Datasets: the synthetic COCO-format dataset and user COCO datasets from the command line."""
-from .register import (
+from .._requires import require_detectron2
+
+require_detectron2("frn_det.data")
+
+from .register import (  # noqa: E402
     check_registered,
     default_synthetic_root,
     ensure_synthetic,
@@ -7,7 +11,7 @@ from .register import (
     register_synthetic,
     uses_rle_masks,
 )
-from .synthetic import CLASSES, SyntheticSpec, generate
+from .synthetic import CLASSES, SyntheticSpec, generate  # noqa: E402
 
 register_synthetic()
 

@@ -1,3 +1,5 @@
-from .frn import TLU, FilterResponseNorm2d, frn, frn_reference, resolve_impl
+"""FRN and TLU: the layers, the functional forms and the fused op. Needs torch only."""
+from .frn import TLU, FilterResponseNorm2d, frn, frn_fused, frn_reference, resolve_impl
+from .validation import check_frn_args
 
-__all__ = ["FilterResponseNorm2d", "TLU", "frn", "frn_reference", "resolve_impl"]
+__all__ = ["FilterResponseNorm2d", "TLU", "check_frn_args", "frn", "frn_fused", "frn_reference", "resolve_impl"]

@@ -17,7 +17,8 @@ Two implementations compute the same function:
 
 The implementation is picked by the ``impl`` argument, else by the environment variable
 ``FRN_DET_IMPL`` (``auto`` | ``op`` | ``reference``); ``auto`` (the default) uses the op when the
-compiled extension is present and falls back to the reference otherwise.
+compiled extension is present and falls back to the reference otherwise. The functional
+:func:`frn` resolves it on every call, a :class:`FilterResponseNorm2d` once, when it is built.
 """
 import os
 from typing import Optional
@@ -25,13 +26,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import ops
+from .validation import accumulation_dtype, check_frn_args
+
 IMPLS = ("auto", "op", "reference")
 
 
 def resolve_impl(impl: Optional[str] = None) -> str:
     """Return "op" or "reference" for ``impl`` (None reads ``FRN_DET_IMPL``)."""
-    from . import ops
-
     name = (impl or os.environ.get("FRN_DET_IMPL", "auto")).lower()
     if name not in IMPLS:
         raise ValueError(f"unknown FRN implementation {name!r}; expected one of {IMPLS}")
@@ -42,36 +44,16 @@ def resolve_impl(impl: Optional[str] = None) -> str:
     return name
 
 
-def check_frn_args(x, weight, bias, tau=None, eps_l=None) -> None:
-    """Reject bad input with an error naming the problem (shared by both implementations)."""
-    if x.dim() != 4:
-        raise ValueError(f"FRN expects a 4D input (N, C, H, W), got a {x.dim()}D tensor of shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"FRN expects a floating-point input, got {x.dtype}")
-    channels = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("tau", tau)):
-        if p is None:
-            continue
-        if p.dim() != 1 or p.shape[0] != channels:
-            raise ValueError(f"FRN {name} must have shape ({channels},) to match the input's {channels} channels, got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"FRN {name} is on {p.device} but the input is on {x.device}")
-        if not p.is_floating_point():
-            raise TypeError(f"FRN {name} must be floating point, got {p.dtype}")
-    if eps_l is not None:
-        if eps_l.numel() != 1:
-            raise ValueError(f"FRN eps_l must be a scalar tensor, got shape {tuple(eps_l.shape)}")
-        if eps_l.device != x.device:
-            raise ValueError(f"FRN eps_l is on {eps_l.device} but the input is on {x.device}")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _check_eager(x, weight, bias, tau, eps, eps_l):
+    # Dynamo cannot trace the checks' message closures; under torch.compile the op's fake kernel
+    # runs the same checks while tracing, and the reference's own ops reject bad shapes.
+    if not torch.compiler.is_compiling():
+        check_frn_args(x, weight, bias, tau, eps, eps_l)
 
 
 def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
     """FRN (+ TLU when ``tau`` is given) in plain PyTorch ops; same contract as :func:`frn`."""
-    check_frn_args(x, weight, bias, tau, eps_l)
+    _check_eager(x, weight, bias, tau, eps, eps_l)
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
     nu2 = xa.square().mean(dim=(2, 3), keepdim=True)
@@ -81,6 +63,15 @@ def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
         t = tau.to(acc).view(1, -1, 1, 1)
         y = torch.where(y >= t, y, t)
     return y.to(x.dtype)
+
+
+def frn_fused(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
+    """FRN (+ TLU) through the fused op ``torch.ops.frn_det.frn``; same contract as :func:`frn`."""
+    _check_eager(x, weight, bias, tau, eps, eps_l)
+    return ops.frn_op(x, weight, bias, tau, eps, eps_l)
+
+
+_IMPL_FUNCTIONS = {"op": frn_fused, "reference": frn_reference}
 
 
 def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional[str] = None):
@@ -100,13 +91,9 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
 
     The parameters may have another floating dtype than ``x`` (fp32 parameters with fp16/bf16
     activations, as under autocast): the output takes x's dtype, each gradient its tensor's dtype.
+    Bad arguments raise ValueError (shapes, devices, values) or TypeError (dtypes).
     """
-    if resolve_impl(impl) == "reference":
-        return frn_reference(x, weight, bias, tau, eps, eps_l)
-    from . import ops
-
-    check_frn_args(x, weight, bias, tau, eps_l)
-    return ops.frn_op(x, weight, bias, tau, eps, eps_l)
+    return _IMPL_FUNCTIONS[resolve_impl(impl)](x, weight, bias, tau, eps, eps_l)
 
 
 class FilterResponseNorm2d(nn.Module):
@@ -118,9 +105,11 @@ class FilterResponseNorm2d(nn.Module):
         learned_eps: add a learned scalar ``eps_l`` (init 1e-4); effective eps = eps + |eps_l|.
             The paper's remedy for 1x1 planes, where FRN with a tiny eps degenerates to sign(x).
         tlu: fuse the TLU ``max(y, tau)``; when False the module is FRN alone and ``tau`` is None.
-        impl: implementation override ("op", "reference", "auto"); None reads ``FRN_DET_IMPL``.
+        impl: "op", "reference" or "auto"; None reads ``FRN_DET_IMPL``. Resolved here, once, to
+            "op" or "reference" (shown in the repr).
 
     Parameters: ``weight`` (gamma, init 1), ``bias`` (beta, init 0), ``tau`` (init 0) and ``eps_l``.
+    :meth:`add_tlu` and :meth:`add_learned_eps` add the last two in place after construction.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-6, learned_eps: bool = False, tlu: bool = True,
@@ -128,12 +117,12 @@ class FilterResponseNorm2d(nn.Module):
         super().__init__()
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        if impl is not None and impl.lower() not in IMPLS:
-            raise ValueError(f"unknown FRN implementation {impl!r}; expected one of {IMPLS}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
-        self.impl = impl
+        self.impl = resolve_impl(impl)
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory))
         self.tau = nn.Parameter(torch.empty(num_features, **factory)) if tlu else None
@@ -148,14 +137,28 @@ class FilterResponseNorm2d(nn.Module):
         if self.eps_l is not None:
             nn.init.constant_(self.eps_l, 1e-4)
 
+    def add_tlu(self) -> "FilterResponseNorm2d":
+        """Fuse a TLU (tau = 0) into this layer in place, with the device, dtype and requires_grad
+        (frozen or not) of its weight."""
+        if self.tau is None:
+            self.tau = nn.Parameter(torch.zeros_like(self.weight), requires_grad=self.weight.requires_grad)
+        return self
+
+    def add_learned_eps(self) -> "FilterResponseNorm2d":
+        """Learn eps_l (init 1e-4) in place, with the device, dtype and requires_grad of the weight."""
+        if self.eps_l is None:
+            init = torch.full((), 1e-4, device=self.weight.device, dtype=self.weight.dtype)
+            self.eps_l = nn.Parameter(init, requires_grad=self.weight.requires_grad)
+        return self
+
     def forward(self, x):
         if x.dim() == 4 and x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels")
-        return frn(x, self.weight, self.bias, self.tau, self.eps, self.eps_l, impl=self.impl)
+        return _IMPL_FUNCTIONS[self.impl](x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, learned_eps={self.eps_l is not None}, "
-                f"tlu={self.tau is not None}")
+                f"tlu={self.tau is not None}, impl={self.impl}")
 
 
 class TLU(nn.Module):

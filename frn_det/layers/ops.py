@@ -15,7 +15,7 @@ each parameter gradient its parameter's dtype. Backward saves x, the (tiny) para
 """
 import torch
 
-from .frn import accumulation_dtype
+from .validation import accumulation_dtype, check_frn_args, check_frn_backward_args
 
 try:
     from frn_det import _C  # noqa: F401  (loading registers the torch.ops.frn_det kernels)
@@ -24,8 +24,6 @@ try:
 except ImportError as e:  # the pure-PyTorch reference still works without the extension
     _LOAD_ERROR = e
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def is_available() -> bool:
     return _LOAD_ERROR is None
@@ -33,24 +31,6 @@ def is_available() -> bool:
 
 def load_error():
     return _LOAD_ERROR
-
-
-def _check_args(x, weight, bias, tau, eps_l):
-    """The C++ TORCH_CHECKs again, for fake tensors (torch.compile tracing, meta)."""
-    torch._check(x.dim() == 4, lambda: f"frn: x must be 4D (N, C, H, W), got {x.dim()}D")
-    torch._check(x.dtype in _FLOATS, lambda: f"frn: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    C = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("tau", tau)):
-        if p is None:
-            continue
-        torch._check(p.dim() == 1 and p.shape[0] == C,
-                     lambda: f"frn: {name} must have shape ({C},) to match the input's channels, got {tuple(p.shape)}")
-        torch._check(p.dtype in _FLOATS, lambda: f"frn: {name} must be a float tensor, got {p.dtype}")
-        torch._check(p.device == x.device, lambda: f"frn: {name} is on {p.device} but x is on {x.device}")
-    if eps_l is not None:
-        torch._check(eps_l.numel() == 1, lambda: f"frn: eps_l must be a scalar tensor, got shape {tuple(eps_l.shape)}")
-        torch._check(eps_l.dtype in _FLOATS, lambda: f"frn: eps_l must be a float tensor, got {eps_l.dtype}")
-        torch._check(eps_l.device == x.device, lambda: f"frn: eps_l is on {eps_l.device} but x is on {x.device}")
 
 
 def _kernel_memory_format(x):
@@ -64,22 +44,15 @@ if is_available():
 
     @torch.library.register_fake("frn_det::frn")
     def _frn_fake(x, weight, bias, tau, eps, eps_l):
-        _check_args(x, weight, bias, tau, eps_l)
+        check_frn_args(x, weight, bias, tau, eps, eps_l)
         out = torch.empty_like(x, memory_format=_kernel_memory_format(x))
         rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=accumulation_dtype(x.dtype))
         return out, rstd
 
     @torch.library.register_fake("frn_det::frn_backward")
     def _frn_backward_fake(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input):
-        _check_args(x, weight, bias, tau, eps_l)
-        torch._check(grad_out.shape == x.shape,
-                     lambda: f"frn_backward: grad_out has shape {tuple(grad_out.shape)} but x has {tuple(x.shape)}")
-        torch._check(grad_out.dtype == x.dtype, lambda: f"frn_backward: grad_out is {grad_out.dtype} but x is {x.dtype}")
-        torch._check(grad_out.device == x.device, lambda: "frn_backward: grad_out and x are on different devices")
-        torch._check(rstd.dim() == 2 and rstd.shape[0] == x.shape[0] and rstd.shape[1] == x.shape[1],
-                     lambda: f"frn_backward: rstd must have shape (N, C), got {tuple(rstd.shape)}")
+        check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l)
         acc = accumulation_dtype(x.dtype)
-        torch._check(rstd.dtype == acc, lambda: f"frn_backward: rstd must be {acc}")
         grad_x = (torch.empty_like(x, memory_format=_kernel_memory_format(x)) if grad_input
                   else x.new_empty((0,)))
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)

@@ -1,6 +1,7 @@
-// Schema of the fused FRN op (torch.ops.frn_det), shared argument checks and helpers, the
-// parameter-gradient epilogue of the CUDA backend, and the Python module init that makes `import frn_det._C` load
-// this library (which runs the TORCH_LIBRARY registrations below and in cpu/, cuda/).
+// Schema of the fused FRN op (torch.ops.frn_det), the prologue every backend's entry points share
+// (argument checks, layout, accumulation type, parameter upcasts), and the Python module init that
+// makes `import frn_det._C` load this library (which runs the TORCH_LIBRARY registrations below
+// and in cpu/, cuda/).
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -62,103 +63,139 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_param(const char* name, const at::Tensor& p, const at::Tensor& x) {
-  TORCH_CHECK(
-      p.dim() == 1 && p.size(0) == x.size(1),
-      "frn: ", name, " must have shape (", x.size(1), ",) to match the input's ", x.size(1),
-      " channels, got shape ", p.sizes());
-  TORCH_CHECK(
-      is_supported_float(p.scalar_type()),
-      "frn: ", name, " must be float16, bfloat16, float32 or float64, got ", p.scalar_type());
-  TORCH_CHECK(p.device() == x.device(), "frn: ", name, " is on ", p.device(), " but x is on ", x.device());
+void check_float(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(
+      is_supported_float(t.scalar_type()),
+      "frn: ", name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
-void check_eps_l(const std::optional<at::Tensor>& eps_l, const at::Tensor& x) {
-  if (!eps_l.has_value()) {
-    return;
+void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "frn: ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+FrnArgs prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "frn: x must be 4D (N, C, H, W), got ", x.dim(), "D with shape ", x.sizes());
+  check_float("x", x);
+  auto check_param = [&](const char* name, const at::Tensor& p) {
+    TORCH_CHECK_VALUE(
+        p.dim() == 1 && p.size(0) == x.size(1),
+        "frn: ", name, " must have shape (", x.size(1), ",) to match the input's ", x.size(1),
+        " channels, got shape ", p.sizes());
+    check_float(name, p);
+    check_device(name, p, x);
+  };
+  check_param("weight", weight);
+  check_param("bias", bias);
+  if (tau.has_value()) {
+    check_param("tau", *tau);
   }
-  TORCH_CHECK(eps_l->numel() == 1, "frn: eps_l must be a scalar tensor, got shape ", eps_l->sizes());
-  TORCH_CHECK(
-      is_supported_float(eps_l->scalar_type()),
-      "frn: eps_l must be float16, bfloat16, float32 or float64, got ", eps_l->scalar_type());
-  TORCH_CHECK(eps_l->device() == x.device(), "frn: eps_l is on ", eps_l->device(), " but x is on ", x.device());
+  if (eps_l.has_value()) {
+    TORCH_CHECK_VALUE(eps_l->numel() == 1, "frn: eps_l must be a scalar tensor, got shape ", eps_l->sizes());
+    check_float("eps_l", *eps_l);
+    check_device("eps_l", *eps_l, x);
+  }
+  TORCH_CHECK_VALUE(eps >= 0, "frn: eps must be >= 0, got ", eps);
+
+  FrnArgs a;
+  a.layout = layout_of(x);
+  a.x = to_layout(x, a.layout);
+  a.acc = acc_type_for(x.scalar_type());
+  a.weight_in = weight;
+  a.bias_in = bias;
+  a.weight = weight.to(a.acc).contiguous();
+  a.bias = bias.to(a.acc).contiguous();
+  if (tau.has_value()) {
+    a.tau_in = *tau;
+    a.tau = tau->to(a.acc).contiguous();
+  }
+  if (eps_l.has_value()) {
+    a.eps_l_in = *eps_l;
+    a.eps_l = eps_l->to(a.acc).contiguous();
+  }
+  a.eps = eps;
+  a.N = a.x.size(0);
+  a.C = a.x.size(1);
+  a.L = a.x.size(2) * a.x.size(3);
+  return a;
 }
 
-} // namespace
 
-void check_forward_args(
+struct Kernels {
+  ForwardKernel forward = nullptr;
+  BackwardKernel backward = nullptr;
+};
+
+Kernels& kernels_for(c10::DeviceType device) {
+  static Kernels cpu, cuda;
+  TORCH_CHECK_VALUE(
+      device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
+      "frn: no kernels for ", device, " tensors (CPU and CUDA only)");
+  return device == c10::DeviceType::CPU ? cpu : cuda;
+}
+
+const Kernels& built_kernels(const at::Tensor& x) {
+  const Kernels& k = kernels_for(x.device().type());
+  TORCH_CHECK(k.forward != nullptr, "frn: frn_det._C was built without ", x.device().type(),
+              " kernels (rebuild with FORCE_CUDA=1 and a CUDA toolkit)");
+  return k;
+}
+
+ForwardOut frn_forward(
     const at::Tensor& x,
     const at::Tensor& weight,
     const at::Tensor& bias,
     const std::optional<at::Tensor>& tau,
+    double eps,
     const std::optional<at::Tensor>& eps_l) {
-  TORCH_CHECK(x.dim() == 4, "frn: x must be 4D (N, C, H, W), got ", x.dim(), "D with shape ", x.sizes());
-  TORCH_CHECK(
-      is_supported_float(x.scalar_type()),
-      "frn: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  check_param("weight", weight, x);
-  check_param("bias", bias, x);
-  if (tau.has_value()) {
-    check_param("tau", *tau, x);
-  }
-  check_eps_l(eps_l, x);
+  const FrnArgs a = prepare(x, weight, bias, tau, eps, eps_l);
+  return built_kernels(a.x).forward(a);
 }
 
-void check_backward_args(
+BackwardOut frn_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& weight,
     const at::Tensor& bias,
     const std::optional<at::Tensor>& tau,
     const at::Tensor& rstd,
-    const std::optional<at::Tensor>& eps_l) {
-  check_forward_args(x, weight, bias, tau, eps_l);
-  TORCH_CHECK(
+    const std::optional<at::Tensor>& eps_l,
+    bool grad_input) {
+  FrnArgs a = prepare(x, weight, bias, tau, 0.0, eps_l);
+  TORCH_CHECK_VALUE(
       grad_out.sizes() == x.sizes(), "frn_backward: grad_out has shape ", grad_out.sizes(),
       " but x has shape ", x.sizes());
-  TORCH_CHECK(
+  TORCH_CHECK_TYPE(
       grad_out.scalar_type() == x.scalar_type(), "frn_backward: grad_out is ", grad_out.scalar_type(),
       " but x is ", x.scalar_type());
-  TORCH_CHECK(
-      grad_out.device() == x.device(), "frn_backward: grad_out is on ", grad_out.device(), " but x is on ",
-      x.device());
-  TORCH_CHECK(
+  check_device("grad_out", grad_out, x);
+  TORCH_CHECK_VALUE(
       rstd.dim() == 2 && rstd.size(0) == x.size(0) && rstd.size(1) == x.size(1),
       "frn_backward: rstd must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", rstd.sizes());
-  TORCH_CHECK(
-      rstd.scalar_type() == acc_type_for(x.scalar_type()), "frn_backward: rstd must be ",
-      acc_type_for(x.scalar_type()), " for ", x.scalar_type(), " input, got ", rstd.scalar_type());
-  TORCH_CHECK(rstd.device() == x.device(), "frn_backward: rstd is on ", rstd.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(
+      rstd.scalar_type() == a.acc, "frn_backward: rstd must be ", a.acc, " for ", x.scalar_type(),
+      " input, got ", rstd.scalar_type());
+  check_device("rstd", rstd, x);
+  a.grad_out = to_layout(grad_out, a.layout);
+  a.rstd = rstd.contiguous();
+  a.grad_input = grad_input;
+  return built_kernels(a.x).backward(a);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_grads_from_plane_sums(
-    const at::Tensor& A,
-    const at::Tensor& B,
-    const at::Tensor& T,
-    const at::Tensor& rstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const std::optional<at::Tensor>& eps_l) {
-  // dL/dgamma = sum dy * x_hat = sum_n rstd * A;  dL/dbeta = sum_n B;  dL/dtau = sum_n T.
-  const at::Tensor A_rstd = A.mul(rstd);
-  at::Tensor grad_weight = A_rstd.sum(0).to(weight.scalar_type());
-  at::Tensor grad_bias = B.sum(0).to(bias.scalar_type());
-  at::Tensor grad_tau = tau.has_value() ? T.sum(0).to(tau->scalar_type())
-                                        : at::empty({0}, A.options());
-  at::Tensor grad_eps_l;
-  if (eps_l.has_value()) {
-    // dL/d(eps_eff) = sum over planes of -0.5 * sum_plane(dx_hat * x) * rstd^3, dx_hat = gamma * dy;
-    // eps_eff = eps + |eps_l| so d(eps_eff)/d(eps_l) = sign(eps_l) (0 at 0, as autograd's abs).
-    const at::Tensor gamma = weight.to(A.scalar_type()).reshape({1, -1});
-    const at::Tensor d_eps_eff = A_rstd.mul(rstd).mul(rstd).mul(gamma).sum().mul(-0.5);
-    grad_eps_l = d_eps_eff.mul(eps_l->to(A.scalar_type()).sign().reshape({}))
-                     .reshape(eps_l->sizes())
-                     .to(eps_l->scalar_type());
-  } else {
-    grad_eps_l = at::empty({0}, A.options());
-  }
-  return {grad_weight, grad_bias, grad_tau, grad_eps_l};
+} // namespace
+
+bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKernel backward) {
+  Kernels& k = kernels_for(device);
+  k.forward = forward;
+  k.backward = backward;
+  return true;
+}
+
+ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::Tensor gt, at::Tensor ge) {
+  return {gw.to(a.weight_in.scalar_type()), gb.to(a.bias_in.scalar_type()),
+          a.tau_in.defined() ? gt.to(a.tau_in.scalar_type()) : at::empty({0}, a.x.options().dtype(a.acc)),
+          a.eps_l_in.defined() ? ge.reshape(a.eps_l_in.sizes()).to(a.eps_l_in.scalar_type())
+                               : at::empty({0}, a.x.options().dtype(a.acc))};
 }
 
 } // namespace frn_det
@@ -173,4 +210,15 @@ TORCH_LIBRARY(frn_det, m) {
       "frn_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? tau, Tensor rstd, "
       "Tensor? eps_l, bool grad_input) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_tau, Tensor grad_eps_l)");
+}
+
+// One entry point per function for both devices: the prologue, then the device's kernels.
+TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
+  m.impl("frn", &frn_det::frn_forward);
+  m.impl("frn_backward", &frn_det::frn_backward);
+}
+
+TORCH_LIBRARY_IMPL(frn_det, CUDA, m) {
+  m.impl("frn", &frn_det::frn_forward);
+  m.impl("frn_backward", &frn_det::frn_backward);
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 
 #include <optional>
 #include <tuple>
@@ -45,36 +46,36 @@ at::Tensor empty_cpu_output(const at::Tensor& x, Layout layout);
 // Returns x in the layout the kernels read (a no-op for contiguous or channels_last x).
 at::Tensor to_layout(const at::Tensor& x, Layout layout);
 
-// TORCH_CHECKs with argument names, repeated by every backend and by the Python fake kernels.
-void check_forward_args(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const std::optional<at::Tensor>& eps_l);
+// What every backend's kernels start from, made by the one prologue (frn.cpp: the entry points
+// frn_forward / frn_backward): the arguments checked (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, with the messages
+// of the Python validator frn_det/layers/validation.py), x and grad_out in the layout the kernels
+// read, the accumulation type, and the parameters converted to it.
+struct FrnArgs {
+  Layout layout;
+  at::Tensor x;
+  at::Tensor grad_out; // backward only, in `layout`
+  at::Tensor rstd; // backward only, contiguous (N, C)
+  at::ScalarType acc;
+  at::Tensor weight, bias, tau, eps_l; // acc dtype, contiguous; tau / eps_l undefined when absent
+  at::Tensor weight_in, bias_in, tau_in, eps_l_in; // as given: the gradients take their dtypes
+  double eps = 0;
+  bool grad_input = false;
+  int64_t N = 0, C = 0, L = 0;
+};
 
-void check_backward_args(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const at::Tensor& rstd,
-    const std::optional<at::Tensor>& eps_l);
+using ForwardOut = std::tuple<at::Tensor, at::Tensor>; // out, rstd
+using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; // weight, bias, tau, eps_l
 
-// Parameter gradients from the per-plane sums the backward kernels produce (all (N, C), acc dtype),
-// with tensor ops (used by the CUDA backend; the CPU backend does the same sums in plain loops):
-//   A = sum_plane(dy * x), B = sum_plane(dy), T = sum_plane(g where y < tau).
-// Returns (grad_weight, grad_bias, grad_tau, grad_eps_l), each in its parameter's dtype and shape;
-// grad_tau / grad_eps_l are empty (shape (0,)) when tau / eps_l are absent. No host sync.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_grads_from_plane_sums(
-    const at::Tensor& A,
-    const at::Tensor& B,
-    const at::Tensor& T,
-    const at::Tensor& rstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const std::optional<at::Tensor>& eps_l);
+// Parameter gradients computed in the accumulation dtype, converted to the parameters' dtypes;
+// grad_tau / grad_eps_l are empty (0,) tensors when tau / eps_l are absent.
+ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::Tensor gt, at::Tensor ge);
+
+// A backend's kernels, on the arguments the shared prologue prepared. Each backend (cpu/, cuda/)
+// registers its pair at load time; the op's one entry point per function (frn.cpp: prologue, then
+// the kernels of x's device type) is what the dispatcher calls for CPU and CUDA tensors.
+using ForwardKernel = ForwardOut (*)(const FrnArgs&);
+using BackwardKernel = BackwardOut (*)(const FrnArgs&);
+bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKernel backward);
 
 } // namespace frn_det

@@ -51,6 +51,34 @@ inline acc_t lane_sum(const acc_t* s) {
   return r;
 }
 
+// ---- the element-wise math, one definition for every loop below ------------------------------
+// y = x * a + b is computed without FMA contraction (setup.py passes -ffp-contract=off), so the TLU
+// mask that backward recomputes agrees with forward bit for bit, also at ties.
+
+// The TLU: max(y, t); ties keep y; a NaN y compares false and yields t, as the reference.
+template <bool kTLU, typename acc_t>
+inline acc_t tlu(acc_t y, acc_t t) {
+  return kTLU ? (y >= t ? y : t) : y;
+}
+
+// Whether the gradient at y goes to y (else to tau): y >= t, ties to y.
+template <bool kTLU, typename acc_t>
+inline bool passes(acc_t y, acc_t t) {
+  return !kTLU || y >= t;
+}
+
+// Adds one element to the backward sums A = sum(dy * x), B = sum(dy), T = sum(g where y < tau),
+// dy = g where y passes. Single-assignment selects: gcc if-converts and vectorises this form only.
+template <bool kTLU, typename acc_t>
+inline void accumulate(acc_t xi, acc_t gi, acc_t a, acc_t b, acc_t t, acc_t& sA, acc_t& sB, acc_t& sT) {
+  const bool pass = passes<kTLU>(xi * a + b, t);
+  const acc_t d = pass ? gi : acc_t(0);
+  const acc_t e = pass ? acc_t(0) : gi;
+  sT += e;
+  sA += d * xi;
+  sB += d;
+}
+
 // ---- contiguous runs (NCHW planes or chunks of them) ------------------------------------------
 
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
@@ -70,14 +98,11 @@ acc_t sum_squares(const scalar_t* __restrict__ x, int64_t n) {
   return lane_sum(s);
 }
 
-// out = max(x * a + b, t) (TLU; ties keep y; NaN y compares false and yields t, as the reference)
-// or x * a + b. The mask in backward recomputes x * a + b with the same a, b (no FMA contraction:
-// setup.py passes -ffp-contract=off), so forward and backward agree on ties.
+// out = tlu(x * a + b, t).
 template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
 void forward_apply(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, acc_t a, acc_t b, acc_t t) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t y = static_cast<acc_t>(x[i]) * a + b;
-    out[i] = static_cast<scalar_t>(kTLU ? (y >= t ? y : t) : y);
+    out[i] = static_cast<scalar_t>(tlu<kTLU>(static_cast<acc_t>(x[i]) * a + b, t));
   }
 }
 
@@ -102,32 +127,14 @@ BwdSums<acc_t> backward_sums(
     for (int j = 0; j < kLanes; ++j) {
       const acc_t xi = static_cast<acc_t>(x[i + j]);
       const acc_t gi = static_cast<acc_t>(g[i + j]);
-      // Written as single-assignment selects: gcc if-converts and vectorises this form only.
-      if constexpr (kTLU) {
-        const acc_t y = xi * a + b;
-        const acc_t d = y >= t ? gi : acc_t(0);
-        const acc_t e = y >= t ? acc_t(0) : gi;
-        sT[j] += e;
-        sA[j] += d * xi;
-        sB[j] += d;
-      } else {
-        sA[j] += gi * xi;
-        sB[j] += gi;
-      }
+      accumulate<kTLU>(xi, gi, a, b, t, sA[j], sB[j], sT[j]);
     }
   }
   for (; i < n; ++i) {
     const int j = static_cast<int>(i % kLanes);
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t gi = static_cast<acc_t>(g[i]);
-    acc_t d = gi;
-    if constexpr (kTLU) {
-      const acc_t y = xi * a + b;
-      d = y >= t ? gi : acc_t(0);
-      sT[j] += y >= t ? acc_t(0) : gi;
-    }
-    sA[j] += d * xi;
-    sB[j] += d;
+    accumulate<kTLU>(xi, gi, a, b, t, sA[j], sB[j], sT[j]);
   }
   BwdSums<acc_t> s;
   s.A = lane_sum(sA);
@@ -144,20 +151,38 @@ void backward_apply(
   for (int64_t i = 0; i < n; ++i) {
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t gi = static_cast<acc_t>(g[i]);
-    const acc_t d = kTLU ? (xi * a + b >= t ? gi : acc_t(0)) : gi;
+    const acc_t d = passes<kTLU>(xi * a + b, t) ? gi : acc_t(0);
     dx[i] = static_cast<scalar_t>(d * ca + xi * cx);
   }
 }
 
+// ---- drivers: the data each one works on -------------------------------------------------------
+
+template <typename scalar_t>
+struct ForwardData {
+  using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* x;
+  scalar_t* out;
+  acc_t* rstd;
+  const acc_t *w, *bias, *tau; // tau null: no TLU
+  acc_t eps_eff;
+};
+
+template <typename scalar_t>
+struct BackwardData {
+  using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t *g, *x;
+  scalar_t* dx; // null: no grad_x
+  const acc_t *rstd, *w, *bias, *tau;
+  acc_t *A, *B, *T; // per-plane sums, (N, C)
+};
+
 // ---- NCHW drivers ---------------------------------------------------------------------------
 
 template <typename scalar_t, bool kTLU>
-void forward_nchw(
-    const scalar_t* x, scalar_t* out, typename Acc<scalar_t>::type* rstd,
-    const typename Acc<scalar_t>::type* w, const typename Acc<scalar_t>::type* bias,
-    const typename Acc<scalar_t>::type* tau, typename Acc<scalar_t>::type eps_eff,
-    int64_t P, int64_t C, int64_t L) {
+void forward_nchw(const ForwardData<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
+  const auto [x, out, rstd, w, bias, tau, eps_eff] = d;
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
@@ -203,13 +228,9 @@ void forward_nchw(
 }
 
 template <typename scalar_t, bool kTLU>
-void backward_nchw(
-    const scalar_t* g, const scalar_t* x, scalar_t* dx /* null: no grad_x */,
-    const typename Acc<scalar_t>::type* rstd, const typename Acc<scalar_t>::type* w,
-    const typename Acc<scalar_t>::type* bias, const typename Acc<scalar_t>::type* tau,
-    typename Acc<scalar_t>::type* A, typename Acc<scalar_t>::type* B, typename Acc<scalar_t>::type* T,
-    int64_t P, int64_t C, int64_t L) {
+void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
+  const auto [g, x, dx, rstd, w, bias, tau, A, B, T] = d;
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
@@ -276,12 +297,9 @@ void backward_nchw(
 constexpr int64_t kSampleFuse = 32768;
 
 template <typename scalar_t, bool kTLU>
-void forward_nhwc(
-    const scalar_t* x, scalar_t* out, typename Acc<scalar_t>::type* rstd,
-    const typename Acc<scalar_t>::type* w, const typename Acc<scalar_t>::type* bias,
-    const typename Acc<scalar_t>::type* tau, typename Acc<scalar_t>::type eps_eff,
-    int64_t N, int64_t C, int64_t L) {
+void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
+  const auto [x, out, rstd, w, bias, tau, eps_eff] = d;
   // s[c] += x^2 over rows [l0, l1) of sample n.
   auto stats_rows = [&](int64_t n, int64_t l0, int64_t l1, acc_t* __restrict__ s) {
     for (int64_t l = l0; l < l1; ++l) {
@@ -298,8 +316,7 @@ void forward_nhwc(
       const scalar_t* __restrict__ xr = x + (n * L + l) * C;
       scalar_t* __restrict__ orow = out + (n * L + l) * C;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t y = static_cast<acc_t>(xr[c]) * a[c] + bias[c];
-        orow[c] = static_cast<scalar_t>(kTLU ? (y >= tau[c] ? y : tau[c]) : y);
+        orow[c] = static_cast<scalar_t>(tlu<kTLU>(static_cast<acc_t>(xr[c]) * a[c] + bias[c], kTLU ? tau[c] : acc_t(0)));
       }
     }
   };
@@ -358,13 +375,9 @@ void forward_nhwc(
 }
 
 template <typename scalar_t, bool kTLU>
-void backward_nhwc(
-    const scalar_t* g, const scalar_t* x, scalar_t* dx /* null: no grad_x */,
-    const typename Acc<scalar_t>::type* rstd, const typename Acc<scalar_t>::type* w,
-    const typename Acc<scalar_t>::type* bias, const typename Acc<scalar_t>::type* tau,
-    typename Acc<scalar_t>::type* A, typename Acc<scalar_t>::type* B, typename Acc<scalar_t>::type* T,
-    int64_t N, int64_t C, int64_t L) {
+void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
+  const auto [g, x, dx, rstd, w, bias, tau, A, B, T] = d;
   std::vector<acc_t> scale(N * C); // gamma * rstd
   for (int64_t i = 0; i < N * C; ++i) {
     scale[i] = w[i % C] * rstd[i];
@@ -379,17 +392,7 @@ void backward_nhwc(
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xi = static_cast<acc_t>(xr[c]);
         const acc_t gi = static_cast<acc_t>(gr[c]);
-        if constexpr (kTLU) {
-          const acc_t y = xi * a[c] + bias[c];
-          const acc_t d = y >= tau[c] ? gi : acc_t(0);
-          const acc_t e = y >= tau[c] ? acc_t(0) : gi;
-          sT[c] += e;
-          sA[c] += d * xi;
-          sB[c] += d;
-        } else {
-          sA[c] += gi * xi;
-          sB[c] += gi;
-        }
+        accumulate<kTLU>(xi, gi, a[c], bias[c], kTLU ? tau[c] : acc_t(0), sA[c], sB[c], sT[c]);
       }
     }
   };
@@ -403,7 +406,7 @@ void backward_nhwc(
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xi = static_cast<acc_t>(xr[c]);
         const acc_t gi = static_cast<acc_t>(gr[c]);
-        const acc_t d = kTLU ? (xi * a[c] + bias[c] >= tau[c] ? gi : acc_t(0)) : gi;
+        const acc_t d = passes<kTLU>(xi * a[c] + bias[c], kTLU ? tau[c] : acc_t(0)) ? gi : acc_t(0);
         dr[c] = static_cast<scalar_t>(d * a[c] + xi * cxn[c]);
       }
     }
@@ -415,16 +418,16 @@ void backward_nhwc(
       cx[n * C + c] = L > 0 ? -w[c] * r * r * r * A[n * C + c] / static_cast<acc_t>(L) : acc_t(0);
     }
   };
+  auto zero_sums = [&](int64_t n) {
+    std::fill(A + n * C, A + (n + 1) * C, acc_t(0));
+    std::fill(B + n * C, B + (n + 1) * C, acc_t(0));
+    std::fill(T + n * C, T + (n + 1) * C, acc_t(0));
+  };
   if (L * C <= kSampleFuse) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        acc_t* An = A + n * C;
-        acc_t* Bn = B + n * C;
-        acc_t* Tn = T + n * C;
-        std::fill(An, An + C, acc_t(0));
-        std::fill(Bn, Bn + C, acc_t(0));
-        std::fill(Tn, Tn + C, acc_t(0));
-        sums_rows(n, 0, L, An, Bn, Tn);
+        zero_sums(n);
+        sums_rows(n, 0, L, A + n * C, B + n * C, T + n * C);
         finish_sample(n);
         if (dx != nullptr) {
           apply_rows(n, 0, L, cx.data() + n * C);
@@ -448,12 +451,10 @@ void backward_nhwc(
   });
   // Combined serially, see forward_nhwc.
   for (int64_t n = 0; n < N; ++n) {
+    zero_sums(n);
     acc_t* An = A + n * C;
     acc_t* Bn = B + n * C;
     acc_t* Tn = T + n * C;
-    std::fill(An, An + C, acc_t(0));
-    std::fill(Bn, Bn + C, acc_t(0));
-    std::fill(Tn, Tn + C, acc_t(0));
     for (int64_t k = 0; k < K; ++k) {
       const acc_t* s = part.data() + (n * K + k) * 3 * C;
       for (int64_t c = 0; c < C; ++c) {
@@ -477,116 +478,59 @@ void backward_nhwc(
 
 // ---- op implementations -----------------------------------------------------------------------
 
-double eps_eff_of(double eps, const std::optional<at::Tensor>& eps_l) {
-  return eps_l.has_value() ? eps + std::abs(eps_l->item().toDouble()) : eps;
+// Calls f(std::true_type) or f(std::false_type): the drivers are compiled with and without the TLU.
+template <typename F>
+void with_tlu(bool tlu, F&& f) {
+  tlu ? f(std::true_type{}) : f(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor> frn_forward_cpu(
-    const at::Tensor& x_in,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    double eps,
-    const std::optional<at::Tensor>& eps_l) {
-  check_forward_args(x_in, weight, bias, tau, eps_l);
-  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
-  const Layout layout = layout_of(x_in);
-  const at::Tensor x = to_layout(x_in, layout);
-  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
-  const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor out = empty_cpu_output(x, layout);
-  at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
-  const at::Tensor w = weight.to(acc).contiguous();
-  const at::Tensor b = bias.to(acc).contiguous();
-  const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
-  const double eps_eff = eps_eff_of(eps, eps_l);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_forward_cpu", [&] {
+double eps_eff_of(const FrnArgs& a) {
+  return a.eps_l.defined() ? a.eps + std::abs(a.eps_l.item().toDouble()) : a.eps;
+}
+
+ForwardOut frn_forward_cpu(const FrnArgs& a) {
+  TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
+  at::Tensor out = empty_cpu_output(a.x, a.layout);
+  at::Tensor rstd = at::empty({a.N, a.C}, a.x.options().dtype(a.acc));
+  const double eps_eff = eps_eff_of(a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cpu", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const acc_t e = static_cast<acc_t>(eps_eff);
-    const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-    auto run = [&](auto tlu) {
+    const ForwardData<scalar_t> d{
+        a.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>(),
+        a.weight.const_data_ptr<acc_t>(), a.bias.const_data_ptr<acc_t>(),
+        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(eps_eff)};
+    with_tlu(d.tau != nullptr, [&](auto tlu) {
       constexpr bool kTLU = decltype(tlu)::value;
-      if (layout == Layout::NHWC) {
-        forward_nhwc<scalar_t, kTLU>(
-            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>(),
-            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), tp, e, N, C, L);
-      } else {
-        forward_nchw<scalar_t, kTLU>(
-            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>(),
-            w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), tp, e, N * C, C, L);
-      }
-    };
-    if (tp != nullptr) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+      a.layout == Layout::NHWC ? forward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
+                               : forward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
+    });
   });
   return {out, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backward_cpu(
-    const at::Tensor& grad_out_in,
-    const at::Tensor& x_in,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const at::Tensor& rstd_in,
-    const std::optional<at::Tensor>& eps_l,
-    bool grad_input) {
-  check_backward_args(grad_out_in, x_in, weight, bias, tau, rstd_in, eps_l);
-  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
-  const Layout layout = layout_of(x_in);
-  const at::Tensor x = to_layout(x_in, layout);
-  const at::Tensor g = to_layout(grad_out_in, layout);
-  const at::Tensor rstd = rstd_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
-  const at::ScalarType acc = acc_type_for(x.scalar_type());
-  at::Tensor grad_x = grad_input ? empty_cpu_output(x, layout) : at::empty({0}, x.options());
-  at::Tensor A = at::empty({N, C}, x.options().dtype(acc));
-  at::Tensor B = at::empty({N, C}, x.options().dtype(acc));
-  at::Tensor T = at::empty({N, C}, x.options().dtype(acc));
-  const at::Tensor w = weight.to(acc).contiguous();
-  const at::Tensor b = bias.to(acc).contiguous();
-  const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_backward_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
-    const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* dxp = grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    auto run = [&](auto tlu) {
-      constexpr bool kTLU = decltype(tlu)::value;
-      auto fn = layout == Layout::NHWC ? backward_nhwc<scalar_t, kTLU> : backward_nchw<scalar_t, kTLU>;
-      fn(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dxp, rstd.const_data_ptr<acc_t>(),
-         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), tp, A.mutable_data_ptr<acc_t>(),
-         B.mutable_data_ptr<acc_t>(), T.mutable_data_ptr<acc_t>(), layout == Layout::NHWC ? N : N * C, C, L);
-    };
-    if (tp != nullptr) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
-  });
-  // Parameter gradients: batch sums of the per-plane sums, in plain loops. ATen reductions here
-  // would each open a parallel region for a few thousand values, which costs more than the work
-  // (and much more on a loaded machine, where every region waits for all threads to be scheduled).
-  at::Tensor gw = at::empty({C}, x.options().dtype(acc));
-  at::Tensor gb = at::empty({C}, x.options().dtype(acc));
-  at::Tensor gt = at::empty({tau.has_value() ? C : 0}, x.options().dtype(acc));
-  at::Tensor ge = at::empty(eps_l.has_value() ? eps_l->sizes() : at::IntArrayRef{0}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "frn_backward_cpu_params", [&] {
+// The CPU parameter-gradient epilogue: batch sums of the per-plane sums A = sum(dy * x),
+// B = sum(dy), T = sum(g where y < tau) ((N, C), accumulation dtype), in plain loops. ATen
+// reductions here would each open a parallel region for a few thousand values, which costs more
+// than the work (and much more on a loaded machine, where every region waits for all threads).
+ParamGrads param_grads_cpu(const FrnArgs& a, const at::Tensor& A, const at::Tensor& B, const at::Tensor& T) {
+  const int64_t N = a.N, C = a.C;
+  const auto opts = a.x.options().dtype(a.acc);
+  at::Tensor gw = at::empty({C}, opts);
+  at::Tensor gb = at::empty({C}, opts);
+  at::Tensor gt = at::empty({C}, opts);
+  at::Tensor ge = at::empty({}, opts);
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "frn_backward_cpu_params", [&] {
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
     const scalar_t* Bp = B.const_data_ptr<scalar_t>();
     const scalar_t* Tp = T.const_data_ptr<scalar_t>();
-    const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* rp = a.rstd.const_data_ptr<scalar_t>();
+    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
     scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
-    scalar_t* gtp = tau.has_value() ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = gt.mutable_data_ptr<scalar_t>();
     std::fill(gwp, gwp + C, scalar_t(0));
     std::fill(gbp, gbp + C, scalar_t(0));
-    if (gtp != nullptr) {
-      std::fill(gtp, gtp + C, scalar_t(0));
-    }
+    std::fill(gtp, gtp + C, scalar_t(0));
     scalar_t d_eps_eff = 0; // sum over planes of -0.5 * gamma * A * rstd^3
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
@@ -594,30 +538,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
         const scalar_t ar = Ap[p] * rp[p];
         gwp[c] += ar; // dL/dgamma = sum dy * x_hat = sum_n A * rstd
         gbp[c] += Bp[p];
-        if (gtp != nullptr) {
-          gtp[c] += Tp[p];
-        }
+        gtp[c] += Tp[p];
         d_eps_eff += scalar_t(-0.5) * wp[c] * ar * rp[p] * rp[p];
       }
     }
-    if (eps_l.has_value()) {
-      // eps_eff = eps + |eps_l|: d/d(eps_l) = sign(eps_l), 0 at 0 like autograd's abs.
-      const double e = eps_l->item().toDouble();
-      const scalar_t sign = e > 0 ? scalar_t(1) : (e < 0 ? scalar_t(-1) : scalar_t(0));
-      ge.mutable_data_ptr<scalar_t>()[0] = d_eps_eff * sign;
-    }
+    // eps_eff = eps + |eps_l|: d/d(eps_l) = sign(eps_l), 0 at 0 like autograd's abs.
+    const double e = a.eps_l.defined() ? a.eps_l.item().toDouble() : 0.0;
+    const scalar_t sign = e > 0 ? scalar_t(1) : (e < 0 ? scalar_t(-1) : scalar_t(0));
+    ge.mutable_data_ptr<scalar_t>()[0] = d_eps_eff * sign;
   });
-  at::Tensor grad_weight = gw.to(weight.scalar_type());
-  at::Tensor grad_bias = gb.to(bias.scalar_type());
-  at::Tensor grad_tau = tau.has_value() ? gt.to(tau->scalar_type()) : gt;
-  at::Tensor grad_eps_l = eps_l.has_value() ? ge.to(eps_l->scalar_type()) : ge;
-  return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
+  return to_param_dtypes(a, gw, gb, gt, ge);
 }
+
+BackwardOut frn_backward_cpu(const FrnArgs& a) {
+  TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
+  const auto opts = a.x.options().dtype(a.acc);
+  at::Tensor grad_x = a.grad_input ? empty_cpu_output(a.x, a.layout) : at::empty({0}, a.x.options());
+  at::Tensor A = at::empty({a.N, a.C}, opts);
+  at::Tensor B = at::empty({a.N, a.C}, opts);
+  at::Tensor T = at::empty({a.N, a.C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_backward_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const BackwardData<scalar_t> d{
+        a.grad_out.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
+        a.grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, a.rstd.const_data_ptr<acc_t>(),
+        a.weight.const_data_ptr<acc_t>(), a.bias.const_data_ptr<acc_t>(),
+        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, A.mutable_data_ptr<acc_t>(),
+        B.mutable_data_ptr<acc_t>(), T.mutable_data_ptr<acc_t>()};
+    with_tlu(d.tau != nullptr, [&](auto tlu) {
+      constexpr bool kTLU = decltype(tlu)::value;
+      a.layout == Layout::NHWC ? backward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
+                               : backward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
+    });
+  });
+  auto [gw, gb, gt, ge] = param_grads_cpu(a, A, B, T);
+  return {grad_x, gw, gb, gt, ge};
+}
+
+[[maybe_unused]] const bool kRegistered = register_kernels(c10::DeviceType::CPU, &frn_forward_cpu, &frn_backward_cpu);
 
 } // namespace
 } // namespace frn_det
-
-TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
-  m.impl("frn", &frn_det::frn_forward_cpu);
-  m.impl("frn_backward", &frn_det::frn_backward_cpu);
-}

@@ -512,29 +512,34 @@ int64_t split_chunks(int64_t units, int64_t len, int64_t min_chunk) {
   return std::max<int64_t>(1, std::min<int64_t>(want, (len + min_chunk - 1) / min_chunk));
 }
 
-std::tuple<at::Tensor, at::Tensor> frn_forward_cuda(
-    const at::Tensor& x_in,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    double eps,
-    const std::optional<at::Tensor>& eps_l) {
-  check_forward_args(x_in, weight, bias, tau, eps_l);
-  TORCH_CHECK(x_in.is_cuda(), "frn: x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const Layout layout = layout_of(x_in);
-  const at::Tensor x = to_layout(x_in, layout);
-  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3), P = N * C;
-  const at::ScalarType acc = acc_type_for(x.scalar_type());
+// The CUDA parameter-gradient epilogue, from the per-plane sums A = sum(dy * x), B = sum(dy),
+// T = sum(g where y < tau) ((N, C), accumulation dtype), with tensor ops (no host sync).
+ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Tensor& B, const at::Tensor& T) {
+  // dL/dgamma = sum dy * x_hat = sum_n rstd * A;  dL/dbeta = sum_n B;  dL/dtau = sum_n T.
+  const at::Tensor A_rstd = A.mul(a.rstd);
+  at::Tensor ge = at::zeros({}, A.options());
+  if (a.eps_l.defined()) {
+    // dL/d(eps_eff) = sum over planes of -0.5 * sum_plane(dx_hat * x) * rstd^3, dx_hat = gamma * dy;
+    // eps_eff = eps + |eps_l| so d(eps_eff)/d(eps_l) = sign(eps_l) (0 at 0, as autograd's abs).
+    const at::Tensor d_eps_eff = A_rstd.mul(a.rstd).mul(a.rstd).mul(a.weight.reshape({1, -1})).sum().mul(-0.5);
+    ge = d_eps_eff.mul(a.eps_l.sign().reshape({}));
+  }
+  return to_param_dtypes(a, A_rstd.sum(0), B.sum(0), T.sum(0), ge);
+}
+
+ForwardOut frn_forward_cuda(const FrnArgs& args) {
+  const double eps = args.eps;
+  TORCH_INTERNAL_ASSERT(args.x.is_cuda());
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const Layout layout = args.layout;
+  const at::Tensor& x = args.x;
+  const int64_t N = args.N, C = args.C, L = args.L, P = N * C;
   at::Tensor out = at::empty_like(x, memory_format_of(layout));
-  at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({N, C}, x.options().dtype(args.acc));
   if (P == 0) {
     return {out, rstd};
   }
-  const at::Tensor w = weight.to(acc).contiguous();
-  const at::Tensor b = bias.to(acc).contiguous();
-  const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
-  const at::Tensor e = eps_l.has_value() ? eps_l->to(acc).contiguous() : at::Tensor();
+  const at::Tensor &w = args.weight, &b = args.bias, &t = args.tau, &e = args.eps_l;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_forward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
@@ -605,33 +610,21 @@ std::tuple<at::Tensor, at::Tensor> frn_forward_cuda(
   return {out, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backward_cuda(
-    const at::Tensor& grad_out_in,
-    const at::Tensor& x_in,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const at::Tensor& rstd_in,
-    const std::optional<at::Tensor>& eps_l,
-    bool grad_input) {
-  check_backward_args(grad_out_in, x_in, weight, bias, tau, rstd_in, eps_l);
-  TORCH_CHECK(x_in.is_cuda(), "frn_backward: x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const Layout layout = layout_of(x_in);
-  const at::Tensor x = to_layout(x_in, layout);
-  const at::Tensor g = to_layout(grad_out_in, layout);
-  const at::Tensor rstd = rstd_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3), P = N * C;
-  const at::ScalarType acc = acc_type_for(x.scalar_type());
+BackwardOut frn_backward_cuda(const FrnArgs& args) {
+  const bool grad_input = args.grad_input;
+  TORCH_INTERNAL_ASSERT(args.x.is_cuda());
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const Layout layout = args.layout;
+  const at::Tensor &x = args.x, &g = args.grad_out, &rstd = args.rstd;
+  const int64_t N = args.N, C = args.C, L = args.L, P = N * C;
+  const at::ScalarType acc = args.acc;
   at::Tensor grad_x = grad_input ? at::empty_like(x, memory_format_of(layout)) : at::empty({0}, x.options());
   const bool plane_kernels = use_plane_kernels(layout, P, L);
   // The split path accumulates with atomics into zeroed buffers; the plane kernels write each entry.
   auto alloc = [&] { return plane_kernels ? at::empty({N, C}, x.options().dtype(acc)) : at::zeros({N, C}, x.options().dtype(acc)); };
   at::Tensor A = alloc(), B = alloc(), T = alloc();
   if (P > 0) {
-    const at::Tensor w = weight.to(acc).contiguous();
-    const at::Tensor b = bias.to(acc).contiguous();
-    const at::Tensor t = tau.has_value() ? tau->to(acc).contiguous() : at::Tensor();
+    const at::Tensor &w = args.weight, &b = args.bias, &t = args.tau;
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_backward_cuda", [&] {
       using acc_t = typename Acc<scalar_t>::type;
@@ -700,15 +693,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frn_backw
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto [grad_weight, grad_bias, grad_tau, grad_eps_l] =
-      param_grads_from_plane_sums(A, B, T, rstd, weight, bias, tau, eps_l);
+  auto [grad_weight, grad_bias, grad_tau, grad_eps_l] = param_grads_cuda(args, A, B, T);
   return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
 }
 
+[[maybe_unused]] const bool kRegistered = register_kernels(c10::DeviceType::CUDA, &frn_forward_cuda, &frn_backward_cuda);
+
 } // namespace
 } // namespace frn_det
-
-TORCH_LIBRARY_IMPL(frn_det, CUDA, m) {
-  m.impl("frn", &frn_det::frn_forward_cuda);
-  m.impl("frn_backward", &frn_det::frn_backward_cuda);
-}

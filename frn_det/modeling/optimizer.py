@@ -8,7 +8,7 @@ import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping, reduce_param_groups
 from detectron2.utils.env import TORCH_VERSION
 
-from .layers import TLU, FilterResponseNorm2d
+from ..layers import TLU, FilterResponseNorm2d
 
 NORM_MODULE_TYPES = (FilterResponseNorm2d, TLU)
 
@@ -41,10 +41,3 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         sgd_args["foreach"] = True
     return maybe_add_gradient_clipping(cfg, torch.optim.SGD(**sgd_args))
 
-
-class FRNTrainerMixin:
-    """Put before ``DefaultTrainer`` in a trainer's bases to build the optimizer above."""
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)

@@ -1,0 +1,336 @@
+"""Comparison of runs across norms and images per GPU: collection of run directories (the results
+contract, frn_det.engine.results, plus the status a grid launch leaves), aggregation over seeds,
+markdown and CSV tables, and the plot of AP against images per GPU.
+
+A run that is missing, failed (non-zero exit, no result file) or produced no AP (NaN) is listed
+with its reason and not averaged in. Groups are (family, norm, images per GPU, GPUs), where family
+is the name of the config file's folder.
+"""
+import csv
+import json
+import math
+import os
+import statistics
+from collections import OrderedDict
+
+from detectron2.engine import DefaultTrainer
+
+from .config import load_cfg
+from .results import COCO_METRICS as METRICS
+from .results import RESULT_FILE, TASKS, read_result
+
+STATUS_FILE = "compare_ap_status.json"  # written by frn_det.engine.grid for the runs it launches
+LOG_FILE = "compare_ap_train.log"
+
+
+def read_status(run_dir):
+    """The launch status a grid left in ``run_dir`` ({"command", "returncode", ...}); None if none."""
+    try:
+        with open(os.path.join(run_dir, STATUS_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Run:
+    """One run directory and what became of it.
+
+    status: "ok", "failed" or "missing"; reason: why, when not ok.
+    """
+
+    def __init__(self, run_dir, status, reason="", result=None, config_file=None, seed=None):
+        self.run_dir = run_dir
+        self.status = status
+        self.reason = reason
+        self.result = result or {}
+        self.config_file = self.result.get("config_file", config_file)
+        self.seed = self.result.get("seed", seed)
+
+    @property
+    def family(self):
+        cf = self.config_file
+        return os.path.basename(os.path.dirname(cf)) if cf else "?"
+
+    def key(self):
+        """(family, norm, images per GPU, GPUs): from the result, else from the config (None if unknown)."""
+        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+        if r.get("norm") is None or r.get("images_per_gpu") is None:
+            return None
+        return (self.family, str(r["norm"]), r["images_per_gpu"], r.get("num_gpus"))
+
+    @property
+    def ims_per_batch(self):
+        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+        return r.get("ims_per_batch")
+
+    def metric(self, task, name):
+        v = self.result.get("results", {}).get(task, {}).get(name)
+        return float(v) if v is not None else math.nan
+
+
+_DESCRIBED = {}
+
+
+def describe_config(config_file, num_gpus=1):
+    """norm / images per GPU / batch a config trains with on `num_gpus` processes (the grid runs
+    with --num-gpus 1), for runs that failed before writing their result; None if unreadable."""
+    if not config_file or not os.path.isfile(config_file):
+        return None
+    if config_file not in _DESCRIBED:
+        try:
+            cfg = DefaultTrainer.auto_scale_workers(load_cfg(config_file, freeze=False), num_gpus)
+            _DESCRIBED[config_file] = {"norm": cfg.MODEL.RESNETS.NORM, "num_gpus": num_gpus,
+                                       "images_per_gpu": cfg.SOLVER.IMS_PER_BATCH // num_gpus,
+                                       "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}
+        except Exception:  # a config that does not load is reported through the run's reason
+            _DESCRIBED[config_file] = None
+    return _DESCRIBED[config_file]
+
+
+def _tail(path, n=40):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def _failure_line(lines):
+    """The most telling line of a failed run's log: the last error/exception line, else the last."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln or "error:" in ln:
+            return ln
+    return lines[-1] if lines else ""
+
+
+def load_run(run_dir, config_file=None, seed=None):
+    """Read one run directory into a Run, deciding ok / failed / missing with a reason."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    launched = read_status(run_dir)
+    if launched is not None and config_file is None:
+        cmd = launched.get("command") or []
+        if "--config-file" in cmd[:-1]:
+            config_file = cmd[cmd.index("--config-file") + 1]
+        if "SEED" in cmd[:-1] and seed is None:
+            seed = int(cmd[cmd.index("SEED") + 1])
+    if not os.path.isfile(path):
+        if launched is not None and launched.get("returncode") not in (None, 0):
+            line = _failure_line(_tail(os.path.join(run_dir, LOG_FILE)))
+            reason = f"train_net exited with {launched['returncode']}" + (f": {line}" if line else "")
+            return Run(run_dir, "failed", reason, config_file=config_file, seed=seed)
+        if launched is not None and launched.get("returncode") == 0:
+            return Run(run_dir, "failed", f"train_net exited 0 but wrote no {RESULT_FILE}",
+                       config_file=config_file, seed=seed)
+        why = "no run directory" if not os.path.isdir(run_dir) else f"no {RESULT_FILE}"
+        if launched is not None and launched.get("returncode") is None:
+            why += " (launched, never finished: interrupted?)"
+        return Run(run_dir, "missing", why, config_file=config_file, seed=seed)
+    try:
+        result = read_result(run_dir)
+    except (OSError, ValueError) as e:
+        return Run(run_dir, "failed", f"unreadable {RESULT_FILE}: {e}", config_file=config_file, seed=seed)
+    run = Run(run_dir, "ok", result=result, config_file=config_file, seed=seed)
+    bbox = result.get("results", {}).get("bbox")
+    if not bbox:
+        run.status, run.reason = "failed", "result has no bbox AP"
+    elif math.isnan(run.metric("bbox", "AP")):
+        run.status, run.reason = "failed", "bbox AP is NaN (the model made no predictions)"
+    elif result.get("images_per_gpu") is None or result.get("norm") is None:
+        run.status, run.reason = "failed", "result lacks norm / images_per_gpu"
+    return run
+
+
+def _stats(values):
+    """mean, std (sample, 0 for one value), min, max, n of the non-NaN values."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
+
+
+def _sort_key(key):
+    fam, norm, ipg, gpus = key
+    return (fam, norm, ipg if ipg is not None else -1, gpus if gpus is not None else -1)
+
+
+def aggregate(runs):
+    """Group the runs and average the ok ones.
+
+    Returns an OrderedDict {(family, norm, images_per_gpu, num_gpus): group}, a group being
+    {"runs": [Run], "ok": [Run], "tasks": [task], "seeds": [seed of ok runs],
+     "stats": {(task, metric): _stats}}. Runs that failed before writing a result have no norm or
+    images per GPU; they are grouped by what their config path says only in the failure list.
+    """
+    groups = {}
+    for run in runs:
+        key = run.key()
+        if key is None:  # failed without a result and its config does not say: only listed
+            continue
+        g = groups.setdefault(key, {"runs": [], "ok": []})
+        g["runs"].append(run)
+        if run.status == "ok":
+            g["ok"].append(run)
+    out = OrderedDict()
+    for key in sorted(groups, key=_sort_key):
+        g = groups[key]
+        tasks = [t for t in TASKS if any(t in r.result.get("results", {}) for r in g["ok"])]
+        g["tasks"] = tasks
+        g["seeds"] = sorted(r.seed for r in g["ok"] if r.seed is not None)
+        g["stats"] = {(t, m): _stats([r.metric(t, m) for r in g["ok"]]) for t in tasks for m in METRICS}
+        out[key] = g
+    return out
+
+
+def _fmt(x, nd=2):
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def write_csv(groups, path):
+    cols = ["family", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "n_runs", "n_failed", "seeds"]
+    for t in TASKS:
+        for m in METRICS:
+            cols += [f"{t}_{m}_{s}" for s in ("mean", "std", "min", "max")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for (fam, norm, ipg, gpus), g in groups.items():
+            row = [fam, norm, ipg, gpus, g["runs"][0].ims_per_batch, len(g["ok"]),
+                   len(g["runs"]) - len(g["ok"]), " ".join(str(s) for s in g["seeds"])]
+            for t in TASKS:
+                for m in METRICS:
+                    st = g["stats"].get((t, m))
+                    row += [""] * 4 if st is None else [_fmt(st[s], 4) for s in ("mean", "std", "min", "max")]
+            w.writerow(row)
+
+
+def write_runs_csv(runs, path):
+    cols = ["run_dir", "status", "reason", "config_file", "seed", "norm", "images_per_gpu", "num_gpus",
+            "ims_per_batch", "max_iter", "base_lr", "wall_time_s"]
+    cols += [f"{t}_{m}" for t in TASKS for m in METRICS]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in runs:
+            res = r.result
+            row = [r.run_dir, r.status, r.reason, r.config_file or "", "" if r.seed is None else r.seed]
+            row += [res.get(k, "") for k in ("norm", "images_per_gpu", "num_gpus", "ims_per_batch",
+                                              "max_iter", "base_lr", "wall_time_s")]
+            for t in TASKS:
+                for m in METRICS:
+                    v = r.metric(t, m)
+                    row.append("" if t not in res.get("results", {}) else _fmt(v, 4))
+            w.writerow(row)
+
+
+def markdown(groups, runs, expected=None):
+    """The table (mean ± std over seeds, min–max for AP) and the list of missing/failed runs."""
+    lines = []
+    tasks = [t for t in TASKS if any(t in g["tasks"] for g in groups.values())]
+    head = ["family", "norm", "img/GPU", "GPUs", "batch", "runs"]
+    for t in tasks:
+        head += [f"{t} AP", f"{t} AP min–max"] + [f"{t} {m}" for m in METRICS[1:]]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for (fam, norm, ipg, gpus), g in groups.items():
+        n_exp = expected.get((fam, norm, ipg, gpus)) if expected else len(g["runs"])
+        n_runs = f"{len(g['ok'])}" + (f"/{n_exp}" if n_exp != len(g["ok"]) else "")
+        row = [fam, norm, str(ipg), str(gpus), str(g["runs"][0].ims_per_batch or ""), n_runs]
+        for t in tasks:
+            if not g["ok"]:
+                row += ["all failed"] + [""] * len(METRICS)
+                continue
+            if t not in g["tasks"]:
+                row += [""] * (len(METRICS) + 1)
+                continue
+            ap = g["stats"][(t, "AP")]
+            row.append(f"{_fmt(ap['mean'])} ± {_fmt(ap['std'])}")
+            row.append(f"{_fmt(ap['min'])}–{_fmt(ap['max'])}")
+            for m in METRICS[1:]:
+                st = g["stats"][(t, m)]
+                # n/a: undefined for every seed (e.g. APl when the test set has no large object)
+                row.append("n/a" if st["n"] == 0 else f"{_fmt(st['mean'])} ± {_fmt(st['std'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Mean ± sample std over seeds (0 with one seed); APs are detectron2's percentages; "
+                 "n/a: undefined in every run (COCO gives no APs/APm/APl without objects of that size).")
+    bad = [r for r in runs if r.status != "ok"]
+    lines.append("")
+    if bad:
+        lines.append(f"Missing or failed runs ({len(bad)} of {len(runs)}), not averaged in:")
+        lines.append("")
+        for r in bad:
+            what = r.config_file or "?"
+            seed = "" if r.seed is None else f" seed {r.seed}"
+            lines.append(f"- {r.status}: `{r.run_dir}` ({what}{seed}): {r.reason}")
+    else:
+        lines.append(f"All {len(runs)} runs finished.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups, path, task="bbox", metric="AP"):
+    """AP against images per GPU, one line per norm (error bars: std over seeds), one panel per
+    family. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted({k[0] for k in groups})  # families with at least a run
+    fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        norms = sorted({k[1] for k in groups if k[0] == fam})
+        colors = {}
+        for norm in norms:
+            pts = sorted(((k[2], g) for k, g in groups.items() if k[0] == fam and k[1] == norm
+                          and (task, metric) in g["stats"]), key=lambda p: p[0])
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
+            es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
+            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
+            colors[norm] = line[0].get_color()
+        failed = [(k, g) for k, g in groups.items() if k[0] == fam and not g["ok"]]
+        for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
+            ax.plot([k[2]], [0], marker="x", color=colors.get(k[1], "k"), markersize=9, clip_on=False,
+                    linestyle="none", label="all runs failed" if i == 0 else None)
+            ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
+        ax.set_xscale("log", base=2)
+        xs_all = sorted({k[2] for k in groups if k[0] == fam and k[2] is not None})
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(x) for x in xs_all])
+        ax.set_xlabel("images per GPU")
+        ax.set_ylabel(f"{task} {metric}")
+        seeds = sorted({len(g["ok"]) for k, g in groups.items() if k[0] == fam and g["ok"]})
+        n = "/".join(str(x) for x in seeds)
+        ax.set_title(f"{fam}: mean ± std over {n} seed{'s' if seeds != [1] else ''}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="norm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_all(runs, out_prefix, expected=None):
+    """Write PREFIX.md, PREFIX.csv, PREFIX_runs.csv and PREFIX.png; return the groups."""
+    d = os.path.dirname(out_prefix)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    groups = aggregate(runs)
+    with open(out_prefix + ".md", "w") as f:
+        f.write(markdown(groups, runs, expected))
+    write_csv(groups, out_prefix + ".csv")
+    write_runs_csv(runs, out_prefix + "_runs.csv")
+    if groups:
+        plot(groups, out_prefix + ".png")
+    return groups
+
+

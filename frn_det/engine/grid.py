@@ -1,0 +1,74 @@
+"""Launching a grid of configs x seeds through tools/train_net.py, one run after the other, resumably:
+a run whose result file exists is skipped, an interrupted one resumes from its last checkpoint.
+Each run directory also gets the command's status (STATUS_FILE) and log (LOG_FILE), which
+:func:`frn_det.engine.compare.load_run` reads to say why a run failed."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .compare import LOG_FILE, STATUS_FILE, load_run
+from .paths import REPO, TOOLS
+from .results import RESULT_FILE
+
+DEFAULT_TRAIN_NET = os.path.join(TOOLS, "train_net.py")
+
+
+def run_dir_for(root, config_file, seed):
+    """output root / <config folder>_<config name> / seed<k>."""
+    stem = os.path.splitext(os.path.basename(config_file))[0]
+    fam = os.path.basename(os.path.dirname(os.path.abspath(config_file)))
+    return os.path.join(root, f"{fam}_{stem}", f"seed{seed}")
+
+
+def train_command(config_file, seed, run_dir, opts=(), train_net=DEFAULT_TRAIN_NET, python=sys.executable):
+    return [python, train_net, "--config-file", config_file, "--num-gpus", "1", "--resume",
+            "SEED", str(seed), "OUTPUT_DIR", run_dir, *opts]
+
+
+def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, python=sys.executable,
+                dry_run=False, timeout=None, log=print):
+    """Run every (config, seed) not finished yet, one after the other. Returns [(config, seed, dir)]."""
+    # seed-major: an interrupted grid has whole sweeps rather than some configs with every seed
+    plan = [(c, s, run_dir_for(root, c, s)) for s in seeds for c in configs]
+    for i, (cfg, seed, rdir) in enumerate(plan, 1):
+        tag = f"[{i}/{len(plan)}] {cfg} seed {seed}"
+        if os.path.isfile(os.path.join(rdir, RESULT_FILE)):
+            log(f"{tag}: done already, skipped")
+            continue
+        cmd = train_command(cfg, seed, rdir, opts, train_net, python)
+        if dry_run:
+            log(f"{tag}: would run {' '.join(cmd)}")
+            continue
+        os.makedirs(rdir, exist_ok=True)
+        status = {"command": cmd, "returncode": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_json(os.path.join(rdir, STATUS_FILE), status)
+        log(f"{tag}: running -> {rdir}")
+        t0 = time.time()
+        with open(os.path.join(rdir, LOG_FILE), "a") as logf:
+            try:
+                rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                                    timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+                logf.write(f"\nError: killed by compare_ap after {timeout} s\n")
+        status.update(returncode=rc, wall_s=round(time.time() - t0, 1))
+        _write_json(os.path.join(rdir, STATUS_FILE), status)
+        log(f"{tag}: exit {rc} after {status['wall_s']} s")
+    return plan
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+
+
+def collect_grid(configs, seeds, root):
+    """(runs, expected): every planned run of the grid, loaded, and the number of seeds each group expects."""
+    runs = [load_run(run_dir_for(root, cfg, s), config_file=cfg, seed=s) for cfg in configs for s in seeds]
+    return runs, {r.key(): len(seeds) for r in runs if r.key() is not None}

@@ -1,0 +1,48 @@
+"""Command-line conventions of frn-det's training tools: detectron2's argument parser plus
+``--dataset``, the run config, and detectron2's launcher with CPU multi-process support."""
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.engine import default_argument_parser as d2_argument_parser
+from detectron2.engine import default_setup as d2_default_setup
+from detectron2.engine import launch as d2_launch
+from detectron2.utils.logger import setup_logger
+
+from ..data import register_coco_dataset
+from .config import load_cfg, load_run_cfg
+
+
+def default_argument_parser(epilog=None):
+    """detectron2's ``default_argument_parser`` plus ``--dataset NAME JSON IMAGE_ROOT`` (repeatable)."""
+    parser = d2_argument_parser(epilog)
+    parser.add_argument(
+        "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset (polygon or RLE masks) under NAME; repeatable. "
+        "Use it with DATASETS.TRAIN / DATASETS.TEST overrides.",
+    )
+    return parser
+
+
+def run_cfg_from_args(args):
+    """Registers ``args.dataset``, then :func:`load_run_cfg` of the config and overrides."""
+    for name, json_file, image_root in args.dataset:
+        register_coco_dataset(name, json_file, image_root)
+    return load_run_cfg(args.config_file, args.opts)
+
+
+def default_setup(cfg, args):
+    """detectron2's ``default_setup`` (output dir, loggers, config dump, seed) plus frn_det's logger."""
+    d2_default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="frn_det")
+
+
+def launch(main, args):
+    """detectron2's ``launch(main, ...)`` with the arguments' process counts.
+
+    launch() picks NCCL whenever CUDA is visible, so CPU training with several processes (gloo)
+    starts its workers with no visible GPU (the spawned processes inherit the environment).
+    """
+    if args.num_gpus * args.num_machines > 1 and load_cfg(args.config_file, args.opts).MODEL.DEVICE == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    d2_launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+              dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,60 @@
+"""The results contract of a run: OUTPUT_DIR/frn_det_result.json (docs/CONTRACTS.md)."""
+import json
+import logging
+import math
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.engine import DefaultTrainer
+
+RESULT_FILE = "frn_det_result.json"
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+TASKS = ("bbox", "segm")
+
+
+def _finite_or_none(v):
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def make_result(cfg, config_file, results, wall_time_s):
+    """The contract's dict for ``results`` (detectron2's {task: {metric: AP}}, or {dataset: that})."""
+    world = comm.get_world_size()
+    scaled = DefaultTrainer.auto_scale_workers(cfg, world)  # what the trainer actually ran
+    if len(cfg.DATASETS.TEST) > 1:
+        results = results[cfg.DATASETS.TEST[0]]
+    return {
+        "config_file": config_file,
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "norm": cfg.MODEL.RESNETS.NORM,
+        "images_per_gpu": scaled.SOLVER.IMS_PER_BATCH // world,
+        "num_gpus": world,
+        "ims_per_batch": scaled.SOLVER.IMS_PER_BATCH,
+        "seed": cfg.SEED,
+        "max_iter": scaled.SOLVER.MAX_ITER,
+        "base_lr": scaled.SOLVER.BASE_LR,
+        "train_datasets": list(cfg.DATASETS.TRAIN),
+        "test_datasets": list(cfg.DATASETS.TEST),
+        "wall_time_s": round(wall_time_s, 1),
+        "results": {
+            task: {k: _finite_or_none(metrics.get(k)) for k in COCO_METRICS} for task, metrics in results.items()
+        },
+    }
+
+
+def write_result(cfg, config_file, results, wall_time_s):
+    """Write OUTPUT_DIR/frn_det_result.json (NaN APs as null); returns its path."""
+    path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
+    with open(path, "w") as f:
+        json.dump(make_result(cfg, config_file, results, wall_time_s), f, indent=2)
+    logging.getLogger(__name__).info(f"Wrote {path}")
+    return path
+
+
+def read_result(run_dir):
+    """The result dict of a run directory; FileNotFoundError / ValueError name the file."""
+    path = os.path.join(run_dir, RESULT_FILE)
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
