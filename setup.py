@@ -45,7 +45,9 @@ def get_extensions():
         extension = CUDAExtension
         sources += cuda_sources
         include_dirs += _wheel_cuda_include_dirs()
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: rstd needs correctly rounded sqrt / division and no denormal flush.
+        # --threads: the architectures of TORCH_CUDA_ARCH_LIST compile in parallel.
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--threads", str(min(4, os.cpu_count() or 1))]
 
     return [
         extension(

@@ -181,19 +181,59 @@ def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
 
 def test_crashed_run_grouped_by_its_config(tmp_path):
     """A run that died before writing its result still gets a table row, from what its config says."""
-    cfg = os.path.join(REPO, "configs", "synthetic_grid", "BN_4img.yaml")
+    cfg = os.path.join(REPO, "configs", "cpu_grid", "retinanet_R18_FPN", "BN_2img_lr0.01.yaml")
     d = tmp_path / "crashed"
     d.mkdir()
     (d / compare_ap.STATUS_FILE).write_text(json.dumps({"command": ["p", "t", "--config-file", cfg, "SEED", "1"],
                                                         "returncode": 1}))
-    ok = compare_ap.load_run(write_run(str(tmp_path / "ok"), norm="BN", ipg=4, seed=0, ap=2.0, config=cfg))
+    ok = compare_ap.load_run(write_run(str(tmp_path / "ok"), norm="BN", ipg=2, seed=0, ap=2.0, config=cfg))
     crashed = compare_ap.load_run(str(d))
-    assert crashed.status == "failed" and crashed.key() == ("synthetic_grid", "BN", 4, 1)
+    key = ("retinanet_R18_FPN", "BN lr0.01", 2, 1)  # the variant (after "<B>img_") joins the norm
+    assert crashed.status == "failed" and crashed.key() == key
+    assert crashed.images_seen == 6400
     groups = compare_ap.aggregate([ok, crashed])
-    g = groups[("synthetic_grid", "BN", 4, 1)]
+    g = groups[key]
     assert len(g["runs"]) == 2 and g["ok"] == [ok] and g["stats"][("bbox", "AP")]["mean"] == 2.0
     md = compare_ap.markdown(groups, [ok, crashed])
-    assert "| synthetic_grid | BN | 4 | 1 | 4 | 1/2 | 2.00 ± 0.00 |" in md
+    assert "| retinanet_R18_FPN | BN lr0.01 | 2 | 1 | 2 | 1/2 | 2.00 ± 0.00 |" in md
     only_failed = compare_ap.aggregate([crashed])
     compare_ap.plot(only_failed, str(tmp_path / "p.png"))  # a family with no finished run still plots
     assert os.path.getsize(tmp_path / "p.png") > 0
+
+
+def _grid_run(tmp_path, norm, ipg, seed, ap, variant="", lr=0.01, curve_aps=(0.5, 0.8, 0.95, 1.0)):
+    """A finished run of configs/<fam>/<norm>_<ipg>img[_variant].yaml with a 4-point learning curve."""
+    name = f"{norm}_{ipg}img" + (f"_{variant}" if variant else "")
+    d = write_run(str(tmp_path / f"{name}_s{seed}"), norm=norm, ipg=ipg, seed=seed, ap=ap,
+                  config=f"configs/retinanet_R18_FPN/{name}.yaml")
+    res = json.load(open(os.path.join(d, RESULT_FILE)))
+    res.update(max_iter=800 // ipg, base_lr=lr,
+               curve=[{"iteration": (i + 1) * 200 // ipg, "images_seen": (i + 1) * 200, "bbox": ap * f}
+                      for i, f in enumerate(curve_aps)])
+    json.dump(res, open(os.path.join(d, RESULT_FILE), "w"))
+    return compare_ap.load_run(d)
+
+
+def test_paired_differences_sweep_curves_and_run_table(tmp_path):
+    runs = [_grid_run(tmp_path, n, 2, s, ap) for n, s, ap in
+            (("FRN", 0, 30.0), ("FRN", 1, 33.0), ("GN", 0, 31.0), ("GN", 1, 32.0), ("GN", 2, 40.0), ("BN", 0, 20.0))]
+    runs += [_grid_run(tmp_path, "FRN", 2, 0, ap, f"lr{lr:g}", lr) for lr, ap in ((0.005, 25.0), (0.02, 28.0))]
+    runs.append(_grid_run(tmp_path, "FRN", 2, 0, 31.0, "RELU"))
+    pairs = compare_ap.paired_differences(runs, "FRN", "GN")
+    assert list(pairs) == [("retinanet_R18_FPN", 2)]  # variants are not paired with the base runs
+    p = pairs[("retinanet_R18_FPN", 2)]
+    assert p["seeds"] == [0, 1] and p["diffs"] == [-1.0, 1.0] and p["stats"]["mean"] == 0.0  # GN seed 2: no pair
+    assert compare_ap.lr_sweep(runs) == {"FRN": [(0.005, 25.0, 1), (0.02, 28.0, 1)]}
+    assert runs[0].last_quarter_change() == pytest.approx(30.0 * (1.0 - 0.95))
+    prefix = str(tmp_path / "out" / "grid")
+    compare_ap.write_all(runs, prefix)
+    md = open(prefix + ".md").read()
+    assert "Paired differences FRN - GN" in md and "| retinanet_R18_FPN | 2 | 0 1 | -1.00, +1.00 | +0.00 ± 1.41 |" in md
+    assert "| FRN | 0.005: 25.00, 0.02: 28.00 |" in md and "| FRN RELU |" in md
+    rows = list(csv.DictReader(open(prefix + "_runs.csv")))
+    assert list(rows[0]) == list(compare_ap.RUN_COLUMNS)
+    relu = next(r for r in rows if r["variant"] == "RELU")
+    assert (relu["norm"], relu["images_per_batch"], relu["images_seen"], relu["AP"], relu["status"]) == \
+        ("FRN", "2", "800", "31.00", "ok")
+    for png in ("", "_curves", "_lr_sweep"):
+        assert open(prefix + png + ".png", "rb").read()[:4] == b"\x89PNG"

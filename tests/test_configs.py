@@ -69,29 +69,42 @@ def test_grid_is_complete():
 
 
 def test_committed_configs_equal_generator_output():
-    assert gen_configs.diff() == [], "run `python tools/gen_configs.py` and commit the result"
-    assert gen_configs.diff(gen_configs.SYNTH_DIR, gen_configs.render_synthetic_grid) == []
-    assert gen_configs.diff(gen_configs.SYNTH_LONG_DIR, gen_configs.render_synthetic_grid_long) == []
+    for out_dir, render in gen_configs.TARGETS:
+        assert gen_configs.diff(out_dir, render) == [], "run `python tools/gen_configs.py` and commit the result"
 
 
-@pytest.mark.parametrize("grid,images", [("synthetic_grid", 256), ("synthetic_grid_long", 1024)])
-def test_synthetic_grid_same_images_seen(grid, images):
-    """configs/synthetic_grid*: every run sees the same images, lr per image and warm-up/decay points."""
-    seen = set()
-    paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*.yaml")))
-    assert len(paths) == 12
+CPU_GRID_LEAF = re.compile(r"(?P<norm>BN|GN|FRN)_(?P<batch>\d+)img(_(?P<variant>[\w.-]+))?\.yaml$")
+
+
+def test_cpu_grid_same_images_seen_and_linear_rule():
+    """configs/cpu_grid: every run sees the same images, with warm-up, decays and evaluations at the same
+    image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x."""
+    schedules, lr_per_image, sweep = set(), {}, {}
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "cpu_grid", "*", "*.yaml")))
+    assert paths
     for path in paths:
-        norm, ipg = re.match(r"(BN|GN|FRN)_(\d+)img\.yaml$", os.path.basename(path)).groups()
+        m = CPU_GRID_LEAF.match(os.path.basename(path))
+        norm, batch, variant = m["norm"], int(m["batch"]), m["variant"] or ""
         cfg = load_cfg(path)
         s = cfg.SOLVER
-        assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.DEVICE == "cpu"
-        assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.RETINANET.NORM) == (norm,) * 3
+        assert cfg.MODEL.RESNETS.NORM == norm and cfg.MODEL.DEVICE == "cpu"
         assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
-        assert s.IMS_PER_BATCH == int(ipg) and s.REFERENCE_WORLD_SIZE == 1
-        seen.add((s.MAX_ITER * s.IMS_PER_BATCH, round(s.BASE_LR / s.IMS_PER_BATCH, 12),
-                  s.WARMUP_ITERS * s.IMS_PER_BATCH, tuple(x * s.IMS_PER_BATCH for x in s.STEPS)))
-    assert len(seen) == 1, seen
-    assert next(iter(seen))[0] == images
+        assert s.IMS_PER_BATCH == batch and s.REFERENCE_WORLD_SIZE == 1
+        assert cfg.TEST.EVAL_PERIOD * 4 == s.MAX_ITER  # four points on the learning curve
+        schedules.add((s.MAX_ITER * batch, s.WARMUP_ITERS * batch, tuple(x * batch for x in s.STEPS),
+                       cfg.TEST.EVAL_PERIOD * batch))
+        per_image = round(s.BASE_LR / batch, 12)
+        if variant.startswith("lr"):
+            sweep.setdefault(norm, set()).add(per_image)
+        elif not variant and "retinanet" in path:
+            lr_per_image.setdefault(norm, set()).add(per_image)
+    assert len(schedules) == 1, schedules
+    assert all(len(v) == 1 for v in lr_per_image.values()), lr_per_image
+    assert set(sweep) == {"BN", "GN", "FRN"}
+    for norm, lrs in sweep.items():
+        assert len(lrs) >= 3 and max(lrs) / min(lrs) >= 4
+        if norm in lr_per_image:
+            assert lr_per_image[norm] <= lrs  # the grid runs at a swept rate
 
 
 @pytest.mark.parametrize("rel", LEAVES)

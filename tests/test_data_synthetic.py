@@ -17,7 +17,9 @@ from frn_det.data import check_registered, register_coco_dataset, register_synth
 from frn_det.data.synthetic import CLASSES, SyntheticSpec, generate, render_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = SyntheticSpec(num_train=12, num_val=4, image_size=64, seed=3)
+# Small images with the occlusion of the original generator (any), so that occlusion is tested.
+SPEC = SyntheticSpec(num_train=12, num_val=4, image_size=64, min_size=8, max_size=21, max_occlusion=1.0,
+                     inside=False, max_objects=5, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_generator_is_deterministic_by_seed(polygon_root, tmp_path):
     other = SyntheticSpec(**{**SPEC.__dict__, "seed": 4})
     assert not np.array_equal(render_image(other, "train", 0)[0], render_image(SPEC, "train", 0)[0])
     # An image does not depend on how many images come before it.
-    assert np.array_equal(render_image(SyntheticSpec(num_train=1, image_size=64, seed=3), "train", 5)[0],
+    assert np.array_equal(render_image(SyntheticSpec(**{**SPEC.__dict__, "num_train": 1}), "train", 5)[0],
                           render_image(SPEC, "train", 5)[0])
 
 
@@ -94,11 +96,31 @@ def test_rle_masks_are_the_visible_parts(rle_root):
     assert occluded > 0
 
 
-def test_sizes_cover_small_to_a_third_of_the_image():
-    spec = SyntheticSpec(num_train=60, image_size=96, seed=0)
+def test_sizes_span_min_to_max_size():
+    spec = SyntheticSpec(num_train=60, image_size=96, min_size=8, max_size=32, inside=False, max_occlusion=1.0, seed=0)
     sides = [max(np.ptp(np.nonzero(m)[0]), np.ptp(np.nonzero(m)[1])) + 1
              for i in range(60) for _, m, _ in render_image(spec, "train", i)[1]]
-    assert min(sides) <= 10 and max(sides) <= 96 // 3 + 2 and max(sides) >= 24
+    assert min(sides) <= 10 and max(sides) <= 32 + 2 and max(sides) >= 24
+
+
+def test_default_task_keeps_objects_inside_and_occlusion_bounded():
+    spec = SyntheticSpec(num_train=40)
+    for i in range(40):
+        _, objects = render_image(spec, "train", i)
+        assert 1 <= len(objects) <= spec.max_objects
+        for _, visible, painted in objects:
+            ys, xs = np.nonzero(painted)
+            assert max(np.ptp(ys), np.ptp(xs)) + 1 <= spec.max_size + 2
+            # each later object hides at most max_occlusion of its visible pixels at placement time
+            hidden = painted.sum() - visible.sum()
+            assert hidden <= (spec.max_objects - 1) * spec.max_occlusion * painted.sum() + 1
+
+
+def test_spec_validation_names_the_field():
+    with pytest.raises(ValueError, match="max_occlusion"):
+        SyntheticSpec(max_occlusion=0)
+    with pytest.raises(ValueError, match="min_size <= max_size"):
+        SyntheticSpec(min_size=30, max_size=20)
 
 
 def test_pycocotools_loads_and_scores_ground_truth_as_perfect(polygon_root):
@@ -114,12 +136,13 @@ def test_pycocotools_loads_and_scores_ground_truth_as_perfect(polygon_root):
 
 def test_make_synthetic_coco_cli(tmp_path):
     tool = os.path.join(REPO, "tools", "make_synthetic_coco.py")
-    argv = ["--root", str(tmp_path), "--num-train", "3", "--num-val", "2", "--image-size", "48", "--mask-format", "rle"]
+    argv = ["--root", str(tmp_path), "--num-train", "3", "--num-val", "2", "--image-size", "48", "--min-size", "8",
+            "--max-size", "16", "--no-inside", "--mask-format", "rle"]
     subprocess.run([sys.executable, tool, *argv], check=True, capture_output=True)
     assert len(COCO(str(tmp_path / "annotations" / "instances_train.json")).imgs) == 3
     again = subprocess.run([sys.executable, tool, *argv], capture_output=True, text=True)
     assert again.returncode == 0 and "already holds this dataset" in again.stdout
-    bad = subprocess.run([sys.executable, tool, *argv[:-4], "--image-size", "12"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, tool, *argv, "--image-size", "12"], capture_output=True, text=True)
     assert bad.returncode == 2 and "too small" in bad.stderr
 
 
@@ -179,3 +202,20 @@ def test_missing_image_error_names_the_image(polygon_root, tmp_path):
 def test_unknown_dataset_name_lists_registered_ones():
     with pytest.raises(ValueError, match=r"unknown dataset name\(s\) \['no_such_set'\] in DATASETS.TRAIN.*frn_synthetic_train"):
         check_registered(["frn_synthetic_train", "no_such_set"], "DATASETS.TRAIN")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["annotations"][2].update(category_id=99),
+     r"1 annotations in .* name categories that its 'categories' lack \(e.g. annotation 3: category_id 99"),
+    (lambda d: d["annotations"][0].update(bbox=[3.0, 4.0, 0.0, 5.0]),
+     r"1 annotations in .* have boxes without positive width and height \(e.g. annotation 1: bbox \[3.0, 4.0, 0.0, 5.0\]"),
+], ids=["unknown_category", "empty_box"])
+def test_bad_annotations_are_named_before_training(polygon_root, tmp_path, change, message):
+    data = _json(polygon_root, "val")
+    change(data)
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(data))
+    name = _name()
+    register_coco_dataset(name, str(path), os.path.join(polygon_root, "val"))
+    with pytest.raises(ValueError, match=f"dataset '{name}': " + message):
+        DatasetCatalog.get(name)

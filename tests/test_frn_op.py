@@ -1,85 +1,55 @@
-"""The fused FRN op (torch.ops.frn_det.frn / frn_backward) against the plain-PyTorch reference.
+"""The fused FRN op (torch.ops.frn_det.frn / frn_backward) against the plain-PyTorch reference, on
+CPU and, where a GPU is visible, on CUDA (FRN_DET_REQUIRE_CUDA=1 makes the CUDA tests fail instead
+of skipping without one; see tests/conftest.py).
 
-CPU tests always run; CUDA tests run when a GPU is present (compare with the float64 reference
-computed on the CPU).
+CUDA kernel paths (frn_det/layers/csrc/cuda/frn_kernel.cu) and the tests that reach them; every
+test compares forward and all gradients with the float64 reference unless it says otherwise:
+
+| path | kernel(s) | reached by |
+|---|---|---|
+| warp per plane, 16-byte loads (L % (16 / itemsize) == 0) | frn_*_plane_kernel<T, 32, 16/size> | test_cuda_paths_match_float64_reference[warp_vec-*] |
+| warp per plane, scalar loads | frn_*_plane_kernel<T, 32, 1> | [warp_scalar-*] (7x7), test_cuda_misaligned_and_strided_views |
+| partly filled warp groups (P % 8 != 0) | same | [warp_partial-*] (13 planes) |
+| block per plane, 16-byte loads | frn_*_plane_kernel<T, 256, 16/size> | [block_vec-*] |
+| block per plane, scalar loads (L = 1025) | frn_*_plane_kernel<T, 256, 1> | [block_scalar-*] |
+| grid-stride loops: several planes per block / per warp, stats loops past the y/z grid cap | all, with the grid capped | test_cuda_grid_stride_loops |
+| split NCHW: partial sums, finalize, apply (int32 indices) | frn_stats_nchw_kernel, frn_finalize_kernel, frn_apply_kernel | [split_nchw-*] |
+| split NHWC (every channels_last input with C > 1, H*W > 1) | frn_stats_nhwc_kernel, ... | [*-channels_last-*] |
+| apply kernels with int64 indices | frn_apply_kernel<.., int64_t> | test_cuda_int64_apply_kernels |
+| parameter-gradient epilogue, eps_l gradient | frn_param_grads_kernel, frn_eps_grad_kernel | every backward; learned eps in the paths test |
+| grad_input=False | every backward path | test_cuda_backward_without_grad_input |
+| H*W = 0 with N*C > 0; N = 0; 1x1 planes | | [empty_plane-*], [empty_batch-*], [one_by_one-*] |
+| NaN confinement, NaN propagation through the TLU | every path | test_cuda_nan_stays_in_its_plane |
+| tie rule (y == tau: gradient to y) | warp, block, split NCHW / NHWC | test_cuda_tie_rule |
+| batch independence | every path | test_cuda_batch_independence |
+| bitwise run-to-run determinism | every path | test_cuda_runs_are_bitwise_identical |
+| non-default stream, second GPU | | test_cuda_non_default_stream, test_cuda_second_device |
 """
 import importlib
+import os
 
 import pytest
 import torch
 
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
+from frn_det.layers.kernel_paths import CUDA_PATHS
+from frn_testing import assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all
 
 # The submodule (frn_det.layers.frn is also the name of the function the package exports).
 frn_module = importlib.import_module("frn_det.layers.frn")
 
-pytestmark = pytest.mark.skipif(not ops.is_available(), reason=f"frn_det._C not built: {ops.load_error()}")
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
-
-def make_inputs(shape, dtype=torch.float64, tlu=True, learned_eps=False, channels_last=False, device="cpu",
-                param_dtype=None, seed=0, scale=2.0, requires_grad=True):
-    """x, weight, bias, tau (or None), eps_l (or None); parameters are random so every term matters."""
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    pd = param_dtype or dtype
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = (1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
-    bias = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
-    tau = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd) if tlu else None
-    eps_l = torch.tensor(0.05, dtype=pd) if learned_eps else None
-    out = [x, weight, bias, tau, eps_l]
-    out = [t.to(device) if t is not None else None for t in out]
-    if requires_grad:
-        out = [t.detach().requires_grad_() if t is not None else None for t in out]
-    return out
-
-
-def run_with_grads(fn, x, weight, bias, tau, eps_l, grad_out, eps=1e-6):
-    """Output and gradients of every tensor argument (None where the argument is None)."""
-    out = fn(x, weight, bias, tau, eps, eps_l)
-    args = [t for t in (x, weight, bias, tau, eps_l) if t is not None]
-    grads = iter(torch.autograd.grad(out, args, grad_out))
-    return out, [next(grads) if t is not None else None for t in (x, weight, bias, tau, eps_l)]
-
-
-def op_fn(*args):
-    return frn(*args, impl="op")
-
-
-def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
-    """Op vs reference on the same inputs (the reference upcast to float64 on the CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
-    out, grads = run_with_grads(op_fn, x, weight, bias, tau, eps_l, grad_out)
-
-    def to64(t):
-        return t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
-
-    ref_args = [to64(t) for t in (x, weight, bias, tau, eps_l)]
-    ref, ref_grads = run_with_grads(frn_reference, *ref_args, grad_out.to("cpu", torch.float64))
-    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
-    torch.testing.assert_close(out.to("cpu", torch.float64), ref, atol=atol, rtol=rtol)
-    names = ("x", "weight", "bias", "tau", "eps_l")
-    for name, t, g_op, g_ref in zip(names, (x, weight, bias, tau, eps_l), grads, ref_grads):
-        if t is None:
-            continue
-        assert g_op.dtype == t.dtype, name
-        torch.testing.assert_close(g_op.to("cpu", torch.float64), g_ref, atol=atol, rtol=rtol,
-                                   msg=lambda m: f"grad of {name}: {m}")
-    return out, grads
+# Without the extension the op tests skip, unless a CUDA run was required (conftest.py then fails them).
+pytestmark = pytest.mark.skipif(not ops.is_available() and os.environ.get("FRN_DET_REQUIRE_CUDA") != "1",
+                                reason=f"frn_det._C not built: {ops.load_error()}")
 
 
 # ---- float64 correctness ---------------------------------------------------------------------
 
 # (1, 1, 90, 90): fewer planes than threads, so NCHW planes are split into chunks across threads;
 # (2, 8, 70, 70): channels_last samples above the one-task-per-sample size, split into row blocks.
-SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9)]
+# (2, 3, 0, 4): empty planes (no output, every gradient 0).
+SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9), (2, 3, 0, 4)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -103,29 +73,8 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fc, (xc, wc, bc, tc), eps=1e-6, atol=1e-6)
 
 
-def _opcheck_samples(device):
-    samples = []
-    for shape, kw in [((2, 3, 4, 5), {}), ((2, 3, 4, 5), {"channels_last": True, "learned_eps": True}),
-                      ((2, 3, 4, 5), {"tlu": False}), ((0, 3, 2, 2), {}), ((2, 3, 1, 1), {"learned_eps": True}),
-                      ((2, 3, 4, 5), {"dtype": torch.float32, "param_dtype": torch.float32}),
-                      ((2, 3, 4, 5), {"dtype": torch.bfloat16, "param_dtype": torch.float32})]:
-        x, w, b, t, e = make_inputs(shape, device=device, **kw)
-        samples.append((x, w, b, t, 1e-6, e))
-    return samples
-
-
-def _opcheck_all(device):
-    for args in _opcheck_samples(device):
-        torch.library.opcheck(torch.ops.frn_det.frn.default, args)
-        x, w, b, t, eps, e = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        _, rstd = torch.ops.frn_det.frn.default(x, w, b, t, eps, e)
-        for grad_input in (True, False):
-            bargs = (torch.randn_like(x), x, w, b, t, rstd, e, grad_input)
-            torch.library.opcheck(torch.ops.frn_det.frn_backward.default, bargs)
-
-
 def test_opcheck_cpu():
-    _opcheck_all("cpu")
+    opcheck_all("cpu")
 
 
 def test_backward_without_grad_input_gives_same_parameter_grads():
@@ -459,47 +408,231 @@ def test_layer_resolves_its_implementation_once_when_built(monkeypatch):
 
 CUDA_TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 1e-2),
             torch.bfloat16: (6e-2, 3e-2)}
-# Warp-per-plane (ROI heads), block-per-plane, split plane (few large planes), 1x1 and empty.
-CUDA_SHAPES = [(64, 32, 7, 7), (8, 16, 14, 14), (4, 300, 40, 48), (1, 2, 200, 336), (2, 8, 1, 1), (0, 4, 3, 3)]
+cuda = pytest.mark.cuda
 
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", list(CUDA_TOL))
-@pytest.mark.parametrize("shape", CUDA_SHAPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_matches_float64_reference(dtype, shape, channels_last):
+def _cuda_args(shape, dtype=torch.float32, channels_last=False, **kw):
+    param_dtype = torch.float32 if dtype != torch.float64 else None
+    return make_inputs(shape, dtype=dtype, channels_last=channels_last, device="cuda", param_dtype=param_dtype, **kw)
+
+
+def _op_out_and_grads(x, w, b, t, e, g):
+    """Output and (grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l) of the raw ops."""
+    out, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
+    return (out,) + tuple(torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", list(CUDA_TOL), ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("path", list(CUDA_PATHS))
+def test_cuda_paths_match_float64_reference(path, channels_last, dtype):
+    shape = CUDA_PATHS[path]
     atol, rtol = CUDA_TOL[dtype]
-    for tlu, learned_eps in ((True, False), (False, True)):
-        args = make_inputs(shape, dtype=dtype, tlu=tlu, learned_eps=learned_eps, channels_last=channels_last,
-                           device="cuda", param_dtype=torch.float32 if dtype != torch.float64 else None)
+    for tlu, learned_eps in ((True, False), (False, True), (True, True)):
+        args = _cuda_args(shape, dtype, channels_last, tlu=tlu, learned_eps=learned_eps)
         out, _ = assert_matches_reference(*args, atol=atol, rtol=rtol)
-        if channels_last and shape[0] > 0 and shape[2] * shape[3] > 1:
+        if channels_last and shape[0] > 0 and shape[1] > 1 and shape[2] * shape[3] > 1:
             assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_grid_stride_loops(channels_last):
+    # A grid of at most 2 blocks: every plane kernel loops over many planes per block (and per
+    # warp), the split path's stats kernels over planes / samples past the y / z grid dimension.
+    with cuda_test_limits(max_grid=2):
+        for path in ("warp_vec", "warp_scalar", "warp_partial", "block_scalar", "split_nchw"):
+            for learned_eps in (False, True):
+                args = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=learned_eps)
+                assert_matches_reference(*args, atol=2e-4, rtol=2e-4)
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_int64_apply_kernels(channels_last):
+    with cuda_test_limits(force_int64=True):
+        for dtype in (torch.float32, torch.float16):
+            args = _cuda_args(CUDA_PATHS["split_nchw"], dtype, channels_last)
+            assert_matches_reference(*args, atol=CUDA_TOL[dtype][0], rtol=CUDA_TOL[dtype][1])
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("path", list(CUDA_PATHS))
+def test_cuda_backward_without_grad_input(path, channels_last):
+    x, w, b, t, e = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
+    g = torch.randn_like(x)
+    full = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
+    params_only = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, False)
+    assert params_only[0].numel() == 0
+    for a, b_ in zip(full[1:], params_only[1:]):
+        torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+@cuda
+def test_cuda_misaligned_and_strided_views():
+    # Views whose data pointer is not 16-byte aligned, or that are not dense, take the scalar loads
+    # (after the copy to a dense layout, for strided ones).
+    for path in ("warp_vec", "block_vec"):
+        shape = CUDA_PATHS[path]
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        for dtype in (torch.float32, torch.float16):
+            base = torch.randn(numel + 1, device="cuda", dtype=dtype)
+            x = base[1:].view(shape)
+            assert x.data_ptr() % 16 != 0
+            _, w, b, t, e = _cuda_args(shape, dtype, learned_eps=True)
+            assert_matches_reference(x.detach().requires_grad_(), w, b, t, e, *CUDA_TOL[dtype])
+        wide = torch.randn(shape[0], shape[1] * 2, shape[2], shape[3], device="cuda")[:, ::2]
+        _, w, b, t, _ = _cuda_args(shape, torch.float32)
+        assert_matches_reference(wide.detach().requires_grad_(), w, b, t, None, 2e-4, 2e-4)
+
+
+def _nonempty_paths():
+    return [p for p, s in CUDA_PATHS.items() if s[0] * s[1] * s[2] * s[3] > 0]
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("path", _nonempty_paths())
+def test_cuda_nan_stays_in_its_plane(path, channels_last):
+    shape = CUDA_PATHS[path]
+    x, w, b, t, _ = _cuda_args(shape, torch.float32, channels_last, requires_grad=False)
+    g = torch.randn(shape, device="cuda")
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    (out_ok, *grads_ok), (out_bad, *grads_bad) = (_op_out_and_grads(v, w, b, t, None, g) for v in (x, bad))
+    other = torch.ones(shape, dtype=torch.bool, device="cuda")
+    other[0, 0] = False
+    assert torch.equal(out_bad[other], out_ok[other]) and torch.equal(grads_bad[0][other], grads_ok[0][other])
+    assert torch.isnan(out_bad[0, 0]).all()  # the TLU passes NaN on, as torch.maximum does
+    assert torch.isnan(grads_bad[0][0, 0]).any() and torch.isnan(grads_bad[1][0])  # and so do the gradients
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 2, 3, 17), (2, 140, 3, 400), (1, 2, 40, 102)], ids=["warp", "block", "split"])
+def test_cuda_tie_rule(shape, channels_last):
+    # y = x * a + bias == tau exactly where x == 0 (bias == tau): those gradients go to y (bias).
+    row = torch.tensor([0.0, 1.0, -1.0, 0.0, 2.0, -0.5])
+    L = shape[2] * shape[3]
+    x = row.repeat(L // 6 + 1)[:L].reshape(1, 1, shape[2], shape[3]).repeat(shape[0], shape[1], 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    xd = x.cuda().requires_grad_()
+    b = torch.full((C,), 0.25, device="cuda", requires_grad=True)
+    t = torch.full((C,), 0.25, device="cuda", requires_grad=True)
+    g = torch.arange(1.0, 1.0 + x.numel()).reshape(x.shape)
+    out = frn(xd, torch.ones(C, device="cuda"), b, t, 1e-6, None, impl="op")
+    out.backward(g.cuda())
+    above_or_tie = x >= 0
+    assert (out.detach().cpu()[x == 0] == 0.25).all()
+    torch.testing.assert_close(t.grad.cpu(), (g * ~above_or_tie).sum(dim=(0, 2, 3)))
+    torch.testing.assert_close(b.grad.cpu(), (g * above_or_tie).sum(dim=(0, 2, 3)))
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 64, 9, 9), (2, 300, 33, 33), (1, 4, 64, 64)], ids=["warp", "block", "split"])
+def test_cuda_tlu_mask_matches_the_cpu_kernels(shape, channels_last):
+    # Given the same rstd, CPU and CUDA compute y = x * (gamma * rstd) + beta with the same roundings,
+    # so they put every element on the same side of tau, also at exact ties: tau is set to the y of
+    # one element per channel, computed as the CPU kernels do (rounded multiply, rounded add).
+    x, w, b, _, _ = make_inputs(shape, dtype=torch.float32, channels_last=channels_last, requires_grad=False)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, None, 1e-6, None)
+    a = w * rstd[0]
+    tau = x[0, :, 0, 0] * a + b  # two roundings, as the kernels
+    ones = torch.ones_like(x)
+    counts = {}
+    for device in ("cpu", "cuda"):
+        args = [v.to(device) for v in (ones, x, w, b, tau, rstd)]
+        _, _, passed, below, _ = torch.ops.frn_det.frn_backward(*args, None, False)
+        counts[device] = (passed.cpu(), below.cpu())  # per channel: elements passing / below tau
+    assert (counts["cpu"][0] > 0).all() and (counts["cpu"][1] > 0).all()
+    assert torch.equal(counts["cpu"][0], counts["cuda"][0]) and torch.equal(counts["cpu"][1], counts["cuda"][1])
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("path", _nonempty_paths())
+def test_cuda_batch_independence(path, channels_last):
+    shape = CUDA_PATHS[path]
+    if shape[0] < 2:
+        shape = (2,) + shape[1:]
+    x, w, b, t, e = _cuda_args(shape, torch.float32, channels_last, learned_eps=True, requires_grad=False)
+    g = torch.randn(shape, device="cuda")
+    x2, g2 = x.clone(), g.clone()
+    x2[1:] = torch.randn_like(x2[1:]) * 10
+    g2[1:] = torch.randn_like(g2[1:])
+    r1, r2 = _op_out_and_grads(x, w, b, t, e, g), _op_out_and_grads(x2, w, b, t, e, g2)
+    assert torch.equal(r1[0][0], r2[0][0]) and torch.equal(r1[1][0], r2[1][0])
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("path", _nonempty_paths())
+def test_cuda_runs_are_bitwise_identical(path, channels_last):
+    for dtype in (torch.float32, torch.float16):
+        x, w, b, t, e = _cuda_args(CUDA_PATHS[path], dtype, channels_last, learned_eps=True, requires_grad=False)
+        g = torch.randn_like(x)
+        first, second = _op_out_and_grads(x, w, b, t, e, g), _op_out_and_grads(x, w, b, t, e, g)
+        for a, b_ in zip(first, second):
+            assert torch.equal(a, b_)
+
+
+@cuda
+def test_cuda_non_default_stream():
+    x, w, b, t, e = _cuda_args(CUDA_PATHS["split_nchw"], torch.float32, learned_eps=True, requires_grad=False)
+    g = torch.randn_like(x)
+    expected = _op_out_and_grads(x, w, b, t, e, g)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = _op_out_and_grads(x, w, b, t, e, g)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b_ in zip(expected, got):
+        assert torch.equal(a, b_)
+
+
+@cuda
+@pytest.mark.multi_gpu
+def test_cuda_second_device():
+    for path in ("warp_vec", "block_vec", "split_nchw"):
+        args = _cuda_args(CUDA_PATHS[path], torch.float32, learned_eps=True, requires_grad=False)
+        g = torch.randn_like(args[0])
+        on0 = _op_out_and_grads(*args, g)
+        moved = [a.to("cuda:1") if a is not None else None for a in args]
+        on1 = _op_out_and_grads(*moved, g.to("cuda:1"))
+        assert all(r.device == torch.device("cuda:1") for r in on1)
+        for a, b_ in zip(on0, on1):
+            assert torch.equal(a, b_.to("cuda:0"))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_half_inputs_up_to_6e4(dtype):
-    x, w, b, t, _ = make_inputs((2, 4, 30, 40), dtype=dtype, device="cuda", scale=2e4)
-    with torch.no_grad():
-        x.clamp_(-6e4, 6e4)
-    out, grads = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
-    assert torch.isfinite(out).all()
+    for path in ("warp_vec", "block_vec", "split_nchw"):
+        x, w, b, t, _ = _cuda_args(CUDA_PATHS[path], dtype, scale=2e4)
+        with torch.no_grad():
+            x.clamp_(-6e4, 6e4)
+        out, _ = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
+        assert torch.isfinite(out).all()
 
 
-@needs_cuda
+@cuda
 def test_cuda_opcheck():
-    _opcheck_all("cuda")
+    opcheck_all("cuda")
 
 
-@needs_cuda
-def test_cuda_nan_stays_in_its_plane():
-    for shape in ((2, 3, 6, 5), (1, 2, 200, 336)):
-        x, w, b, t, _ = make_inputs(shape, dtype=torch.float32, device="cuda", requires_grad=False)
-        bad = x.clone()
-        bad[0, 0, 1, 2] = float("nan")
-        out_ok = frn(x, w, b, t, impl="op")
-        out_bad = frn(bad, w, b, t, impl="op")
-        other = torch.ones(shape, dtype=torch.bool, device="cuda")
-        other[0, 0] = False
-        torch.testing.assert_close(out_bad[other], out_ok[other])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_outputs_and_gradients_are_bitwise_identical_run_to_run(device):
+    # CPU: fixed chunks and a fixed combine order; CUDA: no atomics (see the CUDA path tests too).
+    for shape, channels_last in (((2, 8, 70, 70), True), ((1, 2, 100, 90), False), ((64, 16, 7, 7), False)):
+        x, w, b, t, e = make_inputs(shape, dtype=torch.float32, channels_last=channels_last, learned_eps=True,
+                                    device=device, requires_grad=False)
+        g = torch.randn(shape).to(device)
+        first, second = _op_out_and_grads(x, w, b, t, e, g), _op_out_and_grads(x, w, b, t, e, g)
+        for a, b_ in zip(first, second):
+            assert torch.equal(a, b_)

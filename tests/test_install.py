@@ -136,3 +136,22 @@ def test_no_import_cycles_inside_frn_det():
             visit(m, [m])
     assert not cycles, cycles
     assert "frn_det.layers.frn" in graph["frn_det.layers"] and "frn_det.layers.ops" in graph["frn_det.layers.frn"]
+
+
+def test_cuda_build_runs_on_turing_to_hopper_and_newer_gpus():
+    """Built without a visible GPU (CI, the bootstrap's default), the extension holds SASS for several
+    architectures and PTX for the newest, so it loads on users' GPUs; a build on a GPU machine
+    targets that GPU (torch's detection) and is not checked here."""
+    import torch
+
+    from frn_det.layers import build_info
+
+    if build_info.extension_path() is None:
+        pytest.skip("frn_det._C is not built")
+    archs = build_info.cuda_archs()
+    if not archs["sass"] and not archs["ptx"]:
+        pytest.skip("a CPU-only build (no CUDA toolkit)")
+    if torch.cuda.is_available():
+        pytest.skip("built on a GPU machine: torch targets the visible GPU")
+    assert len(archs["sass"]) >= 2 and archs["ptx"], archs
+    assert max(archs["ptx"]) >= max(archs["sass"])

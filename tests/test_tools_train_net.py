@@ -20,7 +20,7 @@ TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 RETINANET = os.path.join(REPO, "configs", "synthetic", "retinanet_R18_FPN_{}.yaml")
 MASK_RCNN = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
 CONTRACT_KEYS = {"config_file", "meta_architecture", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "seed",
-                 "max_iter", "base_lr", "train_datasets", "test_datasets", "wall_time_s", "results"}
+                 "max_iter", "base_lr", "train_datasets", "test_datasets", "wall_time_s", "curve", "results"}
 METRICS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
@@ -29,7 +29,8 @@ def data(tmp_path_factory):
     roots = {}
     for fmt in ("polygon", "rle"):
         root = str(tmp_path_factory.mktemp(fmt))
-        generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, mask_format=fmt, seed=1), root, progress=False)
+        generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, min_size=8, max_size=21, mask_format=fmt, seed=1),
+                 root, progress=False)
         roots[fmt] = root
     return roots
 
@@ -172,3 +173,79 @@ def test_coco_eval_errors_name_the_file(data, trained, tmp_path):
     for argv, message in cases:
         proc = subprocess.run([sys.executable, tool, *argv], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr
+
+
+# ---- exact resume -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config,workers", [(RETINANET.format("FRN"), 1), (MASK_RCNN, 0)], ids=["retinanet_FRN", "mask_rcnn_GN"])
+def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(data, tmp_path, config, workers):
+    """A run interrupted after iteration 2 (its checkpoint and log are all that is left) and resumed with
+    --resume ends bitwise equal to the run that was not interrupted: the data stream continues where it
+    stopped (a worker process maps the samples in the RetinaNet case, with random flips), and the
+    random state of Mask R-CNN's proposal sampling is where the uninterrupted run had it."""
+    import torch
+
+    full = tmp_path / "full"
+    opts = [*_opts(full, max_iter=6), "DATALOADER.NUM_WORKERS", str(workers)]
+    train_net("--config-file", config, *_dataset_args(data["polygon"]), *opts)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for name in os.listdir(resumed):  # the state an interruption during iteration 3 leaves
+        if name.endswith(".pth") and name != "model_0000001.pth" or name in ("frn_det_result.json", "inference"):
+            shutil.rmtree(resumed / name) if (resumed / name).is_dir() else os.remove(resumed / name)
+    (resumed / "last_checkpoint").write_text("model_0000001.pth")
+    proc = train_net("--config-file", config, *_dataset_args(data["polygon"]), "--resume",
+                     *[str(resumed) if o == str(full) else o for o in opts])
+    assert "Starting training from iteration 2" in proc.stdout + proc.stderr
+    a = torch.load(full / "model_final.pth", weights_only=False)["model"]
+    b = torch.load(resumed / "model_final.pth", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _result(resumed)["results"] == _result(full)["results"]
+
+
+# ---- bad input is named before training starts ----------------------------------------------------
+
+def _args(*argv):
+    return default_argument_parser().parse_args(["--config-file", RETINANET.format("FRN"), *argv])
+
+
+@pytest.mark.parametrize("key,value", [("ACTIVATION", "GELU"), ("LEARNED_EPS", "some"), ("IMPL", "cuda"), ("EPS", -1.0)])
+def test_invalid_frn_options_name_the_key(key, value):
+    with pytest.raises(ValueError, match=f"MODEL.FRN.{key}"):
+        run_cfg_from_args(_args(f"MODEL.FRN.{key}", str(value)))
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"MODEL.WEIGHTS {tmp_path}/none.pth does not exist"):
+        run_cfg_from_args(_args("MODEL.WEIGHTS", str(tmp_path / "none.pth")))
+
+
+def test_batch_not_divisible_by_processes_fails_before_any_process_starts():
+    from frn_det.engine import launch
+
+    def main(args):
+        raise AssertionError("no process should start")
+
+    with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH 2 .* not divisible by the 3 processes"):
+        launch(main, _args("--num-gpus", "3", "MODEL.DEVICE", "cpu"))
+
+
+def test_checkpoint_that_does_not_fit_names_the_tensors(trained, tmp_path):
+    import torch
+    from detectron2.modeling import build_model
+
+    from frn_det.engine import ShapeCheckingCheckpointer, load_cfg
+
+    checkpoint = torch.load(trained / "model_final.pth", weights_only=False)
+    key = "backbone.bottom_up.res3.0.conv1.weight"
+    checkpoint["model"][key] = torch.zeros(3, 3, 3, 3)
+    bad = tmp_path / "misfit.pth"
+    torch.save(checkpoint, bad)
+    model = build_model(load_cfg(RETINANET.format("FRN")))
+    with pytest.raises(ValueError, match=rf"does not fit this model: 1 tensors have other shapes \({key}: \(3, 3, 3, 3\)"):
+        ShapeCheckingCheckpointer(model).load(str(bad))
+    # another number of classes (the final predictor only) is fine-tuning: skipped with a warning, as in detectron2
+    checkpoint["model"][key] = model.state_dict()[key]
+    checkpoint["model"]["head.cls_score.weight"] = torch.zeros(18, 128, 3, 3)
+    torch.save(checkpoint, bad)
+    ShapeCheckingCheckpointer(model).load(str(bad))

@@ -1,207 +1,43 @@
 #!/usr/bin/env python
 """Benchmark the fused FRN op against the alternatives on R50-FPN feature shapes.
 
-For every shape and method: forward and forward+backward time (median, or min, over --iters runs
-after warm-up; the methods take turns in every round), effective bandwidth and the time ratio to the op (> 1: the op is faster). Effective
-bandwidth counts the minimum traffic of a fused norm: forward reads x and writes the output
-(2 tensors), forward+backward adds reading grad_out and x and writing grad_x (5 tensors).
-
-Methods: the op (``frn(..., impl="op")``), ``frn_reference`` eager, ``torch.compile(frn_reference)``,
-timm's ``FilterResponseNormTlu2d`` (when timm is installed), ``BatchNorm2d + ReLU`` (training mode)
-and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
+What is measured (time, effective bandwidth, ratio to the op; the methods compared) is described
+in frn_det/layers/benchmark.py, which holds the logic.
 
 Examples::
 
     python tools/benchmark_frn.py                       # CPU (and CUDA when present), default shapes
-    python tools/benchmark_frn.py --device cuda --dtype float16 --shapes all
+    python tools/benchmark_frn.py --device cuda --dtype float32 float16 bfloat16 --layout both \\
+        --shapes all --copy-bandwidth               # what tools/gpu_check.sh runs
     python tools/benchmark_frn.py --shapes target --iters 20
-    python tools/benchmark_frn.py --shapes 2x256x100x168,512x256x7x7 --channels-last
+    python tools/benchmark_frn.py --shapes 2x256x100x168,512x256x7x7 --layout channels_last
 
-Prints a markdown table; there are no pass/fail thresholds here (see issue 3 for the targets).
+Prints markdown tables; no pass/fail thresholds here.
 """
 import argparse
-import statistics
 import sys
-import time
 
 import torch
-from torch import nn
 
-from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
-
-# Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
-SHAPES = {
-    "stem": (2, 64, 400, 672),
-    "res2": (2, 256, 200, 336),
-    "res3": (2, 512, 100, 168),
-    "res4": (2, 1024, 50, 84),
-    "res5": (2, 2048, 25, 42),
-    "fpn_p2": (2, 256, 200, 336),
-    "target": (2, 256, 100, 168),  # FPN P3 / the issue's target shape
-    "fpn_p4": (2, 256, 50, 84),
-    "fpn_p6": (2, 256, 13, 21),
-    "box_head": (512, 256, 7, 7),  # conv box head, 512 ROIs
-    "mask_head": (128, 256, 14, 14),
-}
-DEFAULT_SHAPES = {
-    "cpu": ["target", "res4", "fpn_p4", "fpn_p6", "box_head", "mask_head"],
-    "cuda": list(SHAPES),
-}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_shapes(spec, device):
-    if spec is None:
-        names = DEFAULT_SHAPES[device]
-    elif spec == "all":
-        names = list(SHAPES)
-    else:
-        names = [s.strip() for s in spec.split(",") if s.strip()]
-    shapes = []
-    for name in names:
-        if name in SHAPES:
-            shapes.append((name, SHAPES[name]))
-        else:
-            try:
-                dims = tuple(int(d) for d in name.lower().split("x"))
-            except ValueError:
-                raise SystemExit(f"unknown shape {name!r}: use one of {sorted(SHAPES)} or NxCxHxW") from None
-            if len(dims) != 4:
-                raise SystemExit(f"shape {name!r} must have 4 dimensions (NxCxHxW)")
-            shapes.append((name, dims))
-    return shapes
-
-
-class FRNFunctional(nn.Module):
-    """FRN + TLU parameters around a functional implementation."""
-
-    def __init__(self, C, fn):
-        super().__init__()
-        self.fn = fn
-        self.weight = nn.Parameter(torch.rand(C) + 0.5)
-        self.bias = nn.Parameter(torch.randn(C) * 0.1)
-        self.tau = nn.Parameter(torch.randn(C) * 0.1)
-
-    def forward(self, x):
-        return self.fn(x, self.weight, self.bias, self.tau, 1e-6, None)
-
-
-def make_methods(C):
-    """name -> factory returning a module (None when unavailable, with the reason)."""
-    methods = {}
-    if ops.is_available():
-        methods["op"] = lambda: FRNFunctional(C, lambda *a: frn(*a, impl="op"))
-    methods["reference"] = lambda: FRNFunctional(C, frn_reference)
-    methods["compiled reference"] = lambda: FRNFunctional(C, torch.compile(frn_reference, dynamic=False))
-    try:
-        from timm.layers import FilterResponseNormTlu2d
-
-        methods["timm FRN+TLU"] = lambda: FilterResponseNormTlu2d(C)
-    except ImportError:
-        pass
-    methods["BatchNorm2d+ReLU"] = lambda: nn.Sequential(nn.BatchNorm2d(C), nn.ReLU())
-    methods["GroupNorm32+ReLU"] = lambda: nn.Sequential(nn.GroupNorm(32, C), nn.ReLU())
-    return methods
-
-
-def time_once(fn, device):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def make_closures(module, x, grad_out):
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def fwd():
-        with torch.no_grad():
-            module(x)
-
-    def fwd_bwd():
-        # autograd.grad instead of .backward(): no gradient accumulation in the timing.
-        out = module(x)
-        torch.autograd.grad(out, [x, *params], grad_out)
-
-    return fwd, fwd_bwd
-
-
-def run(device, dtype, shapes, iters, channels_last, stat):
-    reduce = statistics.median if stat == "median" else min
-    rows = []
-    for name, shape in shapes:
-        torch._dynamo.reset()  # compiled code is cached per function: keep each shape's entries apart
-        torch.manual_seed(0)
-        x = torch.randn(shape, device=device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        grad_out = torch.randn_like(x)
-        nbytes = x.numel() * x.element_size()
-        closures, errors = {}, {}
-        for method, factory in make_methods(shape[1]).items():
-            try:
-                module = factory().to(device=device, dtype=dtype).train()
-                fns = make_closures(module, x, grad_out)
-                for fn in fns * 2:  # warm-up (and compilation)
-                    fn()
-                closures[method] = fns
-            except Exception as e:  # report, keep benchmarking the other methods
-                errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
-        # Methods take turns in every round, so that load from other processes hits them alike.
-        times = {m: ([], []) for m in closures}
-        for _ in range(iters):
-            for kind in (0, 1):
-                for method, fns in closures.items():
-                    times[method][kind].append(time_once(fns[kind], device))
-        op = (reduce(times["op"][0]), reduce(times["op"][1])) if "op" in times else None
-        for method in list(closures) + list(errors):
-            if method in errors:
-                rows.append((name, shape, method, errors[method]))
-                continue
-            fwd, fb = reduce(times[method][0]), reduce(times[method][1])
-            ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}" if op else ""
-            rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
-        print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
-    return rows
-
-
-def print_table(rows, device, dtype, channels_last, iters, stat):
-    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    layout = "channels_last" if channels_last else "contiguous"
-    print(f"\n### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs\n")
-    print("| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | time / op (fwd / fwd+bwd) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        name, shape, method = row[:3]
-        dims = "x".join(str(d) for d in shape)
-        if len(row) == 4:
-            print(f"| {name} | {dims} | {method} | n/a ({row[3]}) | | | | |")
-        else:
-            fwd, fgb, fb, fbgb, ratio = row[3:]
-            print(f"| {name} | {dims} | {method} | {fwd:.2f} | {fgb:.1f} | {fb:.2f} | {fbgb:.1f} | {ratio} |")
+from frn_det.layers.benchmark import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, run
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all: CPU, plus CUDA when available (default)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["float32"])
     parser.add_argument("--shapes", default=None,
                         help=f"comma-separated names ({', '.join(SHAPES)}), NxCxHxW, or 'all'; "
                              "default: a per-device subset")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--layout", choices=["contiguous", "channels_last", "both"], default="contiguous")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="min is the better estimate on a machine shared with other jobs")
+    parser.add_argument("--copy-bandwidth", action="store_true",
+                        help="also measure a device copy and give bandwidth as %% of it")
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -213,10 +49,17 @@ def main(argv=None):
         devices.remove("cuda")
     if not ops.is_available():
         print(f"note: frn_det._C is not built ({ops.load_error()}); the op is skipped", file=sys.stderr)
+    layouts = {"contiguous": [False], "channels_last": [True], "both": [False, True]}[args.layout]
     for device in devices:
-        dtype = DTYPES[args.dtype]
-        rows = run(device, dtype, parse_shapes(args.shapes, device), args.iters, args.channels_last, args.stat)
-        print_table(rows, device, dtype, args.channels_last, args.iters, args.stat)
+        try:
+            shapes = parse_shapes(args.shapes, device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        copy_gbs = copy_bandwidth(device) if args.copy_bandwidth else None
+        for dtype_name in args.dtype:
+            for channels_last in layouts:
+                rows = run(device, DTYPES[dtype_name], shapes, args.iters, channels_last, args.stat)
+                print("\n" + format_table(rows, device, DTYPES[dtype_name], channels_last, args.iters, args.stat, copy_gbs))
 
 
 if __name__ == "__main__":

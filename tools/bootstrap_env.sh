@@ -52,20 +52,21 @@ if [ -z "${FORCE_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then
     else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
   fi
   export CUDA_HOME
-  # Without a GPU nothing tells torch which arch to build: compile for Hopper only (fast, enough to
-  # catch errors). With a GPU, torch targets the visible card.
+  # Without a GPU nothing tells torch which arch to build: SASS for Turing to Hopper (CUDA 13 has no
+  # sm_70) and PTX for the newest, so the build runs on users' GPUs, newer ones included. With a
+  # GPU, torch targets the visible card.
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-7.5;8.0;8.6;8.9;9.0+PTX}
   fi
 fi
 
 stamp_file="$("$PYTHON" -c 'import sys; print(sys.prefix)')/frn_det_build.stamp"
-stamp="$(cat setup.py $(find frn_det/layers/csrc -type f | sort) | sha256sum | cut -d' ' -f1) force_cuda=${FORCE_CUDA:-0}"
+stamp="$(cat setup.py $(find frn_det/layers/csrc -type f | sort) | sha256sum | cut -d' ' -f1) force_cuda=${FORCE_CUDA:-0} archs=${TORCH_CUDA_ARCH_LIST:-detected}"
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! imports frn_det._C; then
   echo "[bootstrap] building frn-det (FORCE_CUDA=${FORCE_CUDA:-0}); the first build takes a few minutes"
   rm -rf build
   # --use-pep517: setuptools 80 turned the legacy `develop` path into an isolated pip build without torch.
-  pip install --use-pep517 --no-build-isolation --no-deps -e .
+  MAX_JOBS=${MAX_JOBS:-2} pip install --use-pep517 --no-build-isolation --no-deps -e .
   echo "$stamp" >"$stamp_file"
 fi
 

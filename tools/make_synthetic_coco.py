@@ -23,11 +23,13 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="regenerate even if ROOT is up to date")
     for field in dataclasses.fields(SyntheticSpec):
         default = getattr(defaults, field.name)
-        kwargs = {"choices": ("polygon", "rle")} if field.name == "mask_format" else {}
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"), type=type(default), default=default,
-            help="default: %(default)s", **kwargs,
-        )
+        if isinstance(default, bool):
+            kwargs = {"action": argparse.BooleanOptionalAction}
+        else:
+            kwargs = {"type": type(default)}
+            if field.name == "mask_format":
+                kwargs["choices"] = ("polygon", "rle")
+        parser.add_argument("--" + field.name.replace("_", "-"), default=default, help="default: %(default)s", **kwargs)
     args = parser.parse_args(argv)
     spec_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)}
     try:

@@ -24,11 +24,18 @@ Real COCO: detectron2's coco_2017_train / coco_2017_val, found under $DETECTRON2
 import time
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.evaluation import verify_results
 
 from frn_det.data import ensure_synthetic
-from frn_det.engine import Trainer, default_argument_parser, default_setup, launch, run_cfg_from_args, write_result
+from frn_det.engine import (
+    ShapeCheckingCheckpointer,
+    Trainer,
+    default_argument_parser,
+    default_setup,
+    launch,
+    run_cfg_from_args,
+    write_result,
+)
 
 
 def setup(args):
@@ -46,7 +53,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        ShapeCheckingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)

@@ -31,6 +31,8 @@ def load_coco_dataset(json_file, image_root, name):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset '{name}': annotation file {json_file} does not exist")
     try:
+        with open(json_file) as f:
+            check_annotations(json.load(f), json_file, name)
         dicts = load_coco_json(json_file, image_root, name)
     except json.JSONDecodeError as e:
         raise ValueError(f"dataset '{name}': {json_file} is not valid JSON: {e}") from e
@@ -50,6 +52,26 @@ def load_coco_dataset(json_file, image_root, name):
             f"missing under {image_root}:\n  {shown}{more}"
         )
     return dicts
+
+
+def check_annotations(data, json_file, name):
+    """Annotations must name a category of the file and have a box of positive width and height."""
+    if not isinstance(data, dict):
+        return  # not an instances file: load_coco_json's error says so
+    known = {c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)}
+    anns = [a for a in data.get("annotations") or [] if isinstance(a, dict)]
+    unknown = [a for a in anns if a.get("category_id") not in known]
+    if unknown:
+        a = unknown[0]
+        raise ValueError(f"dataset '{name}': {len(unknown)} annotations in {json_file} name categories that its "
+                         f"'categories' lack (e.g. annotation {a.get('id')}: category_id {a.get('category_id')}; "
+                         f"known ids: {sorted(known)})")
+    empty = [a for a in anns if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
+             and not (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
+    if empty:
+        a = empty[0]
+        raise ValueError(f"dataset '{name}': {len(empty)} annotations in {json_file} have boxes without positive "
+                         f"width and height (e.g. annotation {a.get('id')}: bbox {a['bbox']}, as [x, y, w, h])")
 
 
 def register_coco_dataset(name, json_file, image_root):
@@ -93,13 +115,16 @@ def register_synthetic(root=None):
 
 
 def ensure_synthetic(names, progress=True):
-    """Generates the default synthetic dataset if one of ``names`` is a synthetic split that is
-    missing. Call it on one process only (detectron2's main process)."""
+    """Generates the default synthetic dataset (``SyntheticSpec()``) if one of ``names`` is a synthetic
+    split whose root does not hold it (missing, or generated with other settings or an older
+    generator). Call it on one process only (detectron2's main process); datasets generated with
+    other settings belong under another root ($FRN_DET_DATA)."""
     roots = {MetadataCatalog.get(n).synthetic_root for n in names if n in SYNTHETIC_NAMES}
+    spec = synthetic.SyntheticSpec()
     for root in roots:
-        if not all(os.path.isfile(synthetic.annotation_path(root, s)) for s in synthetic.SPLITS):
-            logger.info(f"Generating the synthetic dataset under {root} (first use)")
-            synthetic.generate(synthetic.SyntheticSpec(), root, progress=progress)
+        if not synthetic.is_generated(root, spec):
+            logger.info(f"Generating the synthetic dataset under {root} (first use, or its settings changed)")
+            synthetic.generate(spec, root, progress=progress)
 
 
 def check_registered(names, key):

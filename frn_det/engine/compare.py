@@ -51,17 +51,43 @@ class Run:
         cf = self.config_file
         return os.path.basename(os.path.dirname(cf)) if cf else "?"
 
+    @property
+    def variant(self):
+        """What the config changes beyond norm and batch: the part of its name after ``<B>img_``
+        (``FRN_2img_RELU.yaml`` -> "RELU", a learning-rate sweep's ``lr0.02``); "" for none."""
+        stem = os.path.splitext(os.path.basename(self.config_file or ""))[0]
+        return stem.split("img_", 1)[1] if "img_" in stem else ""
+
+    def _described(self):
+        return self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+
     def key(self):
-        """(family, norm, images per GPU, GPUs): from the result, else from the config (None if unknown)."""
-        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
+        """(family, norm [+ " " + variant], images per GPU, GPUs): from the result, else from the
+        config (None if unknown)."""
+        r = self._described()
         if r.get("norm") is None or r.get("images_per_gpu") is None:
             return None
-        return (self.family, str(r["norm"]), r["images_per_gpu"], r.get("num_gpus"))
+        label = str(r["norm"]) + (f" {self.variant}" if self.variant else "")
+        return (self.family, label, r["images_per_gpu"], r.get("num_gpus"))
+
+    @property
+    def images_seen(self):
+        r = self._described()
+        return r["max_iter"] * r["ims_per_batch"] if r.get("max_iter") and r.get("ims_per_batch") else None
+
+    def curve(self, task="bbox"):
+        """[(images seen, AP)] of the evaluations during training (results contract "curve")."""
+        return [(c["images_seen"], c[task]) for c in self.result.get("curve", []) if c.get(task) is not None]
+
+    def last_quarter_change(self, task="bbox"):
+        """AP at the end minus AP at the last evaluation at or before 3/4 of training (None without one)."""
+        curve, seen = self.curve(task), self.images_seen
+        early = [ap for n, ap in curve if seen and n <= 0.75 * seen + 1e-9]
+        return curve[-1][1] - early[-1] if curve and early and curve[-1][0] == seen else None
 
     @property
     def ims_per_batch(self):
-        r = self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
-        return r.get("ims_per_batch")
+        return self._described().get("ims_per_batch")
 
     def metric(self, task, name):
         v = self.result.get("results", {}).get(task, {}).get(name)
@@ -81,7 +107,8 @@ def describe_config(config_file, num_gpus=1):
             cfg = DefaultTrainer.auto_scale_workers(load_cfg(config_file, freeze=False), num_gpus)
             _DESCRIBED[config_file] = {"norm": cfg.MODEL.RESNETS.NORM, "num_gpus": num_gpus,
                                        "images_per_gpu": cfg.SOLVER.IMS_PER_BATCH // num_gpus,
-                                       "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}
+                                       "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "max_iter": cfg.SOLVER.MAX_ITER,
+                                       "base_lr": cfg.SOLVER.BASE_LR}
         except Exception:  # a config that does not load is reported through the run's reason
             _DESCRIBED[config_file] = None
     return _DESCRIBED[config_file]
@@ -210,23 +237,64 @@ def write_csv(groups, path):
             w.writerow(row)
 
 
+RUN_COLUMNS = ("family", "norm", "variant", "images_per_batch", "seed", "base_lr", "images_seen", "AP", "AP50",
+               "AP75", "mask_AP", "AP_change_last_quarter", "status", "reason", "run_dir")
+
+
+def run_rows(runs):
+    """One dict per run with RUN_COLUMNS (box AP; mask_AP where the model predicts masks)."""
+    rows = []
+    for r in runs:
+        d = r._described()
+        segm = r.result.get("results", {}).get("segm")
+        change = r.last_quarter_change()
+        rows.append({
+            "family": r.family, "norm": d.get("norm", ""), "variant": r.variant,
+            "images_per_batch": d.get("ims_per_batch", ""), "seed": "" if r.seed is None else r.seed,
+            "base_lr": d.get("base_lr", ""), "images_seen": r.images_seen or "",
+            "AP": _fmt(r.metric("bbox", "AP"), 2) if r.status == "ok" else "",
+            "AP50": _fmt(r.metric("bbox", "AP50"), 2) if r.status == "ok" else "",
+            "AP75": _fmt(r.metric("bbox", "AP75"), 2) if r.status == "ok" else "",
+            "mask_AP": _fmt(r.metric("segm", "AP"), 2) if segm else "",
+            "AP_change_last_quarter": "" if change is None else _fmt(change, 2),
+            "status": r.status, "reason": r.reason, "run_dir": r.run_dir,
+        })
+    return rows
+
+
 def write_runs_csv(runs, path):
-    cols = ["run_dir", "status", "reason", "config_file", "seed", "norm", "images_per_gpu", "num_gpus",
-            "ims_per_batch", "max_iter", "base_lr", "wall_time_s"]
-    cols += [f"{t}_{m}" for t in TASKS for m in METRICS]
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in runs:
-            res = r.result
-            row = [r.run_dir, r.status, r.reason, r.config_file or "", "" if r.seed is None else r.seed]
-            row += [res.get(k, "") for k in ("norm", "images_per_gpu", "num_gpus", "ims_per_batch",
-                                              "max_iter", "base_lr", "wall_time_s")]
-            for t in TASKS:
-                for m in METRICS:
-                    v = r.metric(t, m)
-                    row.append("" if t not in res.get("results", {}) else _fmt(v, 4))
-            w.writerow(row)
+        w = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
+        w.writeheader()
+        w.writerows(run_rows(runs))
+
+
+def paired_differences(runs, a="FRN", b="GN", task="bbox"):
+    """{(family, images per GPU): {"seeds": [...], "diffs": [...], "stats": _stats}} of AP(a) - AP(b)
+    over the seeds where both base-variant runs finished (same seed: same initialisation and data order)."""
+    by = {}
+    for r in runs:
+        if r.status == "ok" and not r.variant:
+            by[(r.family, r.result["images_per_gpu"], r.result["norm"], r.seed)] = r.metric(task, "AP")
+    out = OrderedDict()
+    for fam, ipg in sorted({(k[0], k[1]) for k in by}):
+        seeds = sorted(s for (f, i, n, s) in by if (f, i, n) == (fam, ipg, a) and (fam, ipg, b, s) in by)
+        if seeds:
+            diffs = [by[(fam, ipg, a, s)] - by[(fam, ipg, b, s)] for s in seeds]
+            out[(fam, ipg)] = {"seeds": seeds, "diffs": diffs, "stats": _stats(diffs)}
+    return out
+
+
+def lr_sweep(runs, task="bbox"):
+    """{norm: [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate (``lr<value>``)."""
+    points = {}
+    for r in runs:
+        if r.status == "ok" and r.variant.startswith("lr"):
+            points.setdefault((r.result["norm"], r.result["base_lr"]), []).append(r.metric(task, "AP"))
+    out = {}
+    for (norm, lr), aps in sorted(points.items()):
+        out.setdefault(norm, []).append((lr, statistics.fmean(aps), len(aps)))
+    return out
 
 
 def markdown(groups, runs, expected=None):
@@ -260,6 +328,21 @@ def markdown(groups, runs, expected=None):
     lines.append("")
     lines.append("Mean ± sample std over seeds (0 with one seed); APs are detectron2's percentages; "
                  "n/a: undefined in every run (COCO gives no APs/APm/APl without objects of that size).")
+    for other in ("GN", "BN"):
+        pairs = paired_differences(runs, "FRN", other)
+        if pairs:
+            lines += ["", f"Paired differences FRN - {other} (box AP, same seed = same initialisation and data order):", "",
+                      "| family | img/GPU | seeds | per seed | mean ± std |", "|---|---|---|---|---|"]
+            for (fam, ipg), p in pairs.items():
+                per = ", ".join(f"{d:+.2f}" for d in p["diffs"])
+                lines.append(f"| {fam} | {ipg} | {' '.join(map(str, p['seeds']))} | {per} | "
+                             f"{p['stats']['mean']:+.2f} ± {_fmt(p['stats']['std'])} |")
+    sweep = lr_sweep(runs)
+    if sweep:
+        lines += ["", "Learning-rate sweep (box AP; mean over the seeds run):", "", "| norm | base_lr: AP |", "|---|---|"]
+        for norm, pts in sweep.items():
+            lines.append(f"| {norm} | " + ", ".join(f"{lr:g}: {ap:.2f}" + (f" ({n} seeds)" if n > 1 else "")
+                                                     for lr, ap, n in pts) + " |")
     bad = [r for r in runs if r.status != "ok"]
     lines.append("")
     if bad:
@@ -319,8 +402,68 @@ def plot(groups, path, task="bbox", metric="AP"):
     return path
 
 
+def plot_curves(runs, path, task="bbox"):
+    """AP against images seen during training, one panel per (family, images per GPU) of base-variant
+    runs, one line per norm: the mean over seeds at each evaluation, shaded between min and max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for r in runs:
+        if r.status == "ok" and not r.variant and r.curve(task):
+            cells.setdefault((r.family, r.result["images_per_gpu"]), {}).setdefault(r.result["norm"], []).append(r.curve(task))
+    if not cells:
+        return None
+    keys = sorted(cells)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys):
+        for norm, curves in sorted(cells[key].items()):
+            n = min(len(c) for c in curves)
+            xs = [curves[0][i][0] for i in range(n)]
+            vals = [[c[i][1] for c in curves] for i in range(n)]
+            line, = ax.plot(xs, [statistics.fmean(v) for v in vals], marker="o", markersize=3,
+                            label=f"{norm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{key[0]}, {key[1]} img/batch", fontsize=9)
+        ax.set_xlabel("images seen")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"{task} AP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_lr_sweep(runs, path, task="bbox"):
+    """Final AP against the base learning rate (log scale), one line per norm."""
+    sweep = lr_sweep(runs, task)
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for norm, pts in sweep.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm)
+    ax.set_xscale("log")
+    ax.set_xlabel("base learning rate")
+    ax.set_ylabel(f"final {task} AP")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_all(runs, out_prefix, expected=None):
-    """Write PREFIX.md, PREFIX.csv, PREFIX_runs.csv and PREFIX.png; return the groups."""
+    """Write PREFIX.md, PREFIX.csv, PREFIX_runs.csv (one row per run: RUN_COLUMNS), PREFIX.png, and
+    PREFIX_curves.png / PREFIX_lr_sweep.png where the runs have curves / a sweep; return the groups."""
     d = os.path.dirname(out_prefix)
     if d:
         os.makedirs(d, exist_ok=True)
@@ -331,6 +474,8 @@ def write_all(runs, out_prefix, expected=None):
     write_runs_csv(runs, out_prefix + "_runs.csv")
     if groups:
         plot(groups, out_prefix + ".png")
+    plot_curves(runs, out_prefix + "_curves.png")
+    plot_lr_sweep(runs, out_prefix + "_lr_sweep.png")
     return groups
 
 

@@ -5,6 +5,7 @@ import os
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer
 
 from ..data import check_registered, uses_rle_masks
 from ..modeling import FRNOptions, add_frn_config
@@ -39,10 +40,23 @@ def load_cfg(config_file, opts=(), freeze=True):
     return cfg
 
 
+def check_processes(cfg, world_size):
+    """The batch a run on ``world_size`` processes trains with must split evenly across them."""
+    scaled = DefaultTrainer.auto_scale_workers(cfg, world_size)  # REFERENCE_WORLD_SIZE may rescale it
+    batch = scaled.SOLVER.IMS_PER_BATCH
+    if batch % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {batch} (after REFERENCE_WORLD_SIZE scaling) is not divisible by the "
+                         f"{world_size} processes (--num-gpus x --num-machines)")
+
+
 def load_run_cfg(config_file, opts=()):
     """:func:`load_cfg` plus what a training / evaluation run needs checked before it starts:
-    registered datasets, an available device, and INPUT.MASK_FORMAT bitmask for RLE datasets."""
+    registered datasets, an available device, MODEL.WEIGHTS that exist, and INPUT.MASK_FORMAT
+    bitmask for RLE datasets."""
     cfg = load_cfg(config_file, opts, freeze=False)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {weights} does not exist")
     check_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

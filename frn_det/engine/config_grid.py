@@ -286,60 +286,86 @@ def render_all():
     return out
 
 
-# ---- configs/synthetic_grid/: the CPU grid of docs/results.md (RetinaNet R18-FPN on the synthetic
-# dataset). Each leaf inherits the datasets' configs/synthetic/retinanet_R18_FPN_<NORM>.yaml
-# (architecture, data, norm in backbone, FPN and head) and replaces its schedule: every run sees
-# the same number of images, lr proportional to the batch, warm-up and decay at the same image
-# counts. One process ("GPU"), so images per GPU = IMS_PER_BATCH.
-SYNTH_DIR = os.path.join(CONFIGS, "synthetic_grid")
-SYNTH_NORMS = ("BN", "GN", "FRN")
-SYNTH_IMAGES_PER_BATCH = (1, 2, 4, 8)
-SYNTH = {
-    "images_seen": 256,  # sized for a 2-core CPU shared with other jobs: ~1 min per run
-    "lr_per_image": "0.005",  # configs/synthetic: lr 0.01 at batch 2
-    "warmup_images": 64,  # a quarter of training: from scratch, FRN needs the ramp
-    "step_images": 192,  # lr x 0.1 for the last quarter
+# ---- configs/cpu_grid/: the CPU comparison of docs/results.md on the synthetic task ------------
+# Families: retinanet_R18_FPN (the grid, its learning-rate sweep and ablations) and
+# mask_rcnn_R18_FPN (one GN / FRN pair). Leaves inherit configs/synthetic/<family>_<NORM>.yaml
+# (task, architecture, norm places) and replace the schedule. One process, so images per GPU =
+# batch. Every leaf sees the same images; lr = lr per image x batch (linear rule); warm-up and
+# decays at the same image counts; TEST.EVAL_PERIOD gives 4 evaluations (the learning curve).
+CPU_GRID_DIR = os.path.join(CONFIGS, "cpu_grid")
+CPU_GRID = {
+    "images_seen": 6400,  # 3200 iterations at batch 2 (the flatness of the curves is in docs/results.md)
+    "warmup_images": 400,
+    "step_images": (4400, 5600),  # lr x 0.1 at each
+    "eval_images": 1600,  # evaluations after 1600, 3200, 4800, 6400 images
+    "checkpoint_images": 800,  # an interrupted run resumes exactly from its last checkpoint
 }
-# The same grid trained 4x longer (one seed in docs/results.md): does the picture survive training?
-SYNTH_LONG_DIR = os.path.join(CONFIGS, "synthetic_grid_long")
-SYNTH_LONG = dict(SYNTH, images_seen=1024, warmup_images=256, step_images=768)
+CPU_GRID_NORMS = ("BN", "GN", "FRN")
+CPU_GRID_BATCHES = (1, 2, 8)
+# The sweep: at batch 2, seed 0, lr per image spanning 4x; the grid takes each norm's best.
+CPU_GRID_SWEEP_BATCH = 2
+CPU_GRID_SWEEP_LR_PER_IMAGE = ("0.0025", "0.005", "0.01")
+# Each norm's best lr per image in the sweep (docs/results.md); None until the sweep has run.
+CPU_GRID_BEST_LR_PER_IMAGE = {"BN": None, "GN": None, "FRN": None}
+# Ablations of FRN at batch 2: name -> (what it changes, config lines)
+CPU_GRID_ABLATIONS = {
+    "RELU": ("FRN without TLU, detectron2's ReLUs kept (the paper's TLU ablation)",
+             "MODEL:\n  FRN:\n    ACTIVATION: \"RELU\"\n"),
+    "eps-all": ("every FRN layer learns eps_l (LEARNED_EPS all)", "MODEL:\n  FRN:\n    LEARNED_EPS: \"all\"\n"),
+    "fpn-no-norm": ("no norm in the FPN (FRN in backbone and head only)", "MODEL:\n  FPN:\n    NORM: \"\"\n"),
+}
+CPU_GRID_MASK_NORMS = ("GN", "FRN")
 
 
-def synthetic_grid_leaf(norm, batch, SYNTH=SYNTH):  # noqa: N803 (the spec dicts above)
-    n = SYNTH["images_seen"]
-    for key in ("images_seen", "warmup_images", "step_images"):
-        if SYNTH[key] % batch:
-            raise ValueError(f"{key}={SYNTH[key]} is not a multiple of the batch {batch}")
-    lr = float(Fraction(SYNTH["lr_per_image"]) * batch)
+def cpu_grid_leaf(family, norm, batch, lr_per_image, variant="", note="", extra="", spec=CPU_GRID):
+    """One leaf of configs/cpu_grid/<family>/: the schedule of ``spec`` at ``batch``."""
+    counts = {"MAX_ITER": spec["images_seen"], "WARMUP_ITERS": spec["warmup_images"],
+              "EVAL_PERIOD": spec["eval_images"], "CHECKPOINT_PERIOD": spec["checkpoint_images"]}
+    for key, n in list(counts.items()) + [("STEPS", s) for s in spec["step_images"]]:
+        if n % batch:
+            raise ValueError(f"{key}: {n} images is not a multiple of the batch {batch}")
+    it = {k: v // batch for k, v in counts.items()}
+    lr = float(Fraction(lr_per_image) * batch)
+    steps = _fmt_steps(tuple(s // batch for s in spec["step_images"]))
+    what = f"\n# Variant {variant}: {note}." if variant else ""
     return HEADER + f"""\
-# Synthetic-data grid (docs/results.md): RetinaNet R18-FPN from scratch, {norm}, batch {batch} on one
-# process. Every leaf sees {n} images: MAX_ITER x IMS_PER_BATCH = {n}, BASE_LR = {SYNTH["lr_per_image"]} x batch,
-# warm-up over {SYNTH["warmup_images"]} images, lr x 0.1 after {SYNTH["step_images"]}.
-_BASE_: "../synthetic/retinanet_R18_FPN_{norm}.yaml"
-MODEL:
-  RETINANET:
-    # 100 (stock 1000) top-scoring anchors per level before NMS at test time: <= 5 objects per
-    # image, and weakly trained models otherwise spend most of the evaluation in NMS on CPU.
-    TOPK_CANDIDATES_TEST: 100
-SOLVER:
+# CPU comparison (docs/results.md): {family}, {norm}, batch {batch} on one process.{what}
+# Every leaf sees {spec["images_seen"]} images; lr = {lr_per_image} per image x batch; warm-up over {spec["warmup_images"]} images;
+# lr x 0.1 after {" and ".join(map(str, spec["step_images"]))} images; evaluated every {spec["eval_images"]} images.
+_BASE_: "../../synthetic/{family}_{norm}.yaml"
+{extra}SOLVER:
   IMS_PER_BATCH: {batch}
   REFERENCE_WORLD_SIZE: 1  # {batch} image{"s" if batch > 1 else ""} per process on any process count
   BASE_LR: {_fmt_lr(lr)}
-  MAX_ITER: {n // batch}
-  STEPS: ({SYNTH["step_images"] // batch},)
-  WARMUP_ITERS: {SYNTH["warmup_images"] // batch}
-  CHECKPOINT_PERIOD: {n // batch}  # only the final model
+  MAX_ITER: {it["MAX_ITER"]}
+  STEPS: {steps}
+  WARMUP_ITERS: {it["WARMUP_ITERS"]}
+  CHECKPOINT_PERIOD: {it["CHECKPOINT_PERIOD"]}
+TEST:
+  EVAL_PERIOD: {it["EVAL_PERIOD"]}
 """
 
 
-def render_synthetic_grid(spec=SYNTH):
-    """{path relative to configs/synthetic_grid (spec SYNTH) or synthetic_grid_long (SYNTH_LONG): text}."""
-    return {f"{norm}_{b}img.yaml": synthetic_grid_leaf(norm, b, spec) for norm in SYNTH_NORMS
-            for b in SYNTH_IMAGES_PER_BATCH}
-
-
-def render_synthetic_grid_long():
-    return render_synthetic_grid(SYNTH_LONG)
+def render_cpu_grid():
+    """{path relative to configs/cpu_grid: text}: the sweep, and (once the sweep has set each norm's
+    best lr) the grid, the ablations and the Mask R-CNN pair."""
+    fam, b = "retinanet_R18_FPN", CPU_GRID_SWEEP_BATCH
+    out = {f"{fam}/{norm}_{b}img_lr{float(Fraction(lr) * b):g}.yaml":
+           cpu_grid_leaf(fam, norm, b, lr, f"lr{float(Fraction(lr) * b):g}", "learning-rate sweep")
+           for norm in CPU_GRID_NORMS for lr in CPU_GRID_SWEEP_LR_PER_IMAGE}
+    best = CPU_GRID_BEST_LR_PER_IMAGE
+    for norm in CPU_GRID_NORMS:
+        if best[norm] is None:
+            continue
+        for batch in CPU_GRID_BATCHES:
+            out[f"{fam}/{norm}_{batch}img.yaml"] = cpu_grid_leaf(fam, norm, batch, best[norm])
+    if best["FRN"] is not None:
+        for name, (note, extra) in CPU_GRID_ABLATIONS.items():
+            out[f"{fam}/FRN_{b}img_{name}.yaml"] = cpu_grid_leaf(fam, "FRN", b, best["FRN"], name, note, extra)
+    for norm in CPU_GRID_MASK_NORMS:
+        if best[norm] is not None:
+            out[f"mask_rcnn_R18_FPN/{norm}_{b}img.yaml"] = cpu_grid_leaf("mask_rcnn_R18_FPN", norm, b, best[norm])
+    return out
 
 
 def family_of(config_relpath):
@@ -371,7 +397,7 @@ def diff(out_dir=OUT_DIR, render=render_all):
 
 
 # (output folder, renderer) of every generated grid
-TARGETS = ((OUT_DIR, render_all), (SYNTH_DIR, render_synthetic_grid), (SYNTH_LONG_DIR, render_synthetic_grid_long))
+TARGETS = ((OUT_DIR, render_all), (CPU_GRID_DIR, render_cpu_grid))
 
 
 def write(out_dir, render):

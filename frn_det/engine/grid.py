@@ -2,13 +2,17 @@
 a run whose result file exists is skipped, an interrupted one resumes from its last checkpoint.
 Each run directory also gets the command's status (STATUS_FILE) and log (LOG_FILE), which
 :func:`frn_det.engine.compare.load_run` reads to say why a run failed."""
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
+from ..data import ensure_synthetic
 from .compare import LOG_FILE, STATUS_FILE, load_run
+from .config import load_cfg
 from .paths import REPO, TOOLS
 from .results import RESULT_FILE
 
@@ -28,34 +32,56 @@ def train_command(config_file, seed, run_dir, opts=(), train_net=DEFAULT_TRAIN_N
 
 
 def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, python=sys.executable,
-                dry_run=False, timeout=None, log=print):
-    """Run every (config, seed) not finished yet, one after the other. Returns [(config, seed, dir)]."""
+                dry_run=False, timeout=None, jobs=1, threads=None, log=print):
+    """Run every (config, seed) not finished yet, ``jobs`` at a time (each with ``threads`` CPU
+    threads when given). Returns [(config, seed, dir)]."""
     # seed-major: an interrupted grid has whole sweeps rather than some configs with every seed
     plan = [(c, s, run_dir_for(root, c, s)) for s in seeds for c in configs]
+    todo = []
     for i, (cfg, seed, rdir) in enumerate(plan, 1):
         tag = f"[{i}/{len(plan)}] {cfg} seed {seed}"
         if os.path.isfile(os.path.join(rdir, RESULT_FILE)):
             log(f"{tag}: done already, skipped")
-            continue
-        cmd = train_command(cfg, seed, rdir, opts, train_net, python)
-        if dry_run:
-            log(f"{tag}: would run {' '.join(cmd)}")
-            continue
+        elif dry_run:
+            log(f"{tag}: would run {' '.join(train_command(cfg, seed, rdir, opts, train_net, python))}")
+        else:
+            todo.append((tag, train_command(cfg, seed, rdir, opts, train_net, python), rdir))
+    if todo:  # generate a synthetic dataset once here, not in parallel runs
+        datasets = set()
+        for cfg_file in sorted({c for c, _, _ in plan}):
+            try:
+                cfg = load_cfg(cfg_file)
+            except Exception:  # noqa: BLE001 (the run fails on it and its reason says why)
+                continue
+            datasets.update(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        ensure_synthetic(sorted(datasets))
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    lock = threading.Lock()
+
+    def run_one(tag, cmd, rdir):
         os.makedirs(rdir, exist_ok=True)
         status = {"command": cmd, "returncode": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_json(os.path.join(rdir, STATUS_FILE), status)
-        log(f"{tag}: running -> {rdir}")
+        with lock:
+            log(f"{tag}: running -> {rdir}")
         t0 = time.time()
         with open(os.path.join(rdir, LOG_FILE), "a") as logf:
             try:
-                rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                     timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-                logf.write(f"\nError: killed by compare_ap after {timeout} s\n")
+                logf.write(f"\nError: killed by the grid after {timeout} s\n")
         status.update(returncode=rc, wall_s=round(time.time() - t0, 1))
         _write_json(os.path.join(rdir, STATUS_FILE), status)
-        log(f"{tag}: exit {rc} after {status['wall_s']} s")
+        with lock:
+            log(f"{tag}: exit {rc} after {status['wall_s']} s")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(run_one, *job) for job in todo]:
+            future.result()
     return plan
 
 
@@ -64,8 +90,6 @@ def _write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
-
-
 
 
 def collect_grid(configs, seeds, root):

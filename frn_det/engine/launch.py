@@ -9,7 +9,7 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset
-from .config import load_cfg, load_run_cfg
+from .config import check_processes, load_cfg, load_run_cfg
 
 
 def default_argument_parser(epilog=None):
@@ -42,7 +42,10 @@ def launch(main, args):
     launch() picks NCCL whenever CUDA is visible, so CPU training with several processes (gloo)
     starts its workers with no visible GPU (the spawned processes inherit the environment).
     """
-    if args.num_gpus * args.num_machines > 1 and load_cfg(args.config_file, args.opts).MODEL.DEVICE == "cpu":
+    world_size = args.num_gpus * args.num_machines
+    cfg = load_cfg(args.config_file, args.opts)
+    check_processes(cfg, world_size)  # before any process starts
+    if world_size > 1 and cfg.MODEL.DEVICE == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     d2_launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
               dist_url=args.dist_url, args=(args,))

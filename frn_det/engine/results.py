@@ -16,6 +16,27 @@ def _finite_or_none(v):
     return None if v is None or math.isnan(v) else float(v)
 
 
+def read_curve(output_dir, max_iter, ims_per_batch):
+    """The evaluations during training, from detectron2's OUTPUT_DIR/metrics.json: a list of
+    {"iteration": iterations done, "images_seen", "bbox": AP, "segm": AP (mask models)}, one per
+    evaluation (the last record of an iteration wins: a resumed run appends to the file)."""
+    points = {}
+    try:
+        with open(os.path.join(output_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interruption
+                if "bbox/AP" in record:
+                    done = min(int(record["iteration"]) + 1, max_iter)
+                    points[done] = {"iteration": done, "images_seen": done * ims_per_batch,
+                                    **{t: _finite_or_none(record.get(f"{t}/AP")) for t in TASKS if f"{t}/AP" in record}}
+    except FileNotFoundError:
+        return []
+    return [points[k] for k in sorted(points)]
+
+
 def make_result(cfg, config_file, results, wall_time_s):
     """The contract's dict for ``results`` (detectron2's {task: {metric: AP}}, or {dataset: that})."""
     world = comm.get_world_size()
@@ -35,6 +56,7 @@ def make_result(cfg, config_file, results, wall_time_s):
         "train_datasets": list(cfg.DATASETS.TRAIN),
         "test_datasets": list(cfg.DATASETS.TEST),
         "wall_time_s": round(wall_time_s, 1),
+        "curve": read_curve(cfg.OUTPUT_DIR, scaled.SOLVER.MAX_ITER, scaled.SOLVER.IMS_PER_BATCH),
         "results": {
             task: {k: _finite_or_none(metrics.get(k)) for k in COCO_METRICS} for task, metrics in results.items()
         },

@@ -1,15 +1,18 @@
 """The trainer of frn-det runs: detectron2's DefaultTrainer with the FRN-aware optimizer, COCO
-evaluation, and multi-process DDP on CPU."""
+evaluation, multi-process DDP on CPU, exact resume, and checkpoints checked against the model."""
 import contextlib
 import functools
 import os
+import weakref
 from unittest import mock
 
 import detectron2.utils.comm as comm
-from detectron2.engine import DefaultTrainer, defaults
+from detectron2.engine import DefaultTrainer, PeriodicCheckpointer, defaults
 from detectron2.evaluation import COCOEvaluator
 
 from ..modeling import build_optimizer
+from .checkpoint import ShapeCheckingCheckpointer
+from .resumable import ReseedEachIteration, build_resumable_train_loader, is_resumable, make_torchscript_repeatable
 
 
 @contextlib.contextmanager
@@ -25,11 +28,50 @@ def _cpu_ddp(cfg):
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with FRN/TLU parameters counted as norm parameters (SOLVER.WEIGHT_DECAY_NORM, as
-    BN and GN get), COCO evaluation of boxes (and masks), and CPU multi-process training."""
+    BN and GN get), COCO evaluation of boxes (and masks), CPU multi-process training, a resume that
+    continues the data stream and random state exactly where the checkpoint left them
+    (frn_det.engine.resumable), and checkpoints that must fit the model (ShapeCheckingCheckpointer)."""
 
     def __init__(self, cfg):
+        if is_resumable(cfg):
+            make_torchscript_repeatable()
         with _cpu_ddp(cfg):
             super().__init__(cfg)
+        self.checkpointer = ShapeCheckingCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        for hook in self._hooks:
+            if isinstance(hook, PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        return [ReseedEachIteration(self.cfg.SEED)] + hooks if is_resumable(self.cfg) else hooks
+
+    def _model(self):
+        model = self._trainer.model
+        return model.module if hasattr(model, "module") else model  # under DistributedDataParallel
+
+    def state_dict(self):
+        state = super().state_dict()
+        # RetinaNet's running number of foreground anchors normalises its losses and is a plain
+        # attribute, not a buffer: without it here a resumed run restarts it at its initial value.
+        if hasattr(self._model(), "loss_normalizer"):
+            state["loss_normalizer"] = float(self._model().loss_normalizer)
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if "loss_normalizer" in state:
+            self._model().loss_normalizer = state["loss_normalizer"]
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume)
+        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        if sampler is not None:  # continue the data stream after the images the checkpoint has seen
+            sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -7,7 +7,8 @@ Per sample ``n`` and channel ``c`` (arXiv 1911.09737)::
     z   = max(y, tau)               (TLU; omitted when tau is None)
 
 Gradient tie rule: where ``y == tau`` the TLU passes the gradient to ``y`` (the paper's
-convention), never to ``tau``.
+convention), never to ``tau``. A NaN ``y`` stays NaN through the TLU (as through torch.maximum and
+ReLU), forward and backward, in both implementations.
 
 Two implementations compute the same function:
 
@@ -44,6 +45,12 @@ def resolve_impl(impl: Optional[str] = None) -> str:
     return name
 
 
+def tlu(y, tau):
+    """max(y, tau) with the TLU's rules: at ties the gradient goes to y, and a NaN y stays NaN (as
+    through torch.maximum), so a diverged layer is not hidden behind tau."""
+    return torch.where(y < tau, tau, y)
+
+
 def _check_eager(x, weight, bias, tau, eps, eps_l):
     # Dynamo cannot trace the checks' message closures; under torch.compile the op's fake kernel
     # runs the same checks while tracing, and the reference's own ops reject bad shapes.
@@ -56,12 +63,13 @@ def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
     _check_eager(x, weight, bias, tau, eps, eps_l)
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
-    nu2 = xa.square().mean(dim=(2, 3), keepdim=True)
+    # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
+    # (absent) output has finite, zero gradients
+    nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
     eps_eff = eps + eps_l.to(acc).abs().reshape(()) if eps_l is not None else eps
     y = xa * torch.rsqrt(nu2 + eps_eff) * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
     if tau is not None:
-        t = tau.to(acc).view(1, -1, 1, 1)
-        y = torch.where(y >= t, y, t)
+        y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
     return y.to(x.dtype)
 
 
@@ -175,8 +183,7 @@ class TLU(nn.Module):
     def forward(self, x):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"TLU({self.num_features}) expects (N, {self.num_features}, ...) input, got shape {tuple(x.shape)}")
-        t = self.tau.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        return torch.where(x >= t, x, t)
+        return tlu(x, self.tau.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))))
 
     def extra_repr(self) -> str:
         return str(self.num_features)

@@ -182,6 +182,11 @@ BackwardOut frn_backward(
   return built_kernels(a.x).backward(a);
 }
 
+void set_test_limits(int64_t max_grid, bool force_int64) {
+  TORCH_CHECK_VALUE(max_grid >= 0, "_set_test_limits: max_grid must be >= 0 (0: no limit), got ", max_grid);
+  test_limits() = TestLimits{max_grid, force_int64};
+}
+
 } // namespace
 
 bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKernel backward) {
@@ -189,6 +194,11 @@ bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKer
   k.forward = forward;
   k.backward = backward;
   return true;
+}
+
+TestLimits& test_limits() {
+  static TestLimits limits;
+  return limits;
 }
 
 ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::Tensor gt, at::Tensor ge) {
@@ -210,6 +220,11 @@ TORCH_LIBRARY(frn_det, m) {
       "frn_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? tau, Tensor rstd, "
       "Tensor? eps_l, bool grad_input) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_tau, Tensor grad_eps_l)");
+}
+
+// For the tests only: see TestLimits in frn.h. Not part of the op's API.
+TORCH_LIBRARY_FRAGMENT(frn_det, m) {
+  m.def("_set_test_limits(int max_grid, bool force_int64) -> ()", &frn_det::set_test_limits);
 }
 
 // One entry point per function for both devices: the prologue, then the device's kernels.

@@ -55,16 +55,16 @@ inline acc_t lane_sum(const acc_t* s) {
 // y = x * a + b is computed without FMA contraction (setup.py passes -ffp-contract=off), so the TLU
 // mask that backward recomputes agrees with forward bit for bit, also at ties.
 
-// The TLU: max(y, t); ties keep y; a NaN y compares false and yields t, as the reference.
-template <bool kTLU, typename acc_t>
-inline acc_t tlu(acc_t y, acc_t t) {
-  return kTLU ? (y >= t ? y : t) : y;
-}
-
-// Whether the gradient at y goes to y (else to tau): y >= t, ties to y.
+// Whether the gradient at y goes to y (else to tau): not below t; ties and NaN go to y.
 template <bool kTLU, typename acc_t>
 inline bool passes(acc_t y, acc_t t) {
-  return !kTLU || y >= t;
+  return !kTLU || !(y < t);
+}
+
+// The TLU max(y, t): ties keep y, and a NaN y stays NaN (as through torch.maximum).
+template <bool kTLU, typename acc_t>
+inline acc_t tlu(acc_t y, acc_t t) {
+  return passes<kTLU>(y, t) ? y : t;
 }
 
 // Adds one element to the backward sums A = sum(dy * x), B = sum(dy), T = sum(g where y < tau),

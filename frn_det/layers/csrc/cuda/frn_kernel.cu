@@ -1,15 +1,21 @@
 // CUDA kernels of torch.ops.frn_det.frn / frn_backward (fp32 / fp16 / bf16 / fp64 input; fp32
 // accumulation, fp64 for fp64).
 //
-// Paths (chosen per call from the shape):
+// Paths (chosen per call from the shape; tests/test_frn_op.py keeps the table of which test reaches
+// which path):
 //  * NCHW, planes of <= kWarpPlaneMax elements (ROI heads: 7x7, 14x14, 28x28): one warp per plane,
 //    8 planes per block; the plane is re-read from L1/L2 for the second pass.
-//  * NCHW, larger planes and enough of them to fill the GPU: one 256-thread block per plane,
-//    16-byte vector loads when the plane size and pointers allow.
+//  * NCHW, larger planes and enough of them to fill the GPU: one 256-thread block per plane.
+//    Both fused kernels use 16-byte vector loads when the plane size and pointers allow.
 //  * NCHW with few large planes, and every channels_last input: a statistics kernel spread over
-//    (plane or channel tile) x chunks of the plane accumulates into per-plane sums with atomics,
-//    then one elementwise kernel applies the result. The atomics make the fp32 sums' rounding
-//    order-dependent (run-to-run differences at the last ulp on this path only).
+//    (plane or channel tile) x chunks of the plane writes one partial sum per chunk, a finalize
+//    kernel adds each plane's partials in chunk order, then one element-wise kernel applies it.
+// Deterministic: no atomics; every sum runs in an order fixed by the shape and the launch
+// configuration, so outputs and gradients are bitwise identical from run to run on one GPU model.
+// Numerics: rstd uses correctly rounded division and square root (the build has no fast math, no
+// denormal flush); y = x * a + b is a rounded multiply then a rounded add (no FMA), the arithmetic
+// of the CPU kernels, so CPU and CUDA agree on which elements pass the TLU. A NaN y passes (stays
+// NaN), as through torch.maximum.
 // Every launch uses the current stream and is followed by C10_CUDA_KERNEL_LAUNCH_CHECK.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +25,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -40,23 +45,55 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) {
-  return fmaf(a, b, c);
+// ---- element-wise math, one definition for every kernel ----------------------------------------
+
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
 }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) {
-  return fma(a, b, c);
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
 }
-__device__ __forceinline__ float sqrt_acc(float v) {
-  return sqrtf(v);
+__device__ __forceinline__ float add_rn(float a, float b) {
+  return __fadd_rn(a, b);
 }
-__device__ __forceinline__ double sqrt_acc(double v) {
-  return sqrt(v);
+__device__ __forceinline__ double add_rn(double a, double b) {
+  return __dadd_rn(a, b);
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  return __fdiv_rn(a, b);
+}
+__device__ __forceinline__ double div_rn(double a, double b) {
+  return __ddiv_rn(a, b);
+}
+__device__ __forceinline__ float sqrt_rn(float v) {
+  return __fsqrt_rn(v);
+}
+__device__ __forceinline__ double sqrt_rn(double v) {
+  return __dsqrt_rn(v);
+}
+
+// y = x * a + b, rounded after the multiply (no FMA), as the CPU kernels compute it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t affine(acc_t x, acc_t a, acc_t b) {
+  return add_rn(mul_rn(x, a), b);
+}
+
+// Whether the gradient at y goes to y: not below tau (ties and NaN go to y). Without TLU, always.
+template <typename acc_t>
+__device__ __forceinline__ bool passes(acc_t y, acc_t t, bool tlu) {
+  return !(tlu && y < t);
+}
+
+// The TLU max(y, tau), NaN y kept.
+template <typename acc_t>
+__device__ __forceinline__ acc_t tlu_of(acc_t y, acc_t t, bool tlu) {
+  return passes(y, t, tlu) ? y : t;
 }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t rstd_from(acc_t sumsq, int64_t L, acc_t eps_eff) {
-  const acc_t nu2 = L > 0 ? sumsq / static_cast<acc_t>(L) : acc_t(0);
-  return acc_t(1) / sqrt_acc(nu2 + eps_eff);
+  const acc_t nu2 = L > 0 ? div_rn(sumsq, static_cast<acc_t>(L)) : acc_t(0);
+  return div_rn(acc_t(1), sqrt_rn(add_rn(nu2, eps_eff)));
 }
 
 template <typename acc_t>
@@ -68,11 +105,27 @@ __device__ __forceinline__ acc_t eps_eff_of(acc_t eps, const acc_t* eps_l) {
   return eps + (e < acc_t(0) ? -e : e);
 }
 
-// y = x * a + b written as one explicit fma in forward and backward, so that the TLU mask
-// recomputed in backward matches forward bit for bit (ties y == tau go to y).
+// One element's share of the backward sums: s[0] = A (dy * x), s[1] = B (dy), s[2] = T (g where
+// y < tau), dy = g where y passes.
 template <typename acc_t>
-__device__ __forceinline__ acc_t affine(acc_t x, acc_t a, acc_t b) {
-  return fma_acc(x, a, b);
+__device__ __forceinline__ void accumulate(acc_t (&s)[3], acc_t xi, acc_t gi, acc_t a, acc_t b, acc_t t, bool tlu) {
+  const bool pass = passes(affine(xi, a, b), t, tlu);
+  const acc_t d = pass ? gi : acc_t(0);
+  s[0] += d * xi;
+  s[1] += d;
+  s[2] += pass ? acc_t(0) : gi;
+}
+
+// dx = dy * a + x * cx with a = gamma * rstd, cx = -gamma * rstd^3 * A / L.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_x(acc_t xi, acc_t gi, acc_t a, acc_t b, acc_t t, bool tlu, acc_t cx) {
+  const acc_t d = passes(affine(xi, a, b), t, tlu) ? gi : acc_t(0);
+  return d * a + xi * cx;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t cx_of(acc_t w, acc_t r, acc_t A, int64_t L) {
+  return L > 0 ? -w * r * r * r * A / static_cast<acc_t>(L) : acc_t(0);
 }
 
 template <typename acc_t>
@@ -84,8 +137,8 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// Sums kN values over groups of kTPP consecutive threads (a warp or the whole block); every
-// thread of the block must call it. smem holds kN * (kBlock / kWarp) values.
+// Sums kN values over groups of kTPP consecutive threads (a warp or the whole block), in an order
+// fixed by the thread layout; every thread of the block must call it. smem holds kN * kBlock / kWarp.
 template <int kTPP, int kN, typename acc_t>
 __device__ __forceinline__ void group_sum(acc_t (&v)[kN], acc_t* smem) {
 #pragma unroll
@@ -116,35 +169,38 @@ __device__ __forceinline__ void group_sum(acc_t (&v)[kN], acc_t* smem) {
   }
 }
 
+// What the kernels read and write (device pointers; tau / eps_l / dx null when absent).
+template <typename scalar_t>
+struct Data {
+  using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* x;
+  const scalar_t* g; // backward
+  scalar_t* out; // forward: the output; backward: grad_x
+  acc_t* rstd; // forward writes it, backward reads it
+  const acc_t *w, *b, *tau, *eps_l;
+  acc_t eps;
+  acc_t *A, *B, *T; // backward: per-plane sums
+};
+
 // ---- fused per-plane kernels (NCHW) -----------------------------------------------------------
 // The plane loops are unrolled by 4 so that each thread keeps several loads in flight.
 
 template <typename scalar_t, int kTPP, int kVec>
-__global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(
-    const scalar_t* __restrict__ x,
-    scalar_t* __restrict__ out,
-    typename Acc<scalar_t>::type* __restrict__ rstd,
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau, // null: no TLU
-    const typename Acc<scalar_t>::type* __restrict__ eps_l, // null: fixed eps
-    typename Acc<scalar_t>::type eps,
-    int64_t P,
-    int64_t C,
-    int64_t L) {
+__global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(Data<scalar_t> d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   using pack_t = Pack<scalar_t, kVec>;
   constexpr int kGroups = kBlock / kTPP;
   __shared__ acc_t smem[kBlock / kWarp];
   const int group = threadIdx.x / kTPP;
   const int lane = threadIdx.x % kTPP;
-  const acc_t eps_eff = eps_eff_of(eps, eps_l);
+  const acc_t eps_eff = eps_eff_of(d.eps, d.eps_l);
+  const bool tlu = d.tau != nullptr;
   const int64_t nvec = L / kVec; // the launcher picks kVec > 1 only when kVec divides L
   for (int64_t p0 = static_cast<int64_t>(blockIdx.x) * kGroups; p0 < P;
        p0 += static_cast<int64_t>(gridDim.x) * kGroups) { // block-uniform: group_sum may sync
     const int64_t p = p0 + group;
     const bool active = p < P;
-    const pack_t* xp = reinterpret_cast<const pack_t*>(x + p * L);
+    const pack_t* xp = reinterpret_cast<const pack_t*>(d.x + p * L);
     acc_t ss[1] = {acc_t(0)};
     if (active) {
 #pragma unroll 4
@@ -153,7 +209,7 @@ __global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           const acc_t f = static_cast<acc_t>(v.v[k]);
-          ss[0] = fma_acc(f, f, ss[0]);
+          ss[0] += f * f;
         }
       }
     }
@@ -161,21 +217,19 @@ __global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(
     if (active) {
       const acc_t r = rstd_from(ss[0], L, eps_eff);
       if (lane == 0) {
-        rstd[p] = r;
+        d.rstd[p] = r;
       }
       const int64_t c = p % C;
-      const acc_t a = w[c] * r, bb = b[c];
-      const bool tlu = tau != nullptr;
-      const acc_t t = tlu ? tau[c] : acc_t(0);
-      pack_t* op = reinterpret_cast<pack_t*>(out + p * L);
+      const acc_t a = mul_rn(d.w[c], r), bb = d.b[c];
+      const acc_t t = tlu ? d.tau[c] : acc_t(0);
+      pack_t* op = reinterpret_cast<pack_t*>(d.out + p * L);
 #pragma unroll 4
       for (int64_t i = lane; i < nvec; i += kTPP) {
         const pack_t v = xp[i];
         pack_t o;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          const acc_t y = affine(static_cast<acc_t>(v.v[k]), a, bb);
-          o.v[k] = static_cast<scalar_t>(tlu && !(y >= t) ? t : y); // NaN y gives t, as the reference
+          o.v[k] = static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(v.v[k]), a, bb), t, tlu));
         }
         op[i] = o;
       }
@@ -184,20 +238,7 @@ __global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(
 }
 
 template <typename scalar_t, int kTPP, int kVec>
-__global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(
-    const scalar_t* __restrict__ g,
-    const scalar_t* __restrict__ x,
-    scalar_t* __restrict__ dx, // null: sums only
-    const typename Acc<scalar_t>::type* __restrict__ rstd,
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau,
-    typename Acc<scalar_t>::type* __restrict__ A,
-    typename Acc<scalar_t>::type* __restrict__ B,
-    typename Acc<scalar_t>::type* __restrict__ T,
-    int64_t P,
-    int64_t C,
-    int64_t L) {
+__global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(Data<scalar_t> d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   using pack_t = Pack<scalar_t, kVec>;
   constexpr int kGroups = kBlock / kTPP;
@@ -205,18 +246,18 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(
   const int group = threadIdx.x / kTPP;
   const int lane = threadIdx.x % kTPP;
   const int64_t nvec = L / kVec;
-  const bool tlu = tau != nullptr;
+  const bool tlu = d.tau != nullptr;
   for (int64_t p0 = static_cast<int64_t>(blockIdx.x) * kGroups; p0 < P;
        p0 += static_cast<int64_t>(gridDim.x) * kGroups) {
     const int64_t p = p0 + group;
     const bool active = p < P;
     const int64_t c = active ? p % C : 0;
-    const acc_t r = active ? rstd[p] : acc_t(0);
-    const acc_t a = active ? w[c] * r : acc_t(0);
-    const acc_t bb = active ? b[c] : acc_t(0);
-    const acc_t t = active && tlu ? tau[c] : acc_t(0);
-    const pack_t* xp = reinterpret_cast<const pack_t*>(x + p * L);
-    const pack_t* gp = reinterpret_cast<const pack_t*>(g + p * L);
+    const acc_t r = active ? d.rstd[p] : acc_t(0);
+    const acc_t a = active ? mul_rn(d.w[c], r) : acc_t(0);
+    const acc_t bb = active ? d.b[c] : acc_t(0);
+    const acc_t t = active && tlu ? d.tau[c] : acc_t(0);
+    const pack_t* xp = reinterpret_cast<const pack_t*>(d.x + p * L);
+    const pack_t* gp = reinterpret_cast<const pack_t*>(d.g + p * L);
     acc_t s[3] = {acc_t(0), acc_t(0), acc_t(0)}; // A, B, T
     if (active) {
 #pragma unroll 4
@@ -225,27 +266,20 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(
         const pack_t gv = gp[i];
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          const acc_t xi = static_cast<acc_t>(xv.v[k]);
-          const acc_t gi = static_cast<acc_t>(gv.v[k]);
-          const bool pass = !tlu || affine(xi, a, bb) >= t;
-          const acc_t d = pass ? gi : acc_t(0);
-          s[0] = fma_acc(d, xi, s[0]);
-          s[1] += d;
-          s[2] += pass ? acc_t(0) : gi;
+          accumulate(s, static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu);
         }
       }
     }
     group_sum<kTPP, 3>(s, smem);
     if (active) {
       if (lane == 0) {
-        A[p] = s[0];
-        B[p] = s[1];
-        T[p] = s[2];
+        d.A[p] = s[0];
+        d.B[p] = s[1];
+        d.T[p] = s[2];
       }
-      if (dx != nullptr) {
-        // dx = a * dy + cx * x, cx = -gamma * rstd^3 * A / L
-        const acc_t cx = L > 0 ? -w[c] * r * r * r * s[0] / static_cast<acc_t>(L) : acc_t(0);
-        pack_t* dp = reinterpret_cast<pack_t*>(dx + p * L);
+      if (d.out != nullptr) {
+        const acc_t cx = cx_of(d.w[c], r, s[0], L);
+        pack_t* dp = reinterpret_cast<pack_t*>(d.out + p * L);
 #pragma unroll 4
         for (int64_t i = lane; i < nvec; i += kTPP) {
           const pack_t xv = xp[i];
@@ -253,10 +287,8 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(
           pack_t o;
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
-            const acc_t xi = static_cast<acc_t>(xv.v[k]);
-            const acc_t gi = static_cast<acc_t>(gv.v[k]);
-            const acc_t d = (!tlu || affine(xi, a, bb) >= t) ? gi : acc_t(0);
-            o.v[k] = static_cast<scalar_t>(fma_acc(d, a, xi * cx));
+            o.v[k] = static_cast<scalar_t>(
+                grad_x(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu, cx));
           }
           dp[i] = o;
         }
@@ -265,123 +297,88 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(
   }
 }
 
-// ---- split path: statistics spread over many blocks, then an elementwise pass ------------------
+// ---- split path: partial sums per chunk, a fixed-order finalize, then an element-wise pass ------
+// kN sums per plane: 1 (forward: x^2) or 3 (backward: A, B, T).
 
-// NCHW: blockIdx.y = plane, blockIdx.x = chunk of the plane; sums of x^2 (kBwd: A, B, T) are
-// atomically added to the per-plane accumulators acc0..acc2 (zeroed by the launcher).
-template <typename scalar_t, bool kBwd>
+// NCHW: blockIdx.y = plane, blockIdx.x = chunk; part is (P, chunks, kN).
+template <typename scalar_t, int kN>
 __global__ void __launch_bounds__(kBlock) frn_stats_nchw_kernel(
-    const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ g, // kBwd only
-    const typename Acc<scalar_t>::type* __restrict__ rstd, // kBwd only
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau,
-    typename Acc<scalar_t>::type* __restrict__ acc0,
-    typename Acc<scalar_t>::type* __restrict__ acc1,
-    typename Acc<scalar_t>::type* __restrict__ acc2,
+    Data<scalar_t> d,
+    typename Acc<scalar_t>::type* __restrict__ part,
     int64_t P,
     int64_t C,
     int64_t L,
     int64_t chunk) {
   using acc_t = typename Acc<scalar_t>::type;
-  constexpr int kN = kBwd ? 3 : 1;
   __shared__ acc_t smem[kN * (kBlock / kWarp)];
-  const bool tlu = tau != nullptr;
+  const bool tlu = d.tau != nullptr;
+  const int64_t chunks = gridDim.x;
   for (int64_t p = blockIdx.y; p < P; p += gridDim.y) {
     const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
     const int64_t end = ::min(L, begin + chunk);
-    const scalar_t* xp = x + p * L;
-    acc_t s[kN];
-#pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      s[k] = acc_t(0);
-    }
-    if constexpr (kBwd) {
+    const scalar_t* xp = d.x + p * L;
+    acc_t s[kN] = {};
+    if constexpr (kN == 3) {
       const int64_t c = p % C;
-      const acc_t a = w[c] * rstd[p], bb = b[c];
-      const acc_t t = tlu ? tau[c] : acc_t(0);
-      const scalar_t* gp = g + p * L;
+      const acc_t a = mul_rn(d.w[c], d.rstd[p]), bb = d.b[c];
+      const acc_t t = tlu ? d.tau[c] : acc_t(0);
+      const scalar_t* gp = d.g + p * L;
       for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
-        const acc_t xi = static_cast<acc_t>(xp[i]);
-        const acc_t gi = static_cast<acc_t>(gp[i]);
-        const bool pass = !tlu || affine(xi, a, bb) >= t;
-        const acc_t d = pass ? gi : acc_t(0);
-        s[0] = fma_acc(d, xi, s[0]);
-        s[1] += d;
-        s[kN - 1] += pass ? acc_t(0) : gi;
+        accumulate(s, static_cast<acc_t>(xp[i]), static_cast<acc_t>(gp[i]), a, bb, t, tlu);
       }
     } else {
       for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
         const acc_t xi = static_cast<acc_t>(xp[i]);
-        s[0] = fma_acc(xi, xi, s[0]);
+        s[0] += xi * xi;
       }
     }
     group_sum<kBlock, kN>(s, smem);
     if (threadIdx.x == 0) {
-      atomicAdd(acc0 + p, s[0]);
-      if constexpr (kBwd) {
-        atomicAdd(acc1 + p, s[1]);
-        atomicAdd(acc2 + p, s[kN - 1]);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        part[(p * chunks + blockIdx.x) * kN + k] = s[k];
       }
     }
   }
 }
 
 // NHWC: a (32 channels) x (8 rows) thread block walks a tile of 32 channels over a chunk of rows of
-// one sample; warps read 32 consecutive channels of a row (coalesced).
+// one sample (warps read 32 consecutive channels of a row: coalesced); part is (N, chunks, kN, C).
 constexpr int kTileC = 32;
 constexpr int kTileRows = kBlock / kTileC;
 
-template <typename scalar_t, bool kBwd>
+template <typename scalar_t, int kN>
 __global__ void __launch_bounds__(kBlock) frn_stats_nhwc_kernel(
-    const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ g,
-    const typename Acc<scalar_t>::type* __restrict__ rstd,
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau,
-    typename Acc<scalar_t>::type* __restrict__ acc0,
-    typename Acc<scalar_t>::type* __restrict__ acc1,
-    typename Acc<scalar_t>::type* __restrict__ acc2,
+    Data<scalar_t> d,
+    typename Acc<scalar_t>::type* __restrict__ part,
     int64_t N,
     int64_t C,
     int64_t L,
     int64_t rows_per_chunk) {
   using acc_t = typename Acc<scalar_t>::type;
-  constexpr int kN = kBwd ? 3 : 1;
   __shared__ acc_t smem[kN][kTileRows][kTileC + 1];
   const int tx = threadIdx.x % kTileC;
   const int ty = threadIdx.x / kTileC;
+  const int64_t chunks = gridDim.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + tx;
   const bool valid_c = c < C;
-  const bool tlu = tau != nullptr;
+  const bool tlu = d.tau != nullptr;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t row_end = ::min(L, row_begin + rows_per_chunk);
   for (int64_t n = blockIdx.z; n < N; n += gridDim.z) {
-    acc_t s[kN];
-#pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      s[k] = acc_t(0);
-    }
+    acc_t s[kN] = {};
     if (valid_c) {
-      if constexpr (kBwd) {
-        const acc_t a = w[c] * rstd[n * C + c], bb = b[c];
-        const acc_t t = tlu ? tau[c] : acc_t(0);
+      if constexpr (kN == 3) {
+        const acc_t a = mul_rn(d.w[c], d.rstd[n * C + c]), bb = d.b[c];
+        const acc_t t = tlu ? d.tau[c] : acc_t(0);
         for (int64_t l = row_begin + ty; l < row_end; l += kTileRows) {
           const int64_t off = (n * L + l) * C + c;
-          const acc_t xi = static_cast<acc_t>(x[off]);
-          const acc_t gi = static_cast<acc_t>(g[off]);
-          const bool pass = !tlu || affine(xi, a, bb) >= t;
-          const acc_t d = pass ? gi : acc_t(0);
-          s[0] = fma_acc(d, xi, s[0]);
-          s[1] += d;
-          s[kN - 1] += pass ? acc_t(0) : gi;
+          accumulate(s, static_cast<acc_t>(d.x[off]), static_cast<acc_t>(d.g[off]), a, bb, t, tlu);
         }
       } else {
         for (int64_t l = row_begin + ty; l < row_end; l += kTileRows) {
-          const acc_t xi = static_cast<acc_t>(x[(n * L + l) * C + c]);
-          s[0] = fma_acc(xi, xi, s[0]);
+          const acc_t xi = static_cast<acc_t>(d.x[(n * L + l) * C + c]);
+          s[0] += xi * xi;
         }
       }
     }
@@ -397,21 +394,39 @@ __global__ void __launch_bounds__(kBlock) frn_stats_nhwc_kernel(
         for (int r = 0; r < kTileRows; ++r) {
           total += smem[k][r][tx];
         }
-        acc_t* dst = k == 0 ? acc0 : (k == 1 ? acc1 : acc2);
-        atomicAdd(dst + n * C + c, total);
+        part[((n * chunks + blockIdx.y) * kN + k) * C + c] = total;
       }
     }
     __syncthreads();
   }
 }
 
-// rstd = 1 / sqrt(sumsq / L + eps_eff), in place over the accumulated sums.
-template <typename acc_t>
-__global__ void frn_finalize_rstd_kernel(acc_t* __restrict__ rstd, const acc_t* __restrict__ eps_l, acc_t eps, int64_t P, int64_t L) {
-  const acc_t eps_eff = eps_eff_of(eps, eps_l);
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < P;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    rstd[p] = rstd_from(rstd[p], L, eps_eff);
+// Adds each plane's partial sums in chunk order. Forward (kN 1): rstd = 1 / sqrt(sumsq / L + eps_eff);
+// backward (kN 3): A, B, T.
+template <typename acc_t, int kN, bool kNHWC>
+__global__ void frn_finalize_kernel(
+    const acc_t* __restrict__ part,
+    acc_t* __restrict__ out0,
+    acc_t* __restrict__ out1,
+    acc_t* __restrict__ out2,
+    const acc_t* __restrict__ eps_l,
+    acc_t eps,
+    int64_t P,
+    int64_t C,
+    int64_t L,
+    int64_t chunks) {
+  acc_t* outs[3] = {out0, out1, out2};
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < P;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = q / C, c = q % C;
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      acc_t s = 0;
+      for (int64_t j = 0; j < chunks; ++j) {
+        s += kNHWC ? part[((n * chunks + j) * kN + k) * C + c] : part[(q * chunks + j) * kN + k];
+      }
+      outs[k][q] = kN == 1 ? rstd_from(s, L, eps_eff_of(eps, eps_l)) : s;
+    }
   }
 }
 
@@ -427,54 +442,84 @@ __device__ __forceinline__ void plane_and_channel(index_t i, index_t C, index_t 
   }
 }
 
-template <typename scalar_t, bool kNHWC, typename index_t>
-__global__ void frn_forward_apply_kernel(
-    const scalar_t* __restrict__ x,
-    scalar_t* __restrict__ out,
-    const typename Acc<scalar_t>::type* __restrict__ rstd,
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau,
-    index_t numel,
-    index_t C,
-    index_t L) {
+// The element-wise pass of the split path: the output (forward) or grad_x (kBwd) from the per-plane
+// rstd (and A).
+template <typename scalar_t, bool kBwd, bool kNHWC, typename index_t>
+__global__ void frn_apply_kernel(Data<scalar_t> d, index_t numel, index_t C, index_t L) {
   using acc_t = typename Acc<scalar_t>::type;
-  const bool tlu = tau != nullptr;
+  const bool tlu = d.tau != nullptr;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     index_t p, c;
     plane_and_channel<kNHWC>(i, C, L, p, c);
-    const acc_t y = affine(static_cast<acc_t>(x[i]), w[c] * rstd[p], b[c]);
-    out[i] = static_cast<scalar_t>(tlu && !(y >= tau[c]) ? tau[c] : y);
+    const acc_t r = d.rstd[p];
+    const acc_t a = mul_rn(d.w[c], r);
+    const acc_t t = tlu ? d.tau[c] : acc_t(0);
+    const acc_t xi = static_cast<acc_t>(d.x[i]);
+    if constexpr (kBwd) {
+      const acc_t cx = cx_of(d.w[c], r, d.A[p], L);
+      d.out[i] = static_cast<scalar_t>(grad_x(xi, static_cast<acc_t>(d.g[i]), a, d.b[c], t, tlu, cx));
+    } else {
+      d.out[i] = static_cast<scalar_t>(tlu_of(affine(xi, a, d.b[c]), t, tlu));
+    }
   }
 }
 
-template <typename scalar_t, bool kNHWC, typename index_t>
-__global__ void frn_backward_apply_kernel(
-    const scalar_t* __restrict__ g,
-    const scalar_t* __restrict__ x,
-    scalar_t* __restrict__ dx,
-    const typename Acc<scalar_t>::type* __restrict__ rstd,
-    const typename Acc<scalar_t>::type* __restrict__ A,
-    const typename Acc<scalar_t>::type* __restrict__ w,
-    const typename Acc<scalar_t>::type* __restrict__ b,
-    const typename Acc<scalar_t>::type* __restrict__ tau,
-    index_t numel,
-    index_t C,
-    index_t L) {
-  using acc_t = typename Acc<scalar_t>::type;
-  const bool tlu = tau != nullptr;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    index_t p, c;
-    plane_and_channel<kNHWC>(i, C, L, p, c);
-    const acc_t r = rstd[p];
-    const acc_t a = w[c] * r;
-    const acc_t cx = -w[c] * r * r * r * A[p] / static_cast<acc_t>(L); // numel > 0 implies L > 0
-    const acc_t xi = static_cast<acc_t>(x[i]);
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    const acc_t d = (!tlu || affine(xi, a, b[c]) >= tau[c]) ? gi : acc_t(0);
-    dx[i] = static_cast<scalar_t>(fma_acc(d, a, xi * cx));
+// ---- parameter gradients: one thread per channel sums over the batch in order ------------------
+
+// gw = sum_n A * rstd, gb = sum_n B, gt = sum_n T; eps_part[c] = sum_n -0.5 * gamma * A * rstd^3.
+template <typename acc_t>
+__global__ void frn_param_grads_kernel(
+    const acc_t* __restrict__ A,
+    const acc_t* __restrict__ B,
+    const acc_t* __restrict__ T,
+    const acc_t* __restrict__ rstd,
+    const acc_t* __restrict__ w,
+    acc_t* __restrict__ gw,
+    acc_t* __restrict__ gb,
+    acc_t* __restrict__ gt,
+    acc_t* __restrict__ eps_part,
+    int64_t N,
+    int64_t C) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t sw = 0, sb = 0, st = 0, se = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t q = n * C + c;
+      const acc_t ar = A[q] * rstd[q];
+      sw += ar;
+      sb += B[q];
+      st += T[q];
+      se += acc_t(-0.5) * w[c] * ar * rstd[q] * rstd[q];
+    }
+    gw[c] = sw;
+    gb[c] = sb;
+    gt[c] = st;
+    eps_part[c] = se;
+  }
+}
+
+// ge = sign(eps_l) * sum_c eps_part[c] (eps_eff = eps + |eps_l|; 0 at 0 like autograd's abs), one
+// block, fixed order: strided per-thread sums, then a tree over the threads.
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlock) frn_eps_grad_kernel(
+    const acc_t* __restrict__ eps_part, const acc_t* __restrict__ eps_l, acc_t* __restrict__ ge, int64_t C) {
+  __shared__ acc_t smem[kBlock];
+  acc_t s = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kBlock) {
+    s += eps_part[c];
+  }
+  smem[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kBlock / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      smem[threadIdx.x] += smem[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const acc_t e = *eps_l;
+    *ge = smem[0] * (e > acc_t(0) ? acc_t(1) : (e < acc_t(0) ? acc_t(-1) : acc_t(0)));
   }
 }
 
@@ -484,16 +529,29 @@ int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// The largest 1-D grid a launch uses: a few waves per SM, or the tests' lower cap.
+int64_t grid_cap() {
+  const int64_t cap = static_cast<int64_t>(num_sms()) * 32;
+  const int64_t test_cap = test_limits().max_grid;
+  return test_cap > 0 ? std::min(cap, test_cap) : cap;
+}
+
+// Grid y / z dimensions: CUDA's limit of 65535, or the tests' lower cap.
+int64_t grid_yz(int64_t n) {
+  const int64_t test_cap = test_limits().max_grid;
+  return std::max<int64_t>(1, std::min<int64_t>(n, test_cap > 0 ? std::min<int64_t>(65535, test_cap) : 65535));
+}
+
 int64_t elementwise_grid(int64_t numel) {
-  return std::max<int64_t>(1, std::min<int64_t>((numel + kBlock - 1) / kBlock, static_cast<int64_t>(num_sms()) * 32));
+  return std::max<int64_t>(1, std::min<int64_t>((numel + kBlock - 1) / kBlock, grid_cap()));
 }
 
 // The grid-stride loop's last increment must not overflow index_t either.
 bool fits_int32(int64_t numel, int64_t grid) {
-  return numel + grid * kBlock < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  return !test_limits().force_int64 &&
+      numel + grid * kBlock < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
 }
 
-template <typename scalar_t>
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
@@ -506,195 +564,188 @@ bool use_plane_kernels(Layout layout, int64_t P, int64_t L) {
   return L <= kWarpPlaneMax || P >= 2 * static_cast<int64_t>(num_sms());
 }
 
-// Chunking of the split path: about 4 blocks per SM in total, chunks of at least 2048 elements.
+// Chunking of the split path: about 4 blocks per SM in total, chunks of at least min_chunk.
 int64_t split_chunks(int64_t units, int64_t len, int64_t min_chunk) {
   const int64_t want = std::max<int64_t>(1, (4 * static_cast<int64_t>(num_sms()) + units - 1) / std::max<int64_t>(units, 1));
   return std::max<int64_t>(1, std::min<int64_t>(want, (len + min_chunk - 1) / min_chunk));
 }
 
-// The CUDA parameter-gradient epilogue, from the per-plane sums A = sum(dy * x), B = sum(dy),
-// T = sum(g where y < tau) ((N, C), accumulation dtype), with tensor ops (no host sync).
-ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Tensor& B, const at::Tensor& T) {
-  // dL/dgamma = sum dy * x_hat = sum_n rstd * A;  dL/dbeta = sum_n B;  dL/dtau = sum_n T.
-  const at::Tensor A_rstd = A.mul(a.rstd);
-  at::Tensor ge = at::zeros({}, A.options());
-  if (a.eps_l.defined()) {
-    // dL/d(eps_eff) = sum over planes of -0.5 * sum_plane(dx_hat * x) * rstd^3, dx_hat = gamma * dy;
-    // eps_eff = eps + |eps_l| so d(eps_eff)/d(eps_l) = sign(eps_l) (0 at 0, as autograd's abs).
-    const at::Tensor d_eps_eff = A_rstd.mul(a.rstd).mul(a.rstd).mul(a.weight.reshape({1, -1})).sum().mul(-0.5);
-    ge = d_eps_eff.mul(a.eps_l.sign().reshape({}));
+// Launches the fused per-plane kernel Kernel<scalar_t, threads per plane, vector width>: a warp per
+// plane up to kWarpPlaneMax elements, else a block; 16-byte loads when L and every pointer allow.
+template <typename scalar_t, template <typename, int, int> class Kernel>
+struct PlaneLaunch {
+  static void run(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, bool vec, cudaStream_t stream) {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (L <= kWarpPlaneMax) {
+      constexpr int kGroups = kBlock / kWarp;
+      const int64_t grid = std::min<int64_t>((P + kGroups - 1) / kGroups, grid_cap());
+      vec ? Kernel<scalar_t, kWarp, kVec>::launch(grid, stream, d, P, C, L)
+          : Kernel<scalar_t, kWarp, 1>::launch(grid, stream, d, P, C, L);
+    } else {
+      const int64_t grid = std::min<int64_t>(P, grid_cap());
+      vec ? Kernel<scalar_t, kBlock, kVec>::launch(grid, stream, d, P, C, L)
+          : Kernel<scalar_t, kBlock, 1>::launch(grid, stream, d, P, C, L);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return to_param_dtypes(a, A_rstd.sum(0), B.sum(0), T.sum(0), ge);
+};
+
+template <typename scalar_t, int kTPP, int kVec>
+struct ForwardPlane {
+  static void launch(int64_t grid, cudaStream_t s, const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
+    frn_forward_plane_kernel<scalar_t, kTPP, kVec><<<grid, kBlock, 0, s>>>(d, P, C, L);
+  }
+};
+
+template <typename scalar_t, int kTPP, int kVec>
+struct BackwardPlane {
+  static void launch(int64_t grid, cudaStream_t s, const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
+    frn_backward_plane_kernel<scalar_t, kTPP, kVec><<<grid, kBlock, 0, s>>>(d, P, C, L);
+  }
+};
+
+// The split path: statistics with partial sums, the finalize kernel into out0..out2, then the
+// element-wise pass (skipped when apply is false: backward without grad_x).
+template <typename scalar_t, int kN>
+void run_split(const FrnArgs& a, const Data<scalar_t>& d, typename Acc<scalar_t>::type* out0,
+               typename Acc<scalar_t>::type* out1, typename Acc<scalar_t>::type* out2, bool apply,
+               cudaStream_t stream) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = a.N, C = a.C, L = a.L, P = N * C;
+  const bool nhwc = a.layout == Layout::NHWC;
+  int64_t chunks;
+  at::Tensor part;
+  if (nhwc) {
+    const int64_t ctiles = (C + kTileC - 1) / kTileC;
+    chunks = split_chunks(ctiles * N, L, 64);
+    part = at::empty({N * chunks * kN * C}, a.x.options().dtype(a.acc));
+    const dim3 grid(static_cast<unsigned>(ctiles), static_cast<unsigned>(chunks), static_cast<unsigned>(grid_yz(N)));
+    frn_stats_nhwc_kernel<scalar_t, kN><<<grid, kBlock, 0, stream>>>(
+        d, part.mutable_data_ptr<acc_t>(), N, C, L, (L + chunks - 1) / chunks);
+  } else {
+    chunks = split_chunks(P, L, 2048);
+    part = at::empty({P * chunks * kN}, a.x.options().dtype(a.acc));
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(grid_yz(P)));
+    frn_stats_nchw_kernel<scalar_t, kN><<<grid, kBlock, 0, stream>>>(
+        d, part.mutable_data_ptr<acc_t>(), P, C, L, (L + chunks - 1) / chunks);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto finalize = nhwc ? frn_finalize_kernel<acc_t, kN, true> : frn_finalize_kernel<acc_t, kN, false>;
+  finalize<<<elementwise_grid(P), kBlock, 0, stream>>>(
+      part.const_data_ptr<acc_t>(), out0, out1, out2, d.eps_l, d.eps, P, C, L, chunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t numel = a.x.numel();
+  if (!apply || numel == 0) {
+    return;
+  }
+  const int64_t grid = elementwise_grid(numel);
+  auto launch = [&](auto nhwc_t, auto index) {
+    using index_t = decltype(index);
+    frn_apply_kernel<scalar_t, kN == 3, decltype(nhwc_t)::value, index_t><<<grid, kBlock, 0, stream>>>(
+        d, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(L));
+  };
+  const bool small = fits_int32(numel, grid);
+  if (nhwc) {
+    small ? launch(std::true_type{}, int32_t{}) : launch(std::true_type{}, int64_t{});
+  } else {
+    small ? launch(std::false_type{}, int32_t{}) : launch(std::false_type{}, int64_t{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-ForwardOut frn_forward_cuda(const FrnArgs& args) {
-  const double eps = args.eps;
-  TORCH_INTERNAL_ASSERT(args.x.is_cuda());
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  const Layout layout = args.layout;
-  const at::Tensor& x = args.x;
-  const int64_t N = args.N, C = args.C, L = args.L, P = N * C;
-  at::Tensor out = at::empty_like(x, memory_format_of(layout));
-  at::Tensor rstd = at::empty({N, C}, x.options().dtype(args.acc));
+template <typename scalar_t>
+Data<scalar_t> data_of(const FrnArgs& a, scalar_t* out, typename Acc<scalar_t>::type* rstd) {
+  using acc_t = typename Acc<scalar_t>::type;
+  Data<scalar_t> d{};
+  d.x = a.x.const_data_ptr<scalar_t>();
+  d.g = a.grad_out.defined() ? a.grad_out.const_data_ptr<scalar_t>() : nullptr;
+  d.out = out;
+  d.rstd = rstd;
+  d.w = a.weight.const_data_ptr<acc_t>();
+  d.b = a.bias.const_data_ptr<acc_t>();
+  d.tau = a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr;
+  d.eps_l = a.eps_l.defined() ? a.eps_l.const_data_ptr<acc_t>() : nullptr;
+  d.eps = static_cast<acc_t>(a.eps);
+  return d;
+}
+
+ForwardOut frn_forward_cuda(const FrnArgs& a) {
+  TORCH_INTERNAL_ASSERT(a.x.is_cuda());
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const int64_t P = a.N * a.C;
+  at::Tensor out = at::empty_like(a.x, memory_format_of(a.layout));
+  at::Tensor rstd = at::empty({a.N, a.C}, a.x.options().dtype(a.acc));
   if (P == 0) {
     return {out, rstd};
   }
-  const at::Tensor &w = args.weight, &b = args.bias, &t = args.tau, &e = args.eps_l;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* ep = e.defined() ? e.const_data_ptr<acc_t>() : nullptr;
-    const acc_t eps_acc = static_cast<acc_t>(eps);
-    if (use_plane_kernels(layout, P, L)) {
-      constexpr int kVec = 16 / sizeof(scalar_t);
-      const bool vec = L % kVec == 0 && aligned16<scalar_t>(xp) && aligned16<scalar_t>(op);
-      if (L <= kWarpPlaneMax) {
-        constexpr int kGroups = kBlock / kWarp;
-        const int64_t grid = std::min<int64_t>((P + kGroups - 1) / kGroups, static_cast<int64_t>(num_sms()) * 32);
-        if (vec) {
-          frn_forward_plane_kernel<scalar_t, kWarp, kVec><<<grid, kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, ep, eps_acc, P, C, L);
-        } else {
-          frn_forward_plane_kernel<scalar_t, kWarp, 1><<<grid, kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, ep, eps_acc, P, C, L);
-        }
-      } else {
-        const int64_t grid = std::min<int64_t>(P, static_cast<int64_t>(num_sms()) * 32);
-        if (vec) {
-          frn_forward_plane_kernel<scalar_t, kBlock, kVec><<<grid, kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, ep, eps_acc, P, C, L);
-        } else {
-          frn_forward_plane_kernel<scalar_t, kBlock, 1><<<grid, kBlock, 0, stream>>>(xp, op, rp, wp, bp, tp, ep, eps_acc, P, C, L);
-        }
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    rstd.zero_(); // accumulates sum(x^2) first
-    if (layout == Layout::NCHW) {
-      const int64_t chunks = split_chunks(P, L, 2048);
-      const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(P, 65535)));
-      frn_stats_nchw_kernel<scalar_t, false><<<grid, kBlock, 0, stream>>>(
-          xp, nullptr, nullptr, wp, bp, tp, rp, nullptr, nullptr, P, C, L, (L + chunks - 1) / chunks);
+    const Data<scalar_t> d = data_of<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
+    if (use_plane_kernels(a.layout, P, a.L)) {
+      const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.out);
+      PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, vec, stream);
     } else {
-      const int64_t ctiles = (C + kTileC - 1) / kTileC;
-      const int64_t chunks = split_chunks(ctiles * N, L, 64);
-      const dim3 grid(static_cast<unsigned>(ctiles), static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(N, 65535)));
-      frn_stats_nhwc_kernel<scalar_t, false><<<grid, kBlock, 0, stream>>>(
-          xp, nullptr, nullptr, wp, bp, tp, rp, nullptr, nullptr, N, C, L, (L + chunks - 1) / chunks);
+      run_split<scalar_t, 1>(a, d, d.rstd, nullptr, nullptr, true, stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    frn_finalize_rstd_kernel<acc_t><<<elementwise_grid(P), kBlock, 0, stream>>>(rp, ep, eps_acc, P, L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t numel = x.numel();
-    if (numel == 0) {
-      return;
-    }
-    const int64_t grid = elementwise_grid(numel);
-    auto launch = [&](auto nhwc, auto index) {
-      using index_t = decltype(index);
-      frn_forward_apply_kernel<scalar_t, decltype(nhwc)::value, index_t><<<grid, kBlock, 0, stream>>>(
-          xp, op, rp, wp, bp, tp, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(L));
-    };
-    const bool small = fits_int32(numel, grid);
-    if (layout == Layout::NHWC) {
-      small ? launch(std::true_type{}, int32_t{}) : launch(std::true_type{}, int64_t{});
-    } else {
-      small ? launch(std::false_type{}, int32_t{}) : launch(std::false_type{}, int64_t{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, rstd};
 }
 
-BackwardOut frn_backward_cuda(const FrnArgs& args) {
-  const bool grad_input = args.grad_input;
-  TORCH_INTERNAL_ASSERT(args.x.is_cuda());
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  const Layout layout = args.layout;
-  const at::Tensor &x = args.x, &g = args.grad_out, &rstd = args.rstd;
-  const int64_t N = args.N, C = args.C, L = args.L, P = N * C;
-  const at::ScalarType acc = args.acc;
-  at::Tensor grad_x = grad_input ? at::empty_like(x, memory_format_of(layout)) : at::empty({0}, x.options());
-  const bool plane_kernels = use_plane_kernels(layout, P, L);
-  // The split path accumulates with atomics into zeroed buffers; the plane kernels write each entry.
-  auto alloc = [&] { return plane_kernels ? at::empty({N, C}, x.options().dtype(acc)) : at::zeros({N, C}, x.options().dtype(acc)); };
-  at::Tensor A = alloc(), B = alloc(), T = alloc();
+// The CUDA parameter-gradient epilogue from the per-plane sums: two small kernels, no host sync.
+ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Tensor& B, const at::Tensor& T,
+                            cudaStream_t stream) {
+  const auto opts = a.x.options().dtype(a.acc);
+  at::Tensor gw = at::empty({a.C}, opts), gb = at::empty({a.C}, opts), gt = at::empty({a.C}, opts);
+  at::Tensor eps_part = at::empty({a.C}, opts), ge = at::zeros({}, opts);
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "frn_param_grads_cuda", [&] {
+    frn_param_grads_kernel<scalar_t><<<elementwise_grid(a.C), kBlock, 0, stream>>>(
+        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
+        a.rstd.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(),
+        gb.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>(), eps_part.mutable_data_ptr<scalar_t>(),
+        a.N, a.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (a.eps_l.defined()) {
+      frn_eps_grad_kernel<scalar_t><<<1, kBlock, 0, stream>>>(
+          eps_part.const_data_ptr<scalar_t>(), a.eps_l.const_data_ptr<scalar_t>(), ge.mutable_data_ptr<scalar_t>(), a.C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return to_param_dtypes(a, gw, gb, gt, ge);
+}
+
+BackwardOut frn_backward_cuda(const FrnArgs& a) {
+  TORCH_INTERNAL_ASSERT(a.x.is_cuda());
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  const int64_t P = a.N * a.C;
+  const auto opts = a.x.options().dtype(a.acc);
+  at::Tensor grad_x = a.grad_input ? at::empty_like(a.x, memory_format_of(a.layout)) : at::empty({0}, a.x.options());
+  // Every entry is written: by the plane kernels, or by the finalize kernel of the split path.
+  at::Tensor A = at::empty({a.N, a.C}, opts), B = at::empty({a.N, a.C}, opts), T = at::empty({a.N, a.C}, opts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (P > 0) {
-    const at::Tensor &w = args.weight, &b = args.bias, &t = args.tau;
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frn_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_backward_cuda", [&] {
       using acc_t = typename Acc<scalar_t>::type;
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* dxp = grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-      const acc_t* rp = rstd.const_data_ptr<acc_t>();
-      const acc_t* wp = w.const_data_ptr<acc_t>();
-      const acc_t* bp = b.const_data_ptr<acc_t>();
-      const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-      acc_t* Ap = A.mutable_data_ptr<acc_t>();
-      acc_t* Bp = B.mutable_data_ptr<acc_t>();
-      acc_t* Tp = T.mutable_data_ptr<acc_t>();
-      if (plane_kernels) {
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        const bool vec = L % kVec == 0 && aligned16<scalar_t>(xp) && aligned16<scalar_t>(gp) &&
-            (dxp == nullptr || aligned16<scalar_t>(dxp));
-        if (L <= kWarpPlaneMax) {
-          constexpr int kGroups = kBlock / kWarp;
-          const int64_t grid = std::min<int64_t>((P + kGroups - 1) / kGroups, static_cast<int64_t>(num_sms()) * 32);
-          if (vec) {
-            frn_backward_plane_kernel<scalar_t, kWarp, kVec><<<grid, kBlock, 0, stream>>>(gp, xp, dxp, rp, wp, bp, tp, Ap, Bp, Tp, P, C, L);
-          } else {
-            frn_backward_plane_kernel<scalar_t, kWarp, 1><<<grid, kBlock, 0, stream>>>(gp, xp, dxp, rp, wp, bp, tp, Ap, Bp, Tp, P, C, L);
-          }
-        } else {
-          const int64_t grid = std::min<int64_t>(P, static_cast<int64_t>(num_sms()) * 32);
-          if (vec) {
-            frn_backward_plane_kernel<scalar_t, kBlock, kVec><<<grid, kBlock, 0, stream>>>(gp, xp, dxp, rp, wp, bp, tp, Ap, Bp, Tp, P, C, L);
-          } else {
-            frn_backward_plane_kernel<scalar_t, kBlock, 1><<<grid, kBlock, 0, stream>>>(gp, xp, dxp, rp, wp, bp, tp, Ap, Bp, Tp, P, C, L);
-          }
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-      if (layout == Layout::NCHW) {
-        const int64_t chunks = split_chunks(P, L, 2048);
-        const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(P, 65535)));
-        frn_stats_nchw_kernel<scalar_t, true><<<grid, kBlock, 0, stream>>>(
-            xp, gp, rp, wp, bp, tp, Ap, Bp, Tp, P, C, L, (L + chunks - 1) / chunks);
+      scalar_t* dx = a.grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+      Data<scalar_t> d = data_of<scalar_t>(a, dx, const_cast<acc_t*>(a.rstd.const_data_ptr<acc_t>()));
+      d.A = A.mutable_data_ptr<acc_t>();
+      d.B = B.mutable_data_ptr<acc_t>();
+      d.T = T.mutable_data_ptr<acc_t>();
+      if (use_plane_kernels(a.layout, P, a.L)) {
+        const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.g) &&
+            (dx == nullptr || aligned16(dx));
+        PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, vec, stream);
       } else {
-        const int64_t ctiles = (C + kTileC - 1) / kTileC;
-        const int64_t chunks = split_chunks(ctiles * N, L, 64);
-        const dim3 grid(static_cast<unsigned>(ctiles), static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(N, 65535)));
-        frn_stats_nhwc_kernel<scalar_t, true><<<grid, kBlock, 0, stream>>>(
-            xp, gp, rp, wp, bp, tp, Ap, Bp, Tp, N, C, L, (L + chunks - 1) / chunks);
+        run_split<scalar_t, 3>(a, d, d.A, d.B, d.T, dx != nullptr, stream);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t numel = x.numel();
-      if (dxp == nullptr || numel == 0) {
-        return;
-      }
-      const int64_t grid = elementwise_grid(numel);
-      auto launch = [&](auto nhwc, auto index) {
-        using index_t = decltype(index);
-        frn_backward_apply_kernel<scalar_t, decltype(nhwc)::value, index_t><<<grid, kBlock, 0, stream>>>(
-            gp, xp, dxp, rp, Ap, wp, bp, tp, static_cast<index_t>(numel), static_cast<index_t>(C), static_cast<index_t>(L));
-      };
-      const bool small = fits_int32(numel, grid);
-      if (layout == Layout::NHWC) {
-        small ? launch(std::true_type{}, int32_t{}) : launch(std::true_type{}, int64_t{});
-      } else {
-        small ? launch(std::false_type{}, int32_t{}) : launch(std::false_type{}, int64_t{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  } else {
+    A.zero_();
+    B.zero_();
+    T.zero_();
   }
-  auto [grad_weight, grad_bias, grad_tau, grad_eps_l] = param_grads_cuda(args, A, B, T);
-  return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
+  auto [gw, gb, gt, ge] = param_grads_cuda(a, A, B, T, stream);
+  return {grad_x, gw, gb, gt, ge};
 }
 
 [[maybe_unused]] const bool kRegistered = register_kernels(c10::DeviceType::CUDA, &frn_forward_cuda, &frn_backward_cuda);

@@ -1,0 +1,126 @@
+"""Exact resume: the training data stream and the random state as functions of the position in
+training, so that a run interrupted after iteration k and resumed with ``--resume`` ends with the
+same weights as the uninterrupted run (bitwise on CPU).
+
+detectron2 restarts its shuffled data stream from the beginning on resume, and its data-loader
+workers and the model draw from random generators whose state is not checkpointed. Here instead:
+
+- :class:`ResumableTrainingSampler` yields ``(position, index)`` pairs of the same infinite shuffled
+  stream as detectron2's ``TrainingSampler``, from a start position the trainer sets after loading a
+  checkpoint (iteration x total batch);
+- :class:`PositionSeededDataset` seeds python's, numpy's and torch's generators from (seed,
+  position) before mapping each sample, so augmentation depends neither on the worker nor on what
+  came before;
+- :class:`ReseedEachIteration` seeds the main process's generators from (seed, rank, iteration)
+  before every step (Mask R-CNN samples proposals with torch's generator).
+
+TorchScript functions (detectron2's sigmoid focal loss) run unoptimized for their first calls and
+as an optimized (fused) graph afterwards, with other rounding, so a resumed process would compute
+its first steps differently: :func:`make_torchscript_repeatable` turns the optimization off.
+
+Exact when batches are drawn in stream order: one aspect-ratio group (square images, as in the
+synthetic datasets) or ``DATALOADER.ASPECT_RATIO_GROUPING False``. With mixed aspect ratios, the
+images that waited in the other group at the interruption are skipped on resume. It needs
+``SEED >= 0`` and ``DATALOADER.SAMPLER_TRAIN TrainingSampler``; otherwise detectron2's own loader is
+used and a warning says that a resume will not be exact.
+"""
+import itertools
+import logging
+
+import numpy as np
+import torch
+from detectron2.data import build_batch_data_loader, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.common import DatasetFromList
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+logger = logging.getLogger(__name__)
+
+
+def derived_seed(*keys) -> int:
+    """A 31-bit seed that is a function of ``keys`` (non-negative integers) alone."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
+class ResumableTrainingSampler(torch.utils.data.Sampler):
+    """detectron2's TrainingSampler stream (``shuffle(range(size))`` per epoch, seeded), as
+    ``(position, index)`` pairs from global position ``start``; this process takes the positions
+    ``p`` with ``p % world_size == rank``."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self._size, self._seed, self._shuffle = size, int(seed), shuffle
+        self._rank, self._world_size = comm.get_rank(), comm.get_world_size()
+        self.start = 0  # set by the trainer before the data loader is first iterated
+
+    def __iter__(self):
+        first = self.start + (self._rank - self.start) % self._world_size
+        indices = itertools.islice(self._infinite_indices(), first, None, self._world_size)
+        return zip(itertools.count(first, self._world_size), indices)
+
+    def _infinite_indices(self):
+        g = torch.Generator()
+        g.manual_seed(self._seed)
+        while True:
+            if self._shuffle:
+                yield from torch.randperm(self._size, generator=g).tolist()
+            else:
+                yield from range(self._size)
+
+
+class PositionSeededDataset(torch.utils.data.Dataset):
+    """``mapper(dataset[index])`` for keys ``(position, index)``, with every random generator seeded
+    from (seed, position) first."""
+
+    def __init__(self, dataset, mapper, seed: int):
+        self._dataset, self._mapper, self._seed = dataset, mapper, int(seed)
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def __getitem__(self, key):
+        position, index = key
+        seed_all_rng(derived_seed(self._seed, position))
+        mapped = self._mapper(self._dataset[index])
+        if mapped is None:
+            raise ValueError(f"the training mapper returned None for dataset item {index}: resumable loading "
+                             "needs a mapper that maps every item (filter the dataset instead)")
+        return mapped
+
+
+class ReseedEachIteration(HookBase):
+    """Seeds python's, numpy's and torch's generators from (seed, rank, iteration) before each step."""
+
+    def __init__(self, seed: int):
+        self._seed = int(seed)
+
+    def before_step(self):
+        seed_all_rng(derived_seed(self._seed, comm.get_rank(), self.trainer.iter))
+
+
+def make_torchscript_repeatable():
+    """Run TorchScript functions unoptimized on every call (process-wide), so that a step computes
+    the same whether it is the process's first or its thousandth."""
+    torch._C._set_graph_executor_optimize(False)
+
+
+def is_resumable(cfg) -> bool:
+    return cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
+
+
+def build_resumable_train_loader(cfg):
+    """detectron2's training loader for ``cfg`` with a :class:`ResumableTrainingSampler` (reachable
+    as the loader's ``resumable_sampler``); detectron2's own when the cfg cannot resume exactly."""
+    if not is_resumable(cfg):
+        logger.warning(f"SEED {cfg.SEED} / DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run "
+                       "will not be exact (needs SEED >= 0 and TrainingSampler)")
+        return build_detection_train_loader(cfg)
+    args = _train_loader_from_config(cfg)  # the dataset, mapper and batch settings of build_detection_train_loader
+    dataset = PositionSeededDataset(DatasetFromList(args["dataset"], copy=False), args["mapper"], cfg.SEED)
+    sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED)
+    loader = build_batch_data_loader(dataset, sampler, args["total_batch_size"],
+                                     aspect_ratio_grouping=args["aspect_ratio_grouping"],
+                                     num_workers=args["num_workers"], seed=cfg.SEED)
+    loader.resumable_sampler = sampler
+    return loader

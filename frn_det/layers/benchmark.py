@@ -1,0 +1,196 @@
+"""Benchmark of the fused FRN op against the alternatives on R50-FPN feature shapes.
+
+For every shape and method: forward and forward+backward time (median, or min, over --iters runs
+after warm-up; the methods take turns in every round), effective bandwidth and the time ratio to the op (> 1: the op is faster). Effective
+bandwidth counts the minimum traffic of a fused norm: forward reads x and writes the output
+(2 tensors), forward+backward adds reading grad_out and x and writing grad_x (5 tensors).
+
+Methods: the op (``frn(..., impl="op")``), ``frn_reference`` eager, ``torch.compile(frn_reference)``,
+timm's ``FilterResponseNormTlu2d`` (when timm is installed), ``BatchNorm2d + ReLU`` (training mode)
+and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
+
+Used by tools/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
+"""
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from . import ops
+from .frn import frn, frn_reference
+
+# Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
+SHAPES = {
+    "stem": (2, 64, 400, 672),
+    "res2": (2, 256, 200, 336),
+    "res3": (2, 512, 100, 168),
+    "res4": (2, 1024, 50, 84),
+    "res5": (2, 2048, 25, 42),
+    "fpn_p2": (2, 256, 200, 336),
+    "target": (2, 256, 100, 168),  # FPN P3 / the issue's target shape
+    "fpn_p4": (2, 256, 50, 84),
+    "fpn_p6": (2, 256, 13, 21),
+    "box_head": (512, 256, 7, 7),  # conv box head, 512 ROIs
+    "mask_head": (128, 256, 14, 14),
+}
+DEFAULT_SHAPES = {
+    "cpu": ["target", "res4", "fpn_p4", "fpn_p6", "box_head", "mask_head"],
+    "cuda": list(SHAPES),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_shapes(spec, device):
+    if spec is None:
+        names = DEFAULT_SHAPES[device]
+    elif spec == "all":
+        names = list(SHAPES)
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    shapes = []
+    for name in names:
+        if name in SHAPES:
+            shapes.append((name, SHAPES[name]))
+        else:
+            try:
+                dims = tuple(int(d) for d in name.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"unknown shape {name!r}: use one of {sorted(SHAPES)} or NxCxHxW") from None
+            if len(dims) != 4:
+                raise ValueError(f"shape {name!r} must have 4 dimensions (NxCxHxW)")
+            shapes.append((name, dims))
+    return shapes
+
+
+class FRNFunctional(nn.Module):
+    """FRN + TLU parameters around a functional implementation."""
+
+    def __init__(self, C, fn):
+        super().__init__()
+        self.fn = fn
+        self.weight = nn.Parameter(torch.rand(C) + 0.5)
+        self.bias = nn.Parameter(torch.randn(C) * 0.1)
+        self.tau = nn.Parameter(torch.randn(C) * 0.1)
+
+    def forward(self, x):
+        return self.fn(x, self.weight, self.bias, self.tau, 1e-6, None)
+
+
+def make_methods(C):
+    """name -> factory returning a module (None when unavailable, with the reason)."""
+    methods = {}
+    if ops.is_available():
+        methods["op"] = lambda: FRNFunctional(C, lambda *a: frn(*a, impl="op"))
+    methods["reference"] = lambda: FRNFunctional(C, frn_reference)
+    methods["compiled reference"] = lambda: FRNFunctional(C, torch.compile(frn_reference, dynamic=False))
+    try:
+        from timm.layers import FilterResponseNormTlu2d
+
+        methods["timm FRN+TLU"] = lambda: FilterResponseNormTlu2d(C)
+    except ImportError:
+        pass
+    methods["BatchNorm2d+ReLU"] = lambda: nn.Sequential(nn.BatchNorm2d(C), nn.ReLU())
+    methods["GroupNorm32+ReLU"] = lambda: nn.Sequential(nn.GroupNorm(32, C), nn.ReLU())
+    return methods
+
+
+def time_once(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_closures(module, x, grad_out):
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        # autograd.grad instead of .backward(): no gradient accumulation in the timing.
+        out = module(x)
+        torch.autograd.grad(out, [x, *params], grad_out)
+
+    return fwd, fwd_bwd
+
+
+def copy_bandwidth(device, nbytes=256 << 20, iters=10):
+    """GB/s of a device-to-device copy (bytes read + written), the best of ``iters``: the ceiling
+    that a memory-bound kernel like FRN is measured against, in the same run."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    return 2 * nbytes / min(time_once(lambda: dst.copy_(src), device) for _ in range(iters)) / 1e9
+
+
+def run(device, dtype, shapes, iters, channels_last, stat):
+    reduce = statistics.median if stat == "median" else min
+    rows = []
+    for name, shape in shapes:
+        torch._dynamo.reset()  # compiled code is cached per function: keep each shape's entries apart
+        torch.manual_seed(0)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        grad_out = torch.randn_like(x)
+        nbytes = x.numel() * x.element_size()
+        closures, errors = {}, {}
+        for method, factory in make_methods(shape[1]).items():
+            try:
+                module = factory().to(device=device, dtype=dtype).train()
+                fns = make_closures(module, x, grad_out)
+                for fn in fns * 2:  # warm-up (and compilation)
+                    fn()
+                closures[method] = fns
+            except Exception as e:  # report, keep benchmarking the other methods
+                errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        # Methods take turns in every round, so that load from other processes hits them alike.
+        times = {m: ([], []) for m in closures}
+        for _ in range(iters):
+            for kind in (0, 1):
+                for method, fns in closures.items():
+                    times[method][kind].append(time_once(fns[kind], device))
+        op = (reduce(times["op"][0]), reduce(times["op"][1])) if "op" in times else None
+        for method in list(closures) + list(errors):
+            if method in errors:
+                rows.append((name, shape, method, errors[method]))
+                continue
+            fwd, fb = reduce(times[method][0]), reduce(times[method][1])
+            ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}" if op else ""
+            rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
+        print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None):
+    """The markdown table of :func:`run`'s rows; with ``copy_gbs``, bandwidth also as % of the copy."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    layout = "channels_last" if channels_last else "contiguous"
+    lines = [f"### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs",
+             ""]
+    if copy_gbs:
+        lines += [f"Device copy in the same run: {copy_gbs:.0f} GB/s (read + written); % columns are of that.", ""]
+    pct = " | fwd % | fwd+bwd %" if copy_gbs else ""
+    lines += [f"| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s{pct} | time / op (fwd / fwd+bwd) |",
+              "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if copy_gbs else "") + "---:|"]
+    for row in rows:
+        name, shape, method = row[:3]
+        dims = "x".join(str(d) for d in shape)
+        if len(row) == 4:
+            lines.append(f"| {name} | {dims} | {method} | n/a ({row[3]}) | | | |" + (" | |" if copy_gbs else "") + " |")
+            continue
+        fwd, fgb, fb, fbgb, ratio = row[3:]
+        extra = f" | {100 * fgb / copy_gbs:.0f} | {100 * fbgb / copy_gbs:.0f}" if copy_gbs else ""
+        lines.append(f"| {name} | {dims} | {method} | {fwd:.2f} | {fgb:.1f} | {fb:.2f} | {fbgb:.1f}{extra} | {ratio} |")
+    return "\n".join(lines) + "\n"

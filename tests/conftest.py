@@ -1,0 +1,37 @@
+"""pytest set-up: the `cuda` marker, and FRN_DET_REQUIRE_CUDA=1, which turns every skip of a CUDA
+test into a failure, so that a run on a GPU machine cannot pass by skipping (an old driver makes
+torch.cuda.is_available() False)."""
+import os
+
+import pytest
+import torch
+
+REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device and frn_det._C built with its CUDA kernels")
+    config.addinivalue_line("markers", "multi_gpu: needs two CUDA devices (skipped on one, even with FRN_DET_REQUIRE_CUDA)")
+
+
+def cuda_missing():
+    """Why the CUDA tests cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (torch.cuda.is_available() is False)"
+    from frn_det.layers import ops
+
+    if not ops.is_available():
+        return f"frn_det._C is not built: {ops.load_error()}"
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is None:
+        return
+    reason = cuda_missing()
+    if reason is not None:
+        if REQUIRE_CUDA:
+            pytest.fail(f"FRN_DET_REQUIRE_CUDA=1 but this CUDA test cannot run: {reason}", pytrace=False)
+        pytest.skip(reason)
+    if item.get_closest_marker("multi_gpu") is not None and torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices, found {torch.cuda.device_count()}")

@@ -1,0 +1,93 @@
+"""Shared helpers of the op tests (CPU and CUDA): inputs, gradients, comparison with the float64 reference."""
+import contextlib
+
+import torch
+
+from frn_det.layers import frn, frn_reference
+from frn_det.layers.kernel_paths import set_test_limits
+
+
+def make_inputs(shape, dtype=torch.float64, tlu=True, learned_eps=False, channels_last=False, device="cpu",
+                param_dtype=None, seed=0, scale=2.0, requires_grad=True):
+    """x, weight, bias, tau (or None), eps_l (or None); parameters are random so every term matters."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    pd = param_dtype or dtype
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
+    bias = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd)
+    tau = (0.3 * torch.randn(C, generator=g, dtype=torch.float64)).to(pd) if tlu else None
+    eps_l = torch.tensor(0.05, dtype=pd) if learned_eps else None
+    out = [x, weight, bias, tau, eps_l]
+    out = [t.to(device) if t is not None else None for t in out]
+    if requires_grad:
+        out = [t.detach().requires_grad_() if t is not None else None for t in out]
+    return out
+
+
+def run_with_grads(fn, x, weight, bias, tau, eps_l, grad_out, eps=1e-6):
+    """Output and gradients of every tensor argument (None where the argument is None)."""
+    out = fn(x, weight, bias, tau, eps, eps_l)
+    args = [t for t in (x, weight, bias, tau, eps_l) if t is not None]
+    grads = iter(torch.autograd.grad(out, args, grad_out))
+    return out, [next(grads) if t is not None else None for t in (x, weight, bias, tau, eps_l)]
+
+
+def op_fn(*args):
+    return frn(*args, impl="op")
+
+
+def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
+    """Op vs reference on the same inputs (the reference upcast to float64 on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
+    out, grads = run_with_grads(op_fn, x, weight, bias, tau, eps_l, grad_out)
+
+    def to64(t):
+        return t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
+
+    ref_args = [to64(t) for t in (x, weight, bias, tau, eps_l)]
+    ref, ref_grads = run_with_grads(frn_reference, *ref_args, grad_out.to("cpu", torch.float64))
+    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
+    torch.testing.assert_close(out.to("cpu", torch.float64), ref, atol=atol, rtol=rtol)
+    names = ("x", "weight", "bias", "tau", "eps_l")
+    for name, t, g_op, g_ref in zip(names, (x, weight, bias, tau, eps_l), grads, ref_grads):
+        if t is None:
+            continue
+        assert g_op.dtype == t.dtype, name
+        torch.testing.assert_close(g_op.to("cpu", torch.float64), g_ref, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    return out, grads
+
+
+def opcheck_samples(device):
+    samples = []
+    for shape, kw in [((2, 3, 4, 5), {}), ((2, 3, 4, 5), {"channels_last": True, "learned_eps": True}),
+                      ((2, 3, 4, 5), {"tlu": False}), ((0, 3, 2, 2), {}), ((2, 3, 1, 1), {"learned_eps": True}),
+                      ((2, 3, 4, 5), {"dtype": torch.float32, "param_dtype": torch.float32}),
+                      ((2, 3, 4, 5), {"dtype": torch.bfloat16, "param_dtype": torch.float32})]:
+        x, w, b, t, e = make_inputs(shape, device=device, **kw)
+        samples.append((x, w, b, t, 1e-6, e))
+    return samples
+
+
+def opcheck_all(device):
+    for args in opcheck_samples(device):
+        torch.library.opcheck(torch.ops.frn_det.frn.default, args)
+        x, w, b, t, eps, e = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        _, rstd = torch.ops.frn_det.frn.default(x, w, b, t, eps, e)
+        for grad_input in (True, False):
+            bargs = (torch.randn_like(x), x, w, b, t, rstd, e, grad_input)
+            torch.library.opcheck(torch.ops.frn_det.frn_backward.default, bargs)
+
+
+@contextlib.contextmanager
+def cuda_test_limits(max_grid=0, force_int64=False):
+    """Lower the CUDA launchers' grid cap / force their 64-bit index kernels (frn.h TestLimits)."""
+    set_test_limits(max_grid, force_int64)
+    try:
+        yield
+    finally:
+        set_test_limits(0, False)
