@@ -39,15 +39,19 @@ step() {
   return $rc
 }
 
+quiet() {  # a step's log without Python's and torch's warnings
+  grep -v -E 'Warning|warnings\.warn|^W[0-9]{4} ' "$LOGS/$1" || true
+}
+
 tail_of() {  # tail_of LOG N: the last N lines of a step's log as a code block
-  printf '```\n%s\n```\n' "$(tail -n "$2" "$LOGS/$1")"
+  printf '```\n%s\n```\n' "$(quiet "$1" | tail -n "$2")"
 }
 
 : >"$LOGS/summary"
 if [ "$GPU" = 1 ]; then
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   step "build (in place, CUDA)" build.log env FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
-  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider \
+  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -p no:warnings \
     tests/test_frn_op.py tests/test_frn_layer.py
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck; do
@@ -65,7 +69,7 @@ else
   step "build (dry run: reuse the built extension, else build the CPU one)" build.log \
     "$PY" -c "import frn_det.layers.ops as o, sys; sys.exit(0 if o.is_available() else 1)" \
     || step "build (in place, CPU)" build.log "$PY" setup.py build_ext --inplace
-  step "tests (dry run: CPU, CUDA tests skip)" tests.log "$PY" -m pytest -q -p no:cacheprovider -x \
+  step "tests (dry run: CPU, CUDA tests skip)" tests.log "$PY" -m pytest -q -p no:cacheprovider -p no:warnings -x \
     tests/test_frn_op.py tests/test_frn_layer.py
   step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log \
     "$PY" -c "import torch; from frn_det.layers.kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
@@ -102,7 +106,7 @@ PY
   [ -f "$LOGS/build.log" ] && grep -q . "$LOGS/build.log" && [ "$failed" = 1 ] && { echo; echo "## Build log (end)"; tail_of build.log 30; }
   echo
   echo "## Benchmark"
-  grep -v '^\[' "$LOGS/bench.log" | grep -v '^  done' || true
+  quiet bench.log | grep -v '^  done' || true
 } >"$REPORT"
 echo "[gpu_check] report: $REPORT" >&2
 exit $failed
