@@ -67,7 +67,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(exclude=("configs", "tests", "tools")),
     install_requires=["torch>=2.4", "numpy", "pycocotools", "tqdm", "matplotlib", "fvcore", "pillow"],
-    extras_require={"test": ["pytest", "pytest-timeout"], "timm": ["timm"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"],
+                    "export": ["onnx==1.23.*", "onnxruntime==1.32.*", "onnxscript==0.7.*"], "timm": ["timm"]},
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

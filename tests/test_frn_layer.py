@@ -126,3 +126,20 @@ def test_add_tlu_and_learned_eps_in_place_keep_device_dtype_and_equal_a_built_la
     assert meta.tau.device.type == "meta" and meta.eps_l.device.type == "meta"
     frozen = FilterResponseNorm2d(3, tlu=False).requires_grad_(False).add_tlu().add_learned_eps()
     assert not frozen.tau.requires_grad and not frozen.eps_l.requires_grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_propagates_through_the_tlu_forward_and_backward(impl):
+    """max(NaN, tau) is NaN (as torch.maximum and ReLU), so a diverged layer is not hidden behind tau;
+    the gradient at a NaN position goes to y, not tau."""
+    tlu = TLU(2)
+    x = torch.tensor([[[[float("nan"), -1.0]], [[0.0, 2.0]]]], requires_grad=True)
+    out = tlu(x)
+    assert torch.isnan(out[0, 0, 0, 0]) and out[0, 0, 0, 1] == 0.0
+    out.backward(torch.ones_like(out))
+    assert x.grad[0, 0, 0, 0] == 1.0 and tlu.tau.grad.tolist() == [1.0, 0.0]
+    layer = FilterResponseNorm2d(2, impl=impl)
+    y = torch.randn(2, 2, 3, 3)
+    y[1, 1, 2, 2] = float("nan")
+    out = layer(y)
+    assert torch.isnan(out[1, 1]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 0]).all()

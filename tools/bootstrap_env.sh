@@ -70,7 +70,9 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! imports frn_det._C; t
   echo "$stamp" >"$stamp_file"
 fi
 
-if ! imports "pytest, pytest_timeout, matplotlib, tqdm, pycocotools"; then
+if ! imports "pytest, pytest_timeout, matplotlib, tqdm, pycocotools, hypothesis, onnx, onnxruntime, onnxscript"; then
   echo "[bootstrap] installing test and tool dependencies"
-  pip install pytest pytest-timeout matplotlib tqdm pycocotools
+  # onnx / onnxruntime: the export tests; these versions install beside detectron2's numpy<2.
+  pip install pytest pytest-timeout matplotlib tqdm pycocotools hypothesis 'numpy<2' \
+    'onnx==1.23.*' 'onnxruntime==1.32.*' 'onnxscript==0.7.*'
 fi

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .validation import accumulation_dtype, check_frn_args
+from .validation import check_frn_args
 
 IMPLS = ("auto", "op", "reference")
 
@@ -45,32 +45,42 @@ def resolve_impl(impl: Optional[str] = None) -> str:
     return name
 
 
-def tlu(y, tau):
+def tlu(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """max(y, tau) with the TLU's rules: at ties the gradient goes to y, and a NaN y stays NaN (as
     through torch.maximum), so a diverged layer is not hidden behind tau."""
     return torch.where(y < tau, tau, y)
 
 
 def _check_eager(x, weight, bias, tau, eps, eps_l):
-    # Dynamo cannot trace the checks' message closures; under torch.compile the op's fake kernel
-    # runs the same checks while tracing, and the reference's own ops reject bad shapes.
-    if not torch.compiler.is_compiling():
+    # Dynamo cannot trace the checks' message closures (under torch.compile the op's fake kernel runs
+    # the same checks, and the reference's own ops reject bad shapes); under torch.jit.trace shapes
+    # are tensors and a traced graph keeps no Python check anyway.
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         check_frn_args(x, weight, bias, tau, eps, eps_l)
+
+
+def frn_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: Optional[torch.Tensor], eps: float,
+             eps_l: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference's arithmetic without the argument checks (TorchScript compiles this)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
+    # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
+    # (absent) output has finite, zero gradients
+    nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
+    if eps_l is not None:
+        rstd = torch.rsqrt(nu2 + (eps + eps_l.to(acc).abs().reshape(())))
+    else:
+        rstd = torch.rsqrt(nu2 + eps)
+    y = xa * rstd * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
+    if tau is not None:
+        y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
+    return y.to(x.dtype)
 
 
 def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
     """FRN (+ TLU when ``tau`` is given) in plain PyTorch ops; same contract as :func:`frn`."""
     _check_eager(x, weight, bias, tau, eps, eps_l)
-    acc = accumulation_dtype(x.dtype)
-    xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
-    # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
-    # (absent) output has finite, zero gradients
-    nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
-    eps_eff = eps + eps_l.to(acc).abs().reshape(()) if eps_l is not None else eps
-    y = xa * torch.rsqrt(nu2 + eps_eff) * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
-    if tau is not None:
-        y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
-    return y.to(x.dtype)
+    return frn_math(x, weight, bias, tau, eps, eps_l)
 
 
 def frn_fused(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
@@ -160,9 +170,17 @@ class FilterResponseNorm2d(nn.Module):
         return self
 
     def forward(self, x):
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        if self.impl == "op":
+            return torch.ops.frn_det.frn(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
+        return frn_math(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
+
+    @torch.jit.unused
+    def _check_input(self, x):
         if x.dim() == 4 and x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels")
-        return _IMPL_FUNCTIONS[self.impl](x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
+        _check_eager(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, learned_eps={self.eps_l is not None}, "
@@ -181,9 +199,14 @@ class TLU(nn.Module):
         self.tau = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
 
     def forward(self, x):
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        return tlu(x, self.tau.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2)))
+
+    @torch.jit.unused
+    def _check_input(self, x):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"TLU({self.num_features}) expects (N, {self.num_features}, ...) input, got shape {tuple(x.shape)}")
-        return tlu(x, self.tau.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))))
 
     def extra_repr(self) -> str:
         return str(self.num_features)

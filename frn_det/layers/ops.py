@@ -23,6 +23,10 @@ try:
     _LOAD_ERROR = None
 except ImportError as e:  # the pure-PyTorch reference still works without the extension
     _LOAD_ERROR = e
+    # The schema alone (no kernel), so that TorchScript can compile FilterResponseNorm2d.forward,
+    # whose op branch a reference layer never takes.
+    torch.library.define("frn_det::frn", "(Tensor x, Tensor weight, Tensor bias, Tensor? tau, float eps, "
+                         "Tensor? eps_l) -> (Tensor out, Tensor rstd)")
 
 
 def is_available() -> bool:
