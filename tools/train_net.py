@@ -33,6 +33,7 @@ from frn_det.engine import (
     default_argument_parser,
     default_setup,
     launch,
+    make_result,
     run_cfg_from_args,
     write_result,
 )
@@ -63,7 +64,7 @@ def main(args):
         results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
         verify_results(cfg, results)
-        write_result(cfg, args.config_file, results, time.perf_counter() - start)
+        write_result(cfg.OUTPUT_DIR, make_result(cfg, args.config_file, results, time.perf_counter() - start))
     return results
 
 

@@ -37,15 +37,26 @@ def default_setup(cfg, args):
 
 
 def launch(main, args):
-    """detectron2's ``launch(main, ...)`` with the arguments' process counts.
+    """detectron2's ``launch(main, ...)`` with the arguments' process counts, for yacs (.yaml) and
+    LazyConfig (.py) config files; the batch must split evenly across the processes.
 
     launch() picks NCCL whenever CUDA is visible, so CPU training with several processes (gloo)
     starts its workers with no visible GPU (the spawned processes inherit the environment).
     """
     world_size = args.num_gpus * args.num_machines
-    cfg = load_cfg(args.config_file, args.opts)
-    check_processes(cfg, world_size)  # before any process starts
-    if world_size > 1 and cfg.MODEL.DEVICE == "cpu":
+    if args.config_file.endswith(".py"):  # a LazyConfig (tools/lazy_train_net.py)
+        from .lazy import load_lazy_cfg
+
+        cfg = load_lazy_cfg(args.config_file, args.opts)
+        batch, device = cfg.dataloader.train.total_batch_size, cfg.train.device
+        if batch % world_size:
+            raise ValueError(f"dataloader.train.total_batch_size {batch} is not divisible by the {world_size} "
+                             "processes (--num-gpus x --num-machines)")
+    else:
+        cfg = load_cfg(args.config_file, args.opts)
+        check_processes(cfg, world_size)  # before any process starts
+        device = cfg.MODEL.DEVICE
+    if world_size > 1 and device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     d2_launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
               dist_url=args.dist_url, args=(args,))

@@ -37,37 +37,47 @@ def read_curve(output_dir, max_iter, ims_per_batch):
     return [points[k] for k in sorted(points)]
 
 
-def make_result(cfg, config_file, results, wall_time_s):
-    """The contract's dict for ``results`` (detectron2's {task: {metric: AP}}, or {dataset: that})."""
-    world = comm.get_world_size()
-    scaled = DefaultTrainer.auto_scale_workers(cfg, world)  # what the trainer actually ran
-    if len(cfg.DATASETS.TEST) > 1:
-        results = results[cfg.DATASETS.TEST[0]]
+def result_record(*, config_file, meta_architecture, norm, num_gpus, ims_per_batch, seed, max_iter, base_lr,
+                  train_datasets, test_datasets, output_dir, results, wall_time_s):
+    """The contract's dict; ``results`` is detectron2's {task: {metric: AP}} of the first test dataset."""
     return {
         "config_file": config_file,
-        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "norm": cfg.MODEL.RESNETS.NORM,
-        "images_per_gpu": scaled.SOLVER.IMS_PER_BATCH // world,
-        "num_gpus": world,
-        "ims_per_batch": scaled.SOLVER.IMS_PER_BATCH,
-        "seed": cfg.SEED,
-        "max_iter": scaled.SOLVER.MAX_ITER,
-        "base_lr": scaled.SOLVER.BASE_LR,
-        "train_datasets": list(cfg.DATASETS.TRAIN),
-        "test_datasets": list(cfg.DATASETS.TEST),
+        "meta_architecture": meta_architecture,
+        "norm": norm,
+        "images_per_gpu": ims_per_batch // num_gpus,
+        "num_gpus": num_gpus,
+        "ims_per_batch": ims_per_batch,
+        "seed": seed,
+        "max_iter": max_iter,
+        "base_lr": base_lr,
+        "train_datasets": list(train_datasets),
+        "test_datasets": list(test_datasets),
         "wall_time_s": round(wall_time_s, 1),
-        "curve": read_curve(cfg.OUTPUT_DIR, scaled.SOLVER.MAX_ITER, scaled.SOLVER.IMS_PER_BATCH),
+        "curve": read_curve(output_dir, max_iter, ims_per_batch),
         "results": {
             task: {k: _finite_or_none(metrics.get(k)) for k in COCO_METRICS} for task, metrics in results.items()
         },
     }
 
 
-def write_result(cfg, config_file, results, wall_time_s):
+def make_result(cfg, config_file, results, wall_time_s):
+    """The contract's dict for a yacs run (``results`` as detectron2 returns them, or {dataset: that})."""
+    world = comm.get_world_size()
+    scaled = DefaultTrainer.auto_scale_workers(cfg, world)  # what the trainer actually ran
+    if len(cfg.DATASETS.TEST) > 1:
+        results = results[cfg.DATASETS.TEST[0]]
+    return result_record(
+        config_file=config_file, meta_architecture=cfg.MODEL.META_ARCHITECTURE, norm=cfg.MODEL.RESNETS.NORM,
+        num_gpus=world, ims_per_batch=scaled.SOLVER.IMS_PER_BATCH, seed=cfg.SEED, max_iter=scaled.SOLVER.MAX_ITER,
+        base_lr=scaled.SOLVER.BASE_LR, train_datasets=cfg.DATASETS.TRAIN, test_datasets=cfg.DATASETS.TEST,
+        output_dir=cfg.OUTPUT_DIR, results=results, wall_time_s=wall_time_s)
+
+
+def write_result(output_dir, record):
     """Write OUTPUT_DIR/frn_det_result.json (NaN APs as null); returns its path."""
-    path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
+    path = os.path.join(output_dir, RESULT_FILE)
     with open(path, "w") as f:
-        json.dump(make_result(cfg, config_file, results, wall_time_s), f, indent=2)
+        json.dump(record, f, indent=2)
     logging.getLogger(__name__).info(f"Wrote {path}")
     return path
 

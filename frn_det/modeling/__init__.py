@@ -9,13 +9,19 @@ require_detectron2("frn_det.modeling")
 
 from .config import FRNOptions, add_frn_config  # noqa: E402
 from .norm_adapter import current_options, frn_options, get_norm, install, is_installed, uninstall  # noqa: E402
-from .optimizer import build_optimizer, get_optimizer_params  # noqa: E402
-from .placement import FRNBasicBlock, FRNBasicStem, FRNBottleneckBlock, apply_frn_placement  # noqa: E402
+from .optimizer import build_optimizer, get_optimizer_params, optimizer_params  # noqa: E402
+from .placement import (  # noqa: E402
+    FRNBasicBlock,
+    FRNBasicStem,
+    FRNBottleneckBlock,
+    apply_frn_placement,
+    with_frn_placement,
+)
 
 install()
 
 __all__ = [
     "FRNOptions", "add_frn_config", "apply_frn_placement", "build_optimizer", "current_options", "frn_options",
-    "get_norm", "get_optimizer_params", "install", "is_installed", "uninstall",
+    "get_norm", "get_optimizer_params", "install", "is_installed", "optimizer_params", "uninstall", "with_frn_placement",
     "FRNBasicBlock", "FRNBasicStem", "FRNBottleneckBlock",
 ]

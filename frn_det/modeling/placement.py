@@ -35,7 +35,7 @@ from torch import nn
 from ..layers import TLU, FilterResponseNorm2d
 from .config import FRNOptions
 
-__all__ = ["apply_frn_placement", "FRNBasicStem", "FRNBasicBlock", "FRNBottleneckBlock", "PLACEMENTS",
+__all__ = ["apply_frn_placement", "with_frn_placement", "FRNBasicStem", "FRNBasicBlock", "FRNBottleneckBlock", "PLACEMENTS",
            "SMALL_PLANE_MODULES"]
 
 
@@ -146,3 +146,10 @@ def apply_frn_placement(model: nn.Module, options=None) -> nn.Module:
             if _is_frn(m):
                 m.add_learned_eps()
     return model
+
+
+def with_frn_placement(model: nn.Module, learned_eps: str = "auto", activation: str = "TLU") -> nn.Module:
+    """:func:`apply_frn_placement` with the options as arguments, for LazyConfigs: wrapping a model's
+    ``LazyCall`` in ``L(with_frn_placement)(model=...)`` makes ``instantiate`` return the placed model
+    (configs/lazy). FRN eps and implementation come from :func:`frn_det.frn_options` while instantiating."""
+    return apply_frn_placement(model, FRNOptions(learned_eps=learned_eps, activation=activation))
