@@ -4,8 +4,10 @@
 Generates the synthetic dataset (once; cached under the default root), then trains and evaluates
 configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml one after the other through
 tools/train_net.py (2 images per batch, the schedule in Base-RetinaNet-R18-FPN.yaml), prints an AP
-table and writes output/demo/demo_ap.png. Each run keeps its detectron2 output directory
-(log.txt, metrics.json, model_final.pth, frn_det_result.json) under output/demo/<NORM>/.
+table and writes output/demo/demo_ap.png (AP per norm) and output/demo/detections_<NORM>.png
+(detections with score >= 0.5 on 4 val images, detectron2's Visualizer). Each run keeps its
+detectron2 output directory (log.txt, metrics.json, model_final.pth, frn_det_result.json) under
+output/demo/<NORM>/.
 
     python tools/demo.py                           # all three norms
     python tools/demo.py --norms FRN --resume      # one norm; finish an interrupted run
@@ -16,7 +18,7 @@ import os
 import time
 
 from frn_det.data import SyntheticSpec, default_synthetic_root, generate
-from frn_det.engine.demo import plot, run_norm, table
+from frn_det.engine.demo import draw_detections, plot, run_norm, table
 
 
 def main():
@@ -37,10 +39,11 @@ def main():
     summary = table(results)
     png = os.path.join(args.output_dir, "demo_ap.png")
     plot(results, png)
+    pictures = [draw_detections(norm, args.output_dir) for norm in args.norms]
     with open(os.path.join(args.output_dir, "demo_ap.md"), "w") as f:
         f.write(summary + "\n")
     print(f"\nBox AP on frn_synthetic_val (COCO AP in %):\n{summary}")
-    print(f"\nPlot: {png}\nTotal wall time: {time.perf_counter() - start:.0f} s")
+    print(f"\nPlot: {png}\nDetections: {', '.join(pictures)}\nTotal wall time: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,33 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_detections(norm, output_dir, num_images=4, min_score=0.5):
+    """A picture of one norm's detections (score >= ``min_score``, detectron2's Visualizer) on the first
+    ``num_images`` images of its test set, side by side; returns its path (output_dir/detections_<NORM>.png)."""
+    import numpy as np
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
+    from detectron2.modeling import build_model
+    from detectron2.utils.visualizer import Visualizer
+    from PIL import Image
+
+    from .checkpoint import ShapeCheckingCheckpointer
+    from .config import load_run_cfg
+
+    cfg = load_run_cfg(CONFIG.format(norm), ["MODEL.WEIGHTS", os.path.join(output_dir, norm, "model_final.pth")])
+    model = build_model(cfg).eval()
+    ShapeCheckingCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    name = cfg.DATASETS.TEST[0]
+    tiles = []
+    for record in DatasetCatalog.get(name)[:num_images]:
+        image = detection_utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+        with torch.no_grad():
+            instances = model([{"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1))}])[0]["instances"]
+        shown = instances[instances.scores >= min_score].to("cpu")
+        rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+        tiles.append(Visualizer(rgb, MetadataCatalog.get(name), scale=2.0).draw_instance_predictions(shown).get_image())
+    path = os.path.join(output_dir, f"detections_{norm}.png")
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    return path
