@@ -8,17 +8,18 @@ test compares forward and all gradients with the float64 reference unless it say
 | path | kernel(s) | reached by |
 |---|---|---|
 | warp per plane, 16-byte loads (L % (16 / itemsize) == 0) | frn_*_plane_kernel<T, 32, 16/size> | test_cuda_paths_match_float64_reference[warp_vec-*] |
-| warp per plane, scalar loads | frn_*_plane_kernel<T, 32, 1> | [warp_scalar-*] (7x7), test_cuda_misaligned_and_strided_views |
+| warp per plane, scalar loads | frn_*_plane_kernel<T, 32, 1> | [warp_scalar-*] (7x7), test_cuda_misaligned_and_strided_views (x or grad_out misaligned) |
 | partly filled warp groups (P % 8 != 0) | same | [warp_partial-*] (13 planes) |
 | block per plane, 16-byte loads | frn_*_plane_kernel<T, 256, 16/size> | [block_vec-*] |
 | block per plane, scalar loads (L = 1025) | frn_*_plane_kernel<T, 256, 1> | [block_scalar-*] |
-| grid-stride loops: several planes per block / per warp, stats loops past the y/z grid cap | all, with the grid capped | test_cuda_grid_stride_loops |
+| grid-stride loops: several planes per block / per warp, stats and finalize loops past the y/z grid cap, the parameter-gradient loop over channels | all, with the grid capped at 1 and 2 blocks | test_cuda_grid_stride_loops (also: capped == uncapped, bitwise) |
 | split NCHW: partial sums, finalize, apply (int32 indices) | frn_stats_nchw_kernel, frn_finalize_kernel, frn_apply_kernel | [split_nchw-*] |
 | split NHWC (every channels_last input with C > 1, H*W > 1) | frn_stats_nhwc_kernel, ... | [*-channels_last-*] |
 | apply kernels with int64 indices | frn_apply_kernel<.., int64_t> | test_cuda_int64_apply_kernels |
 | parameter-gradient epilogue, eps_l gradient | frn_param_grads_kernel, frn_eps_grad_kernel | every backward; learned eps in the paths test |
 | grad_input=False | every backward path | test_cuda_backward_without_grad_input |
-| H*W = 0 with N*C > 0; N = 0; 1x1 planes | | [empty_plane-*], [empty_batch-*], [one_by_one-*] |
+| H*W = 0 with N*C > 0 (also with eps 0); N = 0; C = 0; 1x1 planes | | [empty_plane-*], [empty_batch-*], [empty_channels-*], [one_by_one-*], test_empty_planes_with_eps_zero_give_zero_parameter_gradients |
+| rstd correctly rounded (eps + abs(eps_l) rounded as on CPU) | | test_one_element_planes_give_the_correctly_rounded_rstd |
 | NaN confinement, NaN propagation through the TLU | every path | test_cuda_nan_stays_in_its_plane |
 | tie rule (y == tau: gradient to y) | warp, block, split NCHW / NHWC | test_cuda_tie_rule |
 | batch independence | every path | test_cuda_batch_independence |
@@ -27,6 +28,8 @@ test compares forward and all gradients with the float64 reference unless it say
 """
 import importlib
 import os
+
+import numpy as np
 
 import pytest
 import torch
@@ -48,8 +51,9 @@ pytestmark = pytest.mark.skipif(not ops.is_available() and os.environ.get("FRN_D
 
 # (1, 1, 90, 90): fewer planes than threads, so NCHW planes are split into chunks across threads;
 # (2, 8, 70, 70): channels_last samples above the one-task-per-sample size, split into row blocks.
-# (2, 3, 0, 4): empty planes (no output, every gradient 0).
-SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9), (2, 3, 0, 4)]
+# (2, 3, 0, 4): empty planes (no output, every gradient 0); (2, 0, 3, 3): no channels.
+SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9), (2, 3, 0, 4),
+          (2, 0, 3, 3)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -439,15 +443,22 @@ def test_cuda_paths_match_float64_reference(path, channels_last, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("max_grid", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cuda_grid_stride_loops(channels_last):
-    # A grid of at most 2 blocks: every plane kernel loops over many planes per block (and per
-    # warp), the split path's stats kernels over planes / samples past the y / z grid dimension.
-    with cuda_test_limits(max_grid=2):
-        for path in ("warp_vec", "warp_scalar", "warp_partial", "block_scalar", "split_nchw"):
-            for learned_eps in (False, True):
-                args = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=learned_eps)
-                assert_matches_reference(*args, atol=2e-4, rtol=2e-4)
+def test_cuda_grid_stride_loops(channels_last, max_grid):
+    # A grid of at most 1 or 2 blocks per dimension: every plane kernel loops over many planes per
+    # block (and per warp), the split path's stats and finalize kernels over planes / samples, the
+    # parameter-gradient kernel over channels. No sum depends on the grid: results are bitwise those
+    # of the uncapped launch.
+    for path in ("warp_vec", "warp_scalar", "warp_partial", "block_vec", "block_scalar", "split_nchw"):
+        args = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
+        g = torch.randn_like(args[0])
+        uncapped = _op_out_and_grads(*args, g)
+        with cuda_test_limits(max_grid=max_grid):
+            capped = _op_out_and_grads(*args, g)
+            assert_matches_reference(*[a.clone().requires_grad_() for a in args], atol=2e-4, rtol=2e-4)
+        for a, b in zip(uncapped, capped):
+            assert torch.equal(a, b)
 
 
 @cuda
@@ -489,6 +500,15 @@ def test_cuda_misaligned_and_strided_views():
         wide = torch.randn(shape[0], shape[1] * 2, shape[2], shape[3], device="cuda")[:, ::2]
         _, w, b, t, _ = _cuda_args(shape, torch.float32)
         assert_matches_reference(wide.detach().requires_grad_(), w, b, t, None, 2e-4, 2e-4)
+        # an aligned x with a misaligned grad_out: the backward falls back to scalar loads
+        x, w, b, t, e = _cuda_args(shape, torch.float32, learned_eps=True, requires_grad=False)
+        _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
+        g = torch.randn(numel + 1, device="cuda")[1:].view(shape)
+        assert g.data_ptr() % 16 != 0
+        got = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
+        expected = torch.ops.frn_det.frn_backward(g.clone(), x, w, b, t, rstd, e, True)
+        for a, b_ in zip(got, expected):
+            assert torch.equal(a, b_)
 
 
 def _nonempty_paths():
@@ -638,3 +658,28 @@ def test_outputs_and_gradients_are_bitwise_identical_run_to_run(device):
         first, second = _op_out_and_grads(x, w, b, t, e, g), _op_out_and_grads(x, w, b, t, e, g)
         for a, b_ in zip(first, second):
             assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_empty_planes_with_eps_zero_give_zero_parameter_gradients(device):
+    # H*W = 0 and eps = 0: rstd is inf, but nothing was normalised: every gradient is 0, not NaN.
+    x, w, b, t, _ = make_inputs((2, 3, 0, 4), dtype=torch.float32, device=device, requires_grad=False)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, t, 0.0, None)
+    grads = torch.ops.frn_det.frn_backward(torch.randn_like(x), x, w, b, t, rstd, None, True)
+    for g in grads[1:4]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_one_element_planes_give_the_correctly_rounded_rstd(device):
+    # One element per plane: the sum of squares is exact, so rstd = 1 / sqrt(x^2 + (eps + |eps_l|)), each
+    # step rounded to float32, is determined: the CPU and CUDA kernels and this torch expression agree
+    # bitwise (eps + |eps_l| rounded in float32, no fast-math sqrt or division).
+    x, w, b, _, e = make_inputs((8, 64, 1, 1), dtype=torch.float32, learned_eps=True, device=device,
+                                requires_grad=False, scale=1e-2)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, None, 1e-5, e)
+    # numpy's float32 sqrt and division are the IEEE operations (torch's vectorised sqrt is 0.5001 ulp)
+    xs, es = x.cpu().numpy().reshape(8, 64), e.cpu().numpy()
+    eps_eff = np.float32(1e-5) + np.abs(es)
+    expected = np.float32(1) / np.sqrt(xs * xs + eps_eff)
+    assert expected.dtype == np.float32 and np.array_equal(rstd.cpu().numpy(), expected)

@@ -65,6 +65,9 @@ stamp="$(cat setup.py $(find frn_det/layers/csrc -type f | sort) | sha256sum | c
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! imports frn_det._C; then
   echo "[bootstrap] building frn-det (FORCE_CUDA=${FORCE_CUDA:-0}); the first build takes a few minutes"
   rm -rf build
+  # Unlink the old library instead of letting the build overwrite it in place: processes still
+  # running it (a training grid in the background) keep their copy.
+  rm -f frn_det/_C.*.so
   # --use-pep517: setuptools 80 turned the legacy `develop` path into an isolated pip build without torch.
   MAX_JOBS=${MAX_JOBS:-2} pip install --use-pep517 --no-build-isolation --no-deps -e .
   echo "$stamp" >"$stamp_file"

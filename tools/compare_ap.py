@@ -37,6 +37,7 @@ def main(argv=None):
     g.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
     g.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per run (OMP_NUM_THREADS)")
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep a finished run's intermediate checkpoints")
     g.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     g.add_argument("--no-launch", action="store_true", help="only collect what the grid has so far")
     g.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
@@ -51,7 +52,8 @@ def main(argv=None):
     else:
         if not args.no_launch:
             launch_grid(args.configs, args.seeds, args.root, args.opts, args.train_net,
-                        dry_run=args.dry_run, timeout=args.timeout, jobs=args.jobs, threads=args.threads)
+                        dry_run=args.dry_run, timeout=args.timeout, jobs=args.jobs, threads=args.threads,
+                        keep_checkpoints=args.keep_checkpoints)
         if args.dry_run:
             return 0
         runs, expected = collect_grid(args.configs, args.seeds, args.root)

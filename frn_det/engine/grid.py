@@ -32,9 +32,10 @@ def train_command(config_file, seed, run_dir, opts=(), train_net=DEFAULT_TRAIN_N
 
 
 def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, python=sys.executable,
-                dry_run=False, timeout=None, jobs=1, threads=None, log=print):
+                dry_run=False, timeout=None, jobs=1, threads=None, keep_checkpoints=False, log=print):
     """Run every (config, seed) not finished yet, ``jobs`` at a time (each with ``threads`` CPU
-    threads when given). Returns [(config, seed, dir)]."""
+    threads when given); a finished run keeps only model_final.pth unless ``keep_checkpoints``.
+    Returns [(config, seed, dir)]."""
     # seed-major: an interrupted grid has whole sweeps rather than some configs with every seed
     plan = [(c, s, run_dir_for(root, c, s)) for s in seeds for c in configs]
     todo = []
@@ -76,6 +77,10 @@ def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, pyth
                 logf.write(f"\nError: killed by the grid after {timeout} s\n")
         status.update(returncode=rc, wall_s=round(time.time() - t0, 1))
         _write_json(os.path.join(rdir, STATUS_FILE), status)
+        if rc == 0 and not keep_checkpoints:  # a finished run needs only its final model
+            for name in os.listdir(rdir):
+                if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
+                    os.remove(os.path.join(rdir, name))
         with lock:
             log(f"{tag}: exit {rc} after {status['wall_s']} s")
 

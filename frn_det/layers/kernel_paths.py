@@ -13,12 +13,13 @@ CUDA_PATHS = {
     "warp_vec": (4, 16, 16, 16),  # L = 256: 16-byte loads in every dtype
     "warp_scalar": (64, 32, 7, 7),  # L = 49
     "warp_partial": (1, 13, 8, 8),  # 13 planes: the second 8-plane group is partly filled
-    "block_vec": (2, 150, 40, 48),  # L = 1920, 300 planes >= 2 x SMs of current GPUs
-    "block_scalar": (2, 140, 25, 41),  # L = 1025
+    "block_vec": (2, 300, 40, 48),  # L = 1920, 600 planes >= 2 x SMs of GPUs with up to 300 SMs
+    "block_scalar": (2, 300, 25, 41),  # L = 1025
     "split_nchw": (1, 2, 200, 336),  # few large planes
     "one_by_one": (2, 8, 1, 1),
     "empty_plane": (2, 3, 0, 4),
     "empty_batch": (0, 4, 3, 3),
+    "empty_channels": (2, 0, 3, 3),
 }
 
 
@@ -32,7 +33,7 @@ def exercise(device="cuda", dtypes=(torch.float32, torch.float16, torch.bfloat16
     """Forward and backward (with and without grad_x) of the op on every path, layout, dtype and
     option, including the capped-grid and int64 variants; returns how many calls it made."""
     calls = 0
-    limits = ((0, False), (2, False), (0, True))
+    limits = ((0, False), (1, False), (2, False), (0, True))
     for max_grid, force_int64 in limits:
         set_test_limits(max_grid, force_int64)
         try:

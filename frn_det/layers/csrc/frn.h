@@ -80,8 +80,8 @@ bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKer
 
 // Limits the CUDA launchers obey, lowered by the tests through torch.ops.frn_det._set_test_limits
 // so that small tensors reach the paths only large ones take otherwise: grid-stride loops over
-// several planes per block or warp (max_grid > 0 caps every grid dimension), and the 64-bit index
-// kernels (force_int64).
+// several planes per block or warp (max_grid > 0 caps every grid dimension that a kernel loops
+// over), and the 64-bit index kernels (force_int64).
 struct TestLimits {
   int64_t max_grid = 0;
   bool force_int64 = false;

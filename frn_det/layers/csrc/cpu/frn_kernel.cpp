@@ -484,21 +484,23 @@ void with_tlu(bool tlu, F&& f) {
   tlu ? f(std::true_type{}) : f(std::false_type{});
 }
 
-double eps_eff_of(const FrnArgs& a) {
-  return a.eps_l.defined() ? a.eps + std::abs(a.eps_l.item().toDouble()) : a.eps;
+// eps + |eps_l| rounded in the accumulation type, as the CUDA kernels and the reference compute it.
+template <typename acc_t>
+acc_t eps_eff_of(const FrnArgs& a) {
+  const acc_t eps = static_cast<acc_t>(a.eps);
+  return a.eps_l.defined() ? eps + std::abs(a.eps_l.item<acc_t>()) : eps;
 }
 
 ForwardOut frn_forward_cpu(const FrnArgs& a) {
   TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
   at::Tensor out = empty_cpu_output(a.x, a.layout);
   at::Tensor rstd = at::empty({a.N, a.C}, a.x.options().dtype(a.acc));
-  const double eps_eff = eps_eff_of(a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cpu", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const ForwardData<scalar_t> d{
         a.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>(),
         a.weight.const_data_ptr<acc_t>(), a.bias.const_data_ptr<acc_t>(),
-        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(eps_eff)};
+        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, eps_eff_of<acc_t>(a)};
     with_tlu(d.tau != nullptr, [&](auto tlu) {
       constexpr bool kTLU = decltype(tlu)::value;
       a.layout == Layout::NHWC ? forward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
@@ -535,7 +537,8 @@ ParamGrads param_grads_cpu(const FrnArgs& a, const at::Tensor& A, const at::Tens
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t p = n * C + c;
-        const scalar_t ar = Ap[p] * rp[p];
+        // A == 0 (an empty plane, or no gradient): no contribution, also where rstd is inf (eps 0)
+        const scalar_t ar = Ap[p] == scalar_t(0) ? scalar_t(0) : Ap[p] * rp[p];
         gwp[c] += ar; // dL/dgamma = sum dy * x_hat = sum_n A * rstd
         gbp[c] += Bp[p];
         gtp[c] += Tp[p];

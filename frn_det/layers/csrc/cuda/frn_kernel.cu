@@ -10,8 +10,9 @@
 //  * NCHW with few large planes, and every channels_last input: a statistics kernel spread over
 //    (plane or channel tile) x chunks of the plane writes one partial sum per chunk, a finalize
 //    kernel adds each plane's partials in chunk order, then one element-wise kernel applies it.
-// Deterministic: no atomics; every sum runs in an order fixed by the shape and the launch
-// configuration, so outputs and gradients are bitwise identical from run to run on one GPU model.
+// Deterministic: no atomics; every sum runs in an order fixed by the shape and the split path's
+// chunk count (from the SM count), so outputs and gradients are bitwise identical from run to run
+// on GPUs with the same number of SMs.
 // Numerics: rstd uses correctly rounded division and square root (the build has no fast math, no
 // denormal flush); y = x * a + b is a rounded multiply then a rounded add (no FMA), the arithmetic
 // of the CPU kernels, so CPU and CUDA agree on which elements pass the TLU. A NaN y passes (stays
@@ -47,30 +48,15 @@ struct alignas(sizeof(T) * N) Pack {
 
 // ---- element-wise math, one definition for every kernel ----------------------------------------
 
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  return __fmul_rn(a, b);
-}
-__device__ __forceinline__ double mul_rn(double a, double b) {
-  return __dmul_rn(a, b);
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  return __fadd_rn(a, b);
-}
-__device__ __forceinline__ double add_rn(double a, double b) {
-  return __dadd_rn(a, b);
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  return __fdiv_rn(a, b);
-}
-__device__ __forceinline__ double div_rn(double a, double b) {
-  return __ddiv_rn(a, b);
-}
-__device__ __forceinline__ float sqrt_rn(float v) {
-  return __fsqrt_rn(v);
-}
-__device__ __forceinline__ double sqrt_rn(double v) {
-  return __dsqrt_rn(v);
-}
+// Correctly rounded operations, never contracted into an FMA, whatever the compiler flags.
+#define FRN_ROUNDED_OPS(T, MUL, ADD, DIV, SQRT)                                  \
+  __device__ __forceinline__ T mul_rn(T a, T b) { return MUL(a, b); }           \
+  __device__ __forceinline__ T add_rn(T a, T b) { return ADD(a, b); }           \
+  __device__ __forceinline__ T div_rn(T a, T b) { return DIV(a, b); }           \
+  __device__ __forceinline__ T sqrt_rn(T v) { return SQRT(v); }
+FRN_ROUNDED_OPS(float, __fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn)
+FRN_ROUNDED_OPS(double, __dmul_rn, __dadd_rn, __ddiv_rn, __dsqrt_rn)
+#undef FRN_ROUNDED_OPS
 
 // y = x * a + b, rounded after the multiply (no FMA), as the CPU kernels compute it.
 template <typename acc_t>
@@ -300,15 +286,16 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(Data<scalar_
 // ---- split path: partial sums per chunk, a fixed-order finalize, then an element-wise pass ------
 // kN sums per plane: 1 (forward: x^2) or 3 (backward: A, B, T).
 
+// The split path's extent: units (planes for NCHW, samples for NHWC), channels, plane size, and
+// the elements (NCHW) or rows (NHWC) of one chunk.
+struct Split {
+  int64_t units, C, L, chunk;
+};
+
 // NCHW: blockIdx.y = plane, blockIdx.x = chunk; part is (P, chunks, kN).
 template <typename scalar_t, int kN>
-__global__ void __launch_bounds__(kBlock) frn_stats_nchw_kernel(
-    Data<scalar_t> d,
-    typename Acc<scalar_t>::type* __restrict__ part,
-    int64_t P,
-    int64_t C,
-    int64_t L,
-    int64_t chunk) {
+__global__ void __launch_bounds__(kBlock) frn_stats_nchw_kernel(Data<scalar_t> d, typename Acc<scalar_t>::type* part, Split sp) {
+  const int64_t P = sp.units, C = sp.C, L = sp.L, chunk = sp.chunk;
   using acc_t = typename Acc<scalar_t>::type;
   __shared__ acc_t smem[kN * (kBlock / kWarp)];
   const bool tlu = d.tau != nullptr;
@@ -348,13 +335,8 @@ constexpr int kTileC = 32;
 constexpr int kTileRows = kBlock / kTileC;
 
 template <typename scalar_t, int kN>
-__global__ void __launch_bounds__(kBlock) frn_stats_nhwc_kernel(
-    Data<scalar_t> d,
-    typename Acc<scalar_t>::type* __restrict__ part,
-    int64_t N,
-    int64_t C,
-    int64_t L,
-    int64_t rows_per_chunk) {
+__global__ void __launch_bounds__(kBlock) frn_stats_nhwc_kernel(Data<scalar_t> d, typename Acc<scalar_t>::type* part, Split sp) {
+  const int64_t N = sp.units, C = sp.C, L = sp.L, rows_per_chunk = sp.chunk;
   using acc_t = typename Acc<scalar_t>::type;
   __shared__ acc_t smem[kN][kTileRows][kTileC + 1];
   const int tx = threadIdx.x % kTileC;
@@ -486,7 +468,8 @@ __global__ void frn_param_grads_kernel(
     acc_t sw = 0, sb = 0, st = 0, se = 0;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t q = n * C + c;
-      const acc_t ar = A[q] * rstd[q];
+      // A == 0 (an empty plane, or no gradient): no contribution, also where rstd is inf (eps 0)
+      const acc_t ar = A[q] == acc_t(0) ? acc_t(0) : A[q] * rstd[q];
       sw += ar;
       sb += B[q];
       st += T[q];
@@ -501,6 +484,8 @@ __global__ void frn_param_grads_kernel(
 
 // ge = sign(eps_l) * sum_c eps_part[c] (eps_eff = eps + |eps_l|; 0 at 0 like autograd's abs), one
 // block, fixed order: strided per-thread sums, then a tree over the threads.
+static_assert((kBlock & (kBlock - 1)) == 0, "frn_eps_grad_kernel's tree needs a power-of-two block");
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlock) frn_eps_grad_kernel(
     const acc_t* __restrict__ eps_part, const acc_t* __restrict__ eps_l, acc_t* __restrict__ ge, int64_t C) {
@@ -621,13 +606,13 @@ void run_split(const FrnArgs& a, const Data<scalar_t>& d, typename Acc<scalar_t>
     part = at::empty({N * chunks * kN * C}, a.x.options().dtype(a.acc));
     const dim3 grid(static_cast<unsigned>(ctiles), static_cast<unsigned>(chunks), static_cast<unsigned>(grid_yz(N)));
     frn_stats_nhwc_kernel<scalar_t, kN><<<grid, kBlock, 0, stream>>>(
-        d, part.mutable_data_ptr<acc_t>(), N, C, L, (L + chunks - 1) / chunks);
+        d, part.mutable_data_ptr<acc_t>(), Split{N, C, L, (L + chunks - 1) / chunks});
   } else {
     chunks = split_chunks(P, L, 2048);
     part = at::empty({P * chunks * kN}, a.x.options().dtype(a.acc));
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(grid_yz(P)));
     frn_stats_nchw_kernel<scalar_t, kN><<<grid, kBlock, 0, stream>>>(
-        d, part.mutable_data_ptr<acc_t>(), P, C, L, (L + chunks - 1) / chunks);
+        d, part.mutable_data_ptr<acc_t>(), Split{P, C, L, (L + chunks - 1) / chunks});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto finalize = nhwc ? frn_finalize_kernel<acc_t, kN, true> : frn_finalize_kernel<acc_t, kN, false>;
