@@ -10,45 +10,10 @@ process CPU time (on a loaded machine with --threads 1, CPU time is the steadier
     python tools/benchmark_step.py --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
 """
 import argparse
-import statistics
-import time
 
 import torch
-from detectron2 import model_zoo
-from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
-from detectron2.utils.events import EventStorage
 
-import frn_det
-from frn_det.engine import load_cfg, norm_everywhere
-from frn_det.layers import ops
-
-# name -> (norm name, MODEL.FRN.IMPL)
-VARIANTS = {"BN": ("BN", None), "GN": ("GN", None), "FRN (op)": ("FRN", "op"), "FRN (reference)": ("FRN", "reference")}
-
-
-def make_cfg(args, norm, impl):
-    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RESNETS.DEPTH", args.depth]
-    if args.depth in (18, 34):
-        opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
-    opts += norm_everywhere(norm) + (["MODEL.FRN.IMPL", impl] if impl else [])
-    return load_cfg(model_zoo.get_config_file(args.config), opts + args.opts)
-
-
-def make_batch(n, size, device):
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.tensor([[0.1, 0.1, 0.55, 0.7], [0.4, 0.3, 0.95, 0.9]]) * size
-    masks = torch.zeros(2, size, size, dtype=torch.bool)
-    for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-        m[y0:y1, x0:x1] = True
-    inst = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 7]), gt_masks=BitMasks(masks))
-    return [{"image": (torch.rand(3, size, size, generator=g) * 255).to(device), "instances": inst.to(device)}
-            for _ in range(n)]
-
-
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from frn_det.engine.step_benchmark import VARIANTS, time_steps
 
 
 def main():
@@ -66,37 +31,10 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    skipped, steps = {}, {}
-    for name in args.variants:
-        norm, impl = VARIANTS[name]
-        if impl == "op" and not ops.is_available():
-            skipped[name] = f"frn_det._C not built ({ops.load_error()})"
-            continue
-        cfg = make_cfg(args, norm, impl)
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        steps[name] = (model, frn_det.build_optimizer(cfg, model))
-
-    batch = make_batch(args.images, args.size, args.device)
-    times = {name: ([], []) for name in steps}  # wall, process CPU
-    with EventStorage(0):
-        for i in range(args.warmup + args.iters):
-            for name, (model, optimizer) in steps.items():
-                synchronize(args.device)
-                wall, cpu = time.perf_counter(), time.process_time()
-                loss = sum(model(batch).values())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                synchronize(args.device)
-                if i >= args.warmup:
-                    times[name][0].append(time.perf_counter() - wall)
-                    times[name][1].append(time.process_time() - cpu)
-
+    median, skipped = time_steps(args.variants, args.config, args.depth, args.images, args.size, args.device,
+                                 args.warmup, args.iters, args.opts)
     print(f"{args.config} R{args.depth}, {args.images} images of {args.size}x{args.size}, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.iters} iterations after {args.warmup} warm-up")
-    median = {name: [statistics.median(t) for t in ts] for name, ts in times.items()}
     print(f"{'variant':<17}{'wall s':>9}{'x BN':>7}{'CPU s':>9}{'x BN':>7}")
     for name in args.variants:
         if name in skipped:
