@@ -76,11 +76,12 @@ def test_committed_configs_equal_generator_output():
 CPU_GRID_LEAF = re.compile(r"(?P<norm>BN|GN|FRN)_(?P<batch>\d+)img(_(?P<variant>[\w.-]+))?\.yaml$")
 
 
-def test_cpu_grid_same_images_seen_and_linear_rule():
-    """configs/cpu_grid: every run sees the same images, with warm-up, decays and evaluations at the same
+@pytest.mark.parametrize("grid", ["cpu_grid", "cpu_grid_short"])
+def test_cpu_grid_same_images_seen_and_linear_rule(grid):
+    """configs/cpu_grid*: every run sees the same images, with warm-up, decays and evaluations at the same
     image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x."""
     schedules, lr_per_image, sweep = set(), {}, {}
-    paths = sorted(glob.glob(os.path.join(REPO, "configs", "cpu_grid", "*", "*.yaml")))
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*", "*.yaml")))
     assert paths
     for path in paths:
         m = CPU_GRID_LEAF.match(os.path.basename(path))

@@ -30,7 +30,7 @@ def test_synthetic_leaf_builds_with_its_norm(path):
     norm = cfg.MODEL.RESNETS.NORM
     assert norm == cfg.MODEL.FPN.NORM and path.endswith(f"_{norm}.yaml")
     assert (cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS, cfg.SOLVER.IMS_PER_BATCH) == ("cpu", "", 2)
-    assert cfg.TEST.EVAL_PERIOD * 4 == cfg.SOLVER.MAX_ITER  # the demo's learning curve
+    assert cfg.TEST.EVAL_PERIOD == 0  # make demo evaluates once, at the end
     assert cfg.INPUT.MIN_SIZE_TEST == 192 and cfg.TEST.DETECTIONS_PER_IMAGE == 100
     assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
     model = build_model(cfg)

@@ -5,7 +5,7 @@ Generates the synthetic dataset (once; cached under the default root), then trai
 configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml one after the other through
 tools/train_net.py (2 images per batch, the schedule in Base-RetinaNet-R18-FPN.yaml), prints an AP
 table and writes output/demo/demo_ap.png (AP per norm) and output/demo/detections_<NORM>.png
-(detections with score >= 0.5 on 4 val images, detectron2's Visualizer). Each run keeps its
+(detections with score >= 0.3 on 4 val images, detectron2's Visualizer). Each run keeps its
 detectron2 output directory (log.txt, metrics.json, model_final.pth, frn_det_result.json) under
 output/demo/<NORM>/.
 

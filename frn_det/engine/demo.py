@@ -59,7 +59,7 @@ def plot(results, path):
     plt.close(fig)
 
 
-def draw_detections(norm, output_dir, num_images=4, min_score=0.5):
+def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
     """A picture of one norm's detections (score >= ``min_score``, detectron2's Visualizer) on the first
     ``num_images`` images of its test set, side by side; returns its path (output_dir/detections_<NORM>.png)."""
     import numpy as np
