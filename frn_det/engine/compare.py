@@ -403,8 +403,8 @@ def plot(groups, path, task="bbox", metric="AP"):
 
 
 def plot_curves(runs, path, task="bbox"):
-    """AP against images seen during training, one panel per (family, images per GPU) of base-variant
-    runs, one line per norm: the mean over seeds at each evaluation, shaded between min and max."""
+    """AP against images seen during training, one panel per (family, images per GPU), one line per
+    norm and variant: the mean over seeds at each evaluation, shaded between min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -412,8 +412,9 @@ def plot_curves(runs, path, task="bbox"):
 
     cells = {}
     for r in runs:
-        if r.status == "ok" and not r.variant and r.curve(task):
-            cells.setdefault((r.family, r.result["images_per_gpu"]), {}).setdefault(r.result["norm"], []).append(r.curve(task))
+        if r.status == "ok" and r.curve(task):
+            label = f"{r.result['norm']} {r.variant}".strip()
+            cells.setdefault((r.family, r.result["images_per_gpu"]), {}).setdefault(label, []).append(r.curve(task))
     if not cells:
         return None
     keys = sorted(cells)
