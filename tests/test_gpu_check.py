@@ -1,5 +1,5 @@
 """tools/gpu_check.sh: its dry run (no GPU visible) goes through every step on the CPU and writes
-the report; on a GPU machine the same script is the verification (docs/gpu.md)."""
+the report; on a GPU machine the same script is the verification (its report goes to docs/gpu.md)."""
 import os
 import subprocess
 import sys

@@ -6,7 +6,7 @@ writes) into a markdown table, CSVs and a PNG plot of AP against images per GPU,
 
     python tools/compare_ap.py collect output/run_a output/run_b ... --out output/compare/ap
 
-or launch a grid of configs x seeds through tools/train_net.py first (sequentially; resumable:
+or launch a grid of configs x seeds through tools/train_net.py first (--jobs at a time; resumable:
 a run whose frn_det_result.json exists is skipped, an interrupted one resumes from its last
 checkpoint), then collect it:
 

@@ -4,7 +4,7 @@ so that FRN models export and run in any ONNX runtime, as BN models do.
 - TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, detectron2's export_model
   and TracingAdapter): the symbolic below is registered when ``frn_det.layers`` is imported.
 - torch.export-based exporter (``dynamo=True``): pass
-  ``custom_translation_table=frn_det.layers.onnx.translation_table()``.
+  ``custom_translation_table=frn_det.layers.onnx_export.translation_table()``.
 
 Both emit the reference's arithmetic: nu2 = GlobalAveragePool(x * x); rstd = 1 / sqrt(nu2 + eps
 (+ |eps_l|)); y = x * rstd * gamma + beta; TLU as Where(y < tau, tau, y) (NaN kept, as the op). The
