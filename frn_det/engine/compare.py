@@ -357,6 +357,15 @@ def markdown(groups, runs, expected=None):
     return "\n".join(lines) + "\n"
 
 
+_NORM_COLORS = {"BN": "tab:blue", "SyncBN": "tab:purple", "GN": "tab:orange", "FRN": "tab:green"}
+_VARIANT_STYLES = ("-", "--", ":", "-.")
+
+
+def _norm_color(norm):
+    """One colour per norm in every plot, so BN, GN and FRN read the same across figures."""
+    return _NORM_COLORS.get(norm, "tab:gray")
+
+
 def plot(groups, path, task="bbox", metric="AP"):
     """AP against images per GPU, one line per norm (error bars: std over seeds), one panel per
     family. Returns the path."""
@@ -369,7 +378,6 @@ def plot(groups, path, task="bbox", metric="AP"):
     fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         norms = sorted({k[1] for k in groups if k[0] == fam})
-        colors = {}
         for norm in norms:
             pts = sorted(((k[2], g) for k, g in groups.items() if k[0] == fam and k[1] == norm
                           and (task, metric) in g["stats"]), key=lambda p: p[0])
@@ -378,11 +386,10 @@ def plot(groups, path, task="bbox", metric="AP"):
             xs = [p[0] for p in pts]
             ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
             es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
-            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
-            colors[norm] = line[0].get_color()
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm))
         failed = [(k, g) for k, g in groups.items() if k[0] == fam and not g["ok"]]
         for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
-            ax.plot([k[2]], [0], marker="x", color=colors.get(k[1], "k"), markersize=9, clip_on=False,
+            ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1]), markersize=9, clip_on=False,
                     linestyle="none", label="all runs failed" if i == 0 else None)
             ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
         ax.set_xscale("log", base=2)
@@ -404,7 +411,8 @@ def plot(groups, path, task="bbox", metric="AP"):
 
 def plot_curves(runs, path, task="bbox"):
     """AP against images seen during training, one panel per (family, images per GPU), one line per
-    norm and variant: the mean over seeds at each evaluation, shaded between min and max."""
+    norm (colour) and variant (line style): the mean over seeds at each evaluation, shaded between
+    min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,27 +421,31 @@ def plot_curves(runs, path, task="bbox"):
     cells = {}
     for r in runs:
         if r.status == "ok" and r.curve(task):
-            label = f"{r.result['norm']} {r.variant}".strip()
+            label = (r.result["norm"], r.variant)
             cells.setdefault((r.family, r.result["images_per_gpu"]), {}).setdefault(label, []).append(r.curve(task))
     if not cells:
         return None
     keys = sorted(cells)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+    many = max(len(cells[k]) for k in keys) > 4  # legends that would hide the lines go beside each panel
+    fig, axes = plt.subplots(1, len(keys), figsize=((6.4 if many else 4.2) * len(keys), 3.6), squeeze=False, sharey=True)
+    variants = sorted({v for cell in cells.values() for _, v in cell})
+    style = {v: _VARIANT_STYLES[i % len(_VARIANT_STYLES)] for i, v in enumerate(variants)}
     for ax, key in zip(axes[0], keys):
-        for norm, curves in sorted(cells[key].items()):
+        for (norm, variant), curves in sorted(cells[key].items()):
             n = min(len(c) for c in curves)
             xs = [curves[0][i][0] for i in range(n)]
             vals = [[c[i][1] for c in curves] for i in range(n)]
-            line, = ax.plot(xs, [statistics.fmean(v) for v in vals], marker="o", markersize=3,
-                            label=f"{norm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-            ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+            seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            ax.plot(xs, [statistics.fmean(v) for v in vals], marker="o", markersize=3, color=_norm_color(norm),
+                    linestyle=style[variant], label=f"{norm} {variant} ({seeds})".replace("  ", " "))
+            ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=_norm_color(norm), alpha=0.15)
         ax.set_title(f"{key[0]}, {key[1]} img/batch", fontsize=9)
         ax.set_xlabel("images seen")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7 if many else 8, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if many else {}))
     axes[0][0].set_ylabel(f"{task} AP")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -450,7 +462,7 @@ def plot_lr_sweep(runs, path, task="bbox"):
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for norm, pts in sweep.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm, color=_norm_color(norm))
     ax.set_xscale("log")
     ax.set_xlabel("base learning rate")
     ax.set_ylabel(f"final {task} AP")
