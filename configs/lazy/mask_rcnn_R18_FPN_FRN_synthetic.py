@@ -22,4 +22,4 @@ _zoo_model.pixel_std = SCRATCH_PIXEL_STD
 model = placed(_zoo_model)
 
 dataloader = dataloader(use_instance_mask=True)
-optimizer, lr_multiplier, train = cpu_training(lr=0.02)
+optimizer, lr_multiplier, train = cpu_training(lr=0.02, max_iter=1400, steps=(1050, 1300))

@@ -35,8 +35,8 @@ def dataloader(use_instance_mask):
     return loader
 
 
-def cpu_training(lr, max_iter=1400, steps=(1050, 1300), warmup_iters=200):
-    """(optimizer, lr_multiplier, train) of `make demo`'s schedule on CPU."""
+def cpu_training(lr, max_iter, steps, warmup_iters=200):
+    """(optimizer, lr_multiplier, train) of a CPU schedule: the yacs twin's SOLVER.MAX_ITER / STEPS."""
     train = model_zoo.get_config("common/train.py").train
     train.update(init_checkpoint="", max_iter=max_iter, eval_period=max_iter // 4, device="cpu", seed=0)
     train.checkpointer.period = max_iter // 2
