@@ -82,7 +82,7 @@ def test_aggregation_numbers(runs):
 def test_outputs(runs, tmp_path):
     prefix = str(tmp_path / "out" / "ap")
     compare_ap.write_all(runs, prefix)
-    with open(prefix + ".csv") as f:
+    with open(prefix + "_groups.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["norm"], r["images_per_gpu"], r["n_runs"], r["n_failed"]) for r in rows] == [
         ("BN", "1", "0", "1"), ("FRN", "2", "3", "0"), ("GN", "2", "1", "0"), ("GN", "4", "1", "0")]
@@ -90,7 +90,7 @@ def test_outputs(runs, tmp_path):
     assert float(rows[1]["bbox_AP_mean"]) == pytest.approx(12.0)
     assert float(rows[1]["bbox_AP_std"]) == pytest.approx(2.0)
     assert rows[1]["seeds"] == "0 1 2" and rows[2]["segm_AP_mean"] == ""
-    with open(prefix + "_runs.csv") as f:
+    with open(prefix + ".csv") as f:
         per_run = list(csv.DictReader(f))
     assert len(per_run) == len(runs)
     assert sorted(r["status"] for r in per_run) == ["failed", "failed", "missing", "ok", "ok", "ok", "ok", "ok"]
@@ -150,7 +150,7 @@ def test_grid_launch_resumable_and_failure_reported(tmp_path, monkeypatch):
     assert compare_tool(argv)[0] == 0
     calls = counter.read_text().splitlines()
     assert len(calls) == 6 and all(c.endswith("SOLVER.MAX_ITER 7") for c in calls)
-    rows = list(csv.DictReader(open(out + ".csv")))
+    rows = list(csv.DictReader(open(out + "_groups.csv")))
     assert [(r["family"], r["norm"], r["images_per_gpu"], r["n_runs"]) for r in rows] == [
         ("grid", "FRN", "2", "2"), ("grid", "FRN", "4", "1"), ("grid", "GN", "2", "2")]
     assert float(rows[0]["bbox_AP_mean"]) == pytest.approx(1.5)
@@ -231,7 +231,7 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
     md = open(prefix + ".md").read()
     assert "Paired differences FRN - GN" in md and "| retinanet_R18_FPN | 2 | 0 1 | -1.00, +1.00 | +0.00 ± 1.41 |" in md
     assert "| FRN | 0.005: 25.00, 0.02: 28.00 |" in md and "| FRN RELU |" in md
-    rows = list(csv.DictReader(open(prefix + "_runs.csv")))
+    rows = list(csv.DictReader(open(prefix + ".csv")))
     assert list(rows[0]) == list(compare_ap.RUN_COLUMNS)
     relu = next(r for r in rows if r["variant"] == "RELU")
     assert (relu["norm"], relu["images_per_batch"], relu["images_seen"], relu["AP"], relu["status"]) == \

@@ -13,9 +13,10 @@ checkpoint), then collect it:
     python tools/compare_ap.py grid --configs configs/a.yaml configs/b.yaml --seeds 0 1 \\
         --root output/grid --out output/grid/ap [--opts KEY VALUE ...]
 
-Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per
-group: mean, std, min, max of every metric over seeds), PREFIX_runs.csv (one row per run, with its
-status and reason) and PREFIX.png. The logic is frn_det.engine.compare and frn_det.engine.grid.
+Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per run,
+with its status and reason), PREFIX_groups.csv (one row per group: mean, std, min, max of every
+metric over seeds), PREFIX.png (AP against images per GPU) and, where the runs have them,
+PREFIX_curves.png (learning curves) and PREFIX_lr_sweep.png. The logic is frn_det.engine.compare and frn_det.engine.grid.
 """
 import argparse
 import sys
@@ -43,7 +44,7 @@ def main(argv=None):
     g.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE config overrides passed to every run (last argument)")
     for p in (c, g):
-        p.add_argument("--out", required=True, help="output prefix: PREFIX.md/.csv/_runs.csv/.png")
+        p.add_argument("--out", required=True, help="output prefix: PREFIX.md/.csv/_groups.csv/.png")
     args = ap.parse_args(argv)
 
     expected = None
@@ -59,7 +60,7 @@ def main(argv=None):
         runs, expected = collect_grid(args.configs, args.seeds, args.root)
     write_all(runs, args.out, expected)
     n_bad = sum(r.status != "ok" for r in runs)
-    print(f"{len(runs) - n_bad}/{len(runs)} runs ok; wrote {args.out}.md, .csv, _runs.csv, .png")
+    print(f"{len(runs) - n_bad}/{len(runs)} runs ok; wrote {args.out}.md, .csv, _groups.csv, .png")
     if n_bad:
         print(f"{n_bad} missing or failed: see {args.out}.md")
     return 0

@@ -475,16 +475,17 @@ def plot_lr_sweep(runs, path, task="bbox"):
 
 
 def write_all(runs, out_prefix, expected=None):
-    """Write PREFIX.md, PREFIX.csv, PREFIX_runs.csv (one row per run: RUN_COLUMNS), PREFIX.png, and
-    PREFIX_curves.png / PREFIX_lr_sweep.png where the runs have curves / a sweep; return the groups."""
+    """Write PREFIX.md, PREFIX.csv (one row per run: RUN_COLUMNS), PREFIX_groups.csv (one row per
+    group: statistics over seeds), PREFIX.png, and PREFIX_curves.png / PREFIX_lr_sweep.png where the
+    runs have curves / a sweep; return the groups."""
     d = os.path.dirname(out_prefix)
     if d:
         os.makedirs(d, exist_ok=True)
     groups = aggregate(runs)
     with open(out_prefix + ".md", "w") as f:
         f.write(markdown(groups, runs, expected))
-    write_csv(groups, out_prefix + ".csv")
-    write_runs_csv(runs, out_prefix + "_runs.csv")
+    write_runs_csv(runs, out_prefix + ".csv")
+    write_csv(groups, out_prefix + "_groups.csv")
     if groups:
         plot(groups, out_prefix + ".png")
     plot_curves(runs, out_prefix + "_curves.png")

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CPU comparison of docs/results.md, in the order that gives a usable table soonest, resumable:
+# run it again after an interruption and it goes on where it stopped (finished runs are skipped,
+# interrupted ones resume exactly from their last checkpoint).
+#   1. the learning-rate sweep (batch 2, seed 0);
+#   2. once CPU_GRID_BEST_LR_PER_IMAGE is set and `tools/gen_configs.py` has written the grid:
+#      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, then seed 1 of all, then seed 2
+#      of the grid;
+#   3. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}.
+# Usage: bash tools/cpu_grid.sh   (PYTHON=... another environment; JOBS=2 runs at a time; DRY_RUN=1
+# prints the runs instead)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+JOBS=${JOBS:-2}
+ROOT=output/cpu_grid
+R=configs/cpu_grid/retinanet_R18_FPN
+M=configs/cpu_grid/mask_rcnn_R18_FPN
+
+grid() {  # grid NAME SEED CONFIG...
+  local name=$1 seed=$2
+  shift 2
+  "$PY" tools/compare_ap.py grid --configs "$@" --seeds "$seed" --jobs "$JOBS" --threads 1 \
+    --root "$ROOT" --out "$ROOT/$name" ${DRY_RUN:+--dry-run}
+  [ -n "${DRY_RUN:-}" ] && return
+  shopt -s nullglob
+  "$PY" tools/compare_ap.py collect "$ROOT"/*/seed* --out docs/results/cpu_grid
+}
+
+grid sweep 0 "$R"/*_2img_lr*.yaml
+if [ ! -f "$R/FRN_2img.yaml" ]; then
+  echo "The grid needs each norm's best rate: once the sweep has finished, set CPU_GRID_BEST_LR_PER_IMAGE"
+  echo "(frn_det/engine/config_grid.py) from docs/results/cpu_grid.md, run tools/gen_configs.py and this script again."
+  exit 0
+fi
+GRID=("$R"/{BN,GN,FRN}_{1,2,8}img.yaml)
+MORE=("$R"/FRN_2img_{RELU,eps-all,fpn-no-norm}.yaml "$M"/{GN,FRN}_2img.yaml)
+grid grid_seed0 0 "${GRID[@]}"
+grid ablations_seed0 0 "${MORE[@]}"
+grid grid_seed1 1 "${GRID[@]}"
+grid ablations_seed1 1 "${MORE[@]}"
+grid grid_seed2 2 "${GRID[@]}"
