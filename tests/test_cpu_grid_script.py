@@ -1,0 +1,51 @@
+"""tools/cpu_grid.sh: the stages of the CPU comparison and their order, read from its dry run in a
+scratch copy of the repository layout (the real configs' names, no training)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from frn_det.engine.paths import REPO
+
+RUN_LINE = re.compile(r"^\[\d+/\d+\] configs/cpu_grid/(\S+)\.yaml seed (\d+): would run", re.M)
+SWEEP = [f"retinanet_R18_FPN/{n}_2img_lr{lr}" for n in ("BN", "FRN", "GN") for lr in ("0.005", "0.01", "0.02")]
+GRID = [f"retinanet_R18_FPN/{n}_{b}img" for n in ("BN", "GN", "FRN") for b in (1, 2, 8)]
+MORE = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("RELU", "eps-all", "fpn-no-norm")] + \
+       [f"mask_rcnn_R18_FPN/{n}_2img" for n in ("GN", "FRN")]
+
+
+def scratch_repo(tmp_path, leaves):
+    """tools/ (the script and the real compare_ap.py) and configs/cpu_grid/<leaf>.yaml for ``leaves``."""
+    (tmp_path / "tools").mkdir()
+    shutil.copy(os.path.join(REPO, "tools", "cpu_grid.sh"), tmp_path / "tools")
+    shutil.copy(os.path.join(REPO, "tools", "compare_ap.py"), tmp_path / "tools")
+    for leaf in leaves:
+        path = tmp_path / "configs" / "cpu_grid" / f"{leaf}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    return tmp_path
+
+
+def dry_run(repo):
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(repo / "tools" / "cpu_grid.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_sweep_first_then_asks_for_the_best_rates(tmp_path):
+    out = dry_run(scratch_repo(tmp_path, SWEEP))
+    assert RUN_LINE.findall(out) == [(leaf, "0") for leaf in sorted(SWEEP)]
+    assert "set CPU_GRID_BEST_LR_PER_IMAGE" in out
+
+
+def test_seed_zero_of_everything_before_more_seeds(tmp_path):
+    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE))
+    expected = ([(leaf, "0") for leaf in sorted(SWEEP)]
+                + [(leaf, "0") for leaf in GRID] + [(leaf, "0") for leaf in MORE]
+                + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
+                + [(leaf, "2") for leaf in GRID])
+    assert RUN_LINE.findall(out) == expected
+    assert "CPU_GRID_BEST_LR_PER_IMAGE" not in out
