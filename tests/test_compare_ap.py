@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from frn_det.engine import compare as compare_ap
-from frn_det.engine.config_grid import CPU_GRID
+from frn_det.engine.config_grid import CPU_GRID_SWEEP
 from frn_det.engine.paths import REPO, TOOLS
 from frn_det.engine.results import RESULT_FILE
 
@@ -191,7 +191,7 @@ def test_crashed_run_grouped_by_its_config(tmp_path):
     crashed = compare_ap.load_run(str(d))
     key = ("retinanet_R18_FPN", "BN lr0.01", 2, 1)  # the variant (after "<B>img_") joins the norm
     assert crashed.status == "failed" and crashed.key() == key
-    assert crashed.images_seen == CPU_GRID["images_seen"]  # from its config: MAX_ITER x IMS_PER_BATCH
+    assert crashed.images_seen == CPU_GRID_SWEEP["images_seen"]  # from its config: MAX_ITER x IMS_PER_BATCH
     groups = compare_ap.aggregate([ok, crashed])
     g = groups[key]
     assert len(g["runs"]) == 2 and g["ok"] == [ok] and g["stats"][("bbox", "AP")]["mean"] == 2.0

@@ -80,7 +80,7 @@ CPU_GRID_LEAF = re.compile(r"(?P<norm>BN|GN|FRN)_(?P<batch>\d+)img(_(?P<variant>
 def test_cpu_grid_same_images_seen_and_linear_rule(grid):
     """configs/cpu_grid*: every run sees the same images, with warm-up, decays and evaluations at the same
     image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x."""
-    schedules, lr_per_image, sweep = set(), {}, {}
+    schedules, lr_per_image, sweep = {}, {}, {}
     paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*", "*.yaml")))
     assert paths
     for path in paths:
@@ -92,14 +92,18 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
         assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
         assert s.IMS_PER_BATCH == batch and s.REFERENCE_WORLD_SIZE == 1
         assert cfg.TEST.EVAL_PERIOD * 4 == s.MAX_ITER  # four points on the learning curve
-        schedules.add((s.MAX_ITER * batch, s.WARMUP_ITERS * batch, tuple(x * batch for x in s.STEPS),
-                       cfg.TEST.EVAL_PERIOD * batch))
+        schedules.setdefault("sweep" if variant.startswith("lr") else "grid", set()).add(
+            (s.MAX_ITER * batch, s.WARMUP_ITERS * batch, tuple(x * batch for x in s.STEPS), cfg.TEST.EVAL_PERIOD * batch))
         per_image = round(s.BASE_LR / batch, 12)
         if variant.startswith("lr"):
             sweep.setdefault(norm, set()).add(per_image)
         elif not variant and "retinanet" in path:
             lr_per_image.setdefault(norm, set()).add(per_image)
-    assert len(schedules) == 1, schedules
+    assert all(len(v) == 1 for v in schedules.values()), schedules
+    if "grid" in schedules:  # the grid trains as the sweep did (warm-up, decays), then longer at the last rate
+        (grid_images, *grid_rest), = schedules["grid"]
+        (sweep_images, *sweep_rest), = schedules["sweep"]
+        assert grid_rest[:2] == sweep_rest[:2] and grid_images >= sweep_images
     assert all(len(v) == 1 for v in lr_per_image.values()), lr_per_image
     assert set(sweep) == {"BN", "GN", "FRN"}
     for norm, lrs in sweep.items():

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from frn_det.engine.paths import REPO
 
 RUN_LINE = re.compile(r"^\[\d+/\d+\] configs/cpu_grid/(\S+)\.yaml seed (\d+): would run", re.M)
@@ -35,10 +37,13 @@ def dry_run(repo):
     return p.stdout
 
 
-def test_sweep_first_then_asks_for_the_best_rates(tmp_path):
-    out = dry_run(scratch_repo(tmp_path, SWEEP))
+@pytest.mark.parametrize("have", [[], [leaf for leaf in GRID + MORE if "GN" not in leaf]])
+def test_sweep_first_then_asks_for_the_best_rates(tmp_path, have):
+    """Without every grid leaf (no norm's best rate yet, or GN's still missing) only the sweep runs."""
+    out = dry_run(scratch_repo(tmp_path, SWEEP + have))
     assert RUN_LINE.findall(out) == [(leaf, "0") for leaf in sorted(SWEEP)]
-    assert "set CPU_GRID_BEST_LR_PER_IMAGE" in out
+    missing = next(leaf for leaf in GRID + MORE if leaf not in have)
+    assert f"No configs/cpu_grid/{missing}.yaml" in out and "CPU_GRID_BEST_LR_PER_IMAGE" in out
 
 
 def test_seed_zero_of_everything_before_more_seeds(tmp_path):
@@ -48,4 +53,4 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path):
                 + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
                 + [(leaf, "2") for leaf in GRID])
     assert RUN_LINE.findall(out) == expected
-    assert "CPU_GRID_BEST_LR_PER_IMAGE" not in out
+    assert "No configs/" not in out

@@ -27,14 +27,17 @@ grid() {  # grid NAME SEED CONFIG...
   "$PY" tools/compare_ap.py collect "$ROOT"/*/seed* --out docs/results/cpu_grid
 }
 
-grid sweep 0 "$R"/*_2img_lr*.yaml
-if [ ! -f "$R/FRN_2img.yaml" ]; then
-  echo "The grid needs each norm's best rate: once the sweep has finished, set CPU_GRID_BEST_LR_PER_IMAGE"
-  echo "(frn_det/engine/config_grid.py) from docs/results/cpu_grid.md, run tools/gen_configs.py and this script again."
-  exit 0
-fi
 GRID=("$R"/{BN,GN,FRN}_{1,2,8}img.yaml)
 MORE=("$R"/FRN_2img_{RELU,eps-all,fpn-no-norm}.yaml "$M"/{GN,FRN}_2img.yaml)
+grid sweep 0 "$R"/*_2img_lr*.yaml
+for config in "${GRID[@]}" "${MORE[@]}"; do
+  if [ ! -f "$config" ]; then
+    echo "No $config: the grid needs each norm's best rate. Once the sweep has finished, set"
+    echo "CPU_GRID_BEST_LR_PER_IMAGE (frn_det/engine/config_grid.py) from docs/results/cpu_grid.md,"
+    echo "run tools/gen_configs.py and this script again."
+    exit 0
+  fi
+done
 grid grid_seed0 0 "${GRID[@]}"
 grid ablations_seed0 0 "${MORE[@]}"
 grid grid_seed1 1 "${GRID[@]}"

@@ -19,4 +19,4 @@ _zoo_model.update(num_classes=NUM_CLASSES, head_in_features=["p3", "p4", "p5"], 
 model = placed(_zoo_model)
 
 dataloader = dataloader(use_instance_mask=False)
-optimizer, lr_multiplier, train = cpu_training(lr=0.01, max_iter=1800, steps=(1500, 1700))  # make demo's schedule
+optimizer, lr_multiplier, train = cpu_training(lr=0.01, max_iter=1900, steps=(1600, 1800))  # make demo's schedule

@@ -61,13 +61,14 @@ def plot(results, path):
 
 def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
     """A picture of one norm's detections (score >= ``min_score``, detectron2's Visualizer) on the first
-    ``num_images`` images of its test set, side by side; returns its path (output_dir/detections_<NORM>.png)."""
+    ``num_images`` images of its test set, side by side after a strip naming the norm; returns its
+    path (output_dir/detections_<NORM>.png)."""
     import numpy as np
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
     from detectron2.modeling import build_model
     from detectron2.utils.visualizer import Visualizer
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     from .checkpoint import ShapeCheckingCheckpointer
     from .config import load_run_cfg
@@ -84,6 +85,11 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
         shown = instances[instances.scores >= min_score].to("cpu")
         rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
         tiles.append(Visualizer(rgb, MetadataCatalog.get(name), scale=2.0).draw_instance_predictions(shown).get_image())
+    picture = Image.fromarray(np.concatenate(tiles, axis=1))
+    labelled = Image.new("RGB", (picture.width + 96, picture.height), "white")
+    labelled.paste(picture, (96, 0))
+    ImageDraw.Draw(labelled).text((48, picture.height // 2), norm, fill="black", anchor="mm",
+                                  font=ImageFont.load_default(size=32))
     path = os.path.join(output_dir, f"detections_{norm}.png")
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    labelled.save(path)
     return path
