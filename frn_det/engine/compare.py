@@ -358,7 +358,7 @@ def markdown(groups, runs, expected=None):
 
 
 _NORM_COLORS = {"BN": "tab:blue", "SyncBN": "tab:purple", "GN": "tab:orange", "FRN": "tab:green"}
-_VARIANT_STYLES = ("-", "--", ":", "-.")
+_VARIANT_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (3, 1, 1, 1, 1, 1)), "v"))  # line, marker
 
 
 def _norm_color(norm):
@@ -436,8 +436,9 @@ def plot_curves(runs, path, task="bbox"):
             xs = [curves[0][i][0] for i in range(n)]
             vals = [[c[i][1] for c in curves] for i in range(n)]
             seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
-            ax.plot(xs, [statistics.fmean(v) for v in vals], marker="o", markersize=3, color=_norm_color(norm),
-                    linestyle=style[variant], label=f"{norm} {variant} ({seeds})".replace("  ", " "))
+            line, marker = style[variant]
+            ax.plot(xs, [statistics.fmean(v) for v in vals], marker=marker, markersize=3, color=_norm_color(norm),
+                    linestyle=line, label=f"{norm} {variant} ({seeds})".replace("  ", " "))
             ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=_norm_color(norm), alpha=0.15)
         ax.set_title(f"{key[0]}, {key[1]} img/batch", fontsize=9)
         ax.set_xlabel("images seen")

@@ -343,10 +343,10 @@ CPU_GRID_SWEEP_BATCH = 2
 CPU_GRID_SWEEP_LR_PER_IMAGE = ("0.0025", "0.005", "0.01")
 # Extended upwards while a norm's best rate was the sweep's highest, so that every norm's optimum is
 # bracketed (box AP at 9600 images, lr per batch of 2: BN 60.7 / 69.0 / 72.3 / 72.3 / 69.7 at 0.005 /
-# 0.01 / 0.02 / 0.04 / 0.08; GN 71.7 / 74.8 / 75.4 at 0.005 / 0.01 / 0.02, then 0.04).
+# 0.01 / 0.02 / 0.04 / 0.08; GN 71.7 / 74.8 / 75.4 / 65.3 at 0.005 / 0.01 / 0.02 / 0.04).
 CPU_GRID_SWEEP_EXTRA_LR_PER_IMAGE = {"BN": ("0.02", "0.04"), "GN": ("0.02",)}
 # Each norm's best lr per image in the sweep (docs/results.md); None until the sweep has run.
-CPU_GRID_BEST_LR_PER_IMAGE = {"BN": "0.02", "GN": None, "FRN": "0.005"}
+CPU_GRID_BEST_LR_PER_IMAGE = {"BN": "0.02", "GN": "0.01", "FRN": "0.005"}
 # Ablations of FRN at batch 2: name -> (what it changes, config lines)
 CPU_GRID_ABLATIONS = {
     "RELU": ("FRN without TLU, detectron2's ReLUs kept (the paper's TLU ablation)",
