@@ -367,8 +367,8 @@ def _norm_color(norm):
 
 
 def plot(groups, path, task="bbox", metric="AP"):
-    """AP against images per GPU, one line per norm (error bars: std over seeds), one panel per
-    family. Returns the path."""
+    """AP against images per GPU, one line per norm (error bars: std over seeds; variants only where
+    a family has no plain-norm runs), one panel per family. Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,7 +377,9 @@ def plot(groups, path, task="bbox", metric="AP"):
     fams = sorted({k[0] for k in groups})  # families with at least a run
     fig, axes = plt.subplots(1, max(1, len(fams)), figsize=(5.5 * max(1, len(fams)), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
-        norms = sorted({k[1] for k in groups if k[0] == fam})
+        labels = sorted({k[1] for k in groups if k[0] == fam})
+        # the base norms only, when there are any: sweeps and ablations have their own plots
+        norms = [n for n in labels if " " not in n] or labels
         for norm in norms:
             pts = sorted(((k[2], g) for k, g in groups.items() if k[0] == fam and k[1] == norm
                           and (task, metric) in g["stats"]), key=lambda p: p[0])
@@ -386,10 +388,10 @@ def plot(groups, path, task="bbox", metric="AP"):
             xs = [p[0] for p in pts]
             ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
             es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm))
-        failed = [(k, g) for k, g in groups.items() if k[0] == fam and not g["ok"]]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm.split()[0]))
+        failed = [(k, g) for k, g in groups.items() if k[0] == fam and k[1] in norms and not g["ok"]]
         for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
-            ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1]), markersize=9, clip_on=False,
+            ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1].split()[0]), markersize=9, clip_on=False,
                     linestyle="none", label="all runs failed" if i == 0 else None)
             ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
         ax.set_xscale("log", base=2)
