@@ -11,7 +11,7 @@ from PIL import Image
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import ensure_synthetic
 from frn_det.engine.config import load_cfg
-from frn_det.engine.demo import CONFIG, draw_detections, table
+from frn_det.engine.demo import CONFIG, LABEL_WIDTH, draw_detections, table
 
 
 def test_detections_picture_names_the_norm(tmp_path):
@@ -23,8 +23,8 @@ def test_detections_picture_names_the_norm(tmp_path):
     path = draw_detections("FRN", str(tmp_path), num_images=2, min_score=1.1)  # no box drawn
     picture = np.asarray(Image.open(path).convert("L"))
     assert path == str(tmp_path / "detections_FRN.png")
-    assert picture.shape == (2 * 192, 96 + 2 * 2 * 192)  # label strip + 2 images at the Visualizer's scale 2
-    strip = picture[:, :96]
+    assert picture.shape == (2 * 192, LABEL_WIDTH + 2 * 2 * 192)  # label strip + 2 images at the Visualizer's scale 2
+    strip = picture[:, :LABEL_WIDTH]
     assert strip.min() < 100 and (strip > 250).mean() > 0.9  # dark text on a white strip
 
 

@@ -16,7 +16,8 @@ checkpoint), then collect it:
 Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per run,
 with its status and reason), PREFIX_groups.csv (one row per group: mean, std, min, max of every
 metric over seeds), PREFIX.png (AP against images per GPU) and, where the runs have them,
-PREFIX_curves.png (learning curves) and PREFIX_lr_sweep.png. The logic is frn_det.engine.compare and frn_det.engine.grid.
+PREFIX_curves.png (learning curves) and PREFIX_lr_sweep.png. The logic is frn_det.engine.compare
+and frn_det.engine.grid.
 """
 import argparse
 import sys

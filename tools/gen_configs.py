@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate the config grids: configs/coco/ (norms x images per GPU, from scratch) and the synthetic
-CPU comparison (configs/cpu_grid/, configs/cpu_grid_short/). The grids and their rules are frn_det/engine/config_grid.py.
+CPU comparison (configs/cpu_grid/, configs/cpu_grid_short/). The grids and their rules are
+frn_det/engine/config_grid.py.
 
     python tools/gen_configs.py            # (re)write every generated config
     python tools/gen_configs.py --check    # exit 1 if the committed files differ from the output

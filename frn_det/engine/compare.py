@@ -361,9 +361,10 @@ _NORM_COLORS = {"BN": "tab:blue", "SyncBN": "tab:purple", "GN": "tab:orange", "F
 _VARIANT_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (3, 1, 1, 1, 1, 1)), "v"))  # line, marker
 
 
-def _norm_color(norm):
-    """One colour per norm in every plot, so BN, GN and FRN read the same across figures."""
-    return _NORM_COLORS.get(norm, "tab:gray")
+def _norm_color(label):
+    """One colour per norm in every plot, so BN, GN and FRN read the same across figures; ``label`` is
+    a norm or a group's "norm variant"."""
+    return _NORM_COLORS.get(label.split()[0], "tab:gray")
 
 
 def plot(groups, path, task="bbox", metric="AP"):
@@ -388,10 +389,10 @@ def plot(groups, path, task="bbox", metric="AP"):
             xs = [p[0] for p in pts]
             ys = [p[1]["stats"][(task, metric)]["mean"] for p in pts]
             es = [p[1]["stats"][(task, metric)]["std"] for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm.split()[0]))
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm))
         failed = [(k, g) for k, g in groups.items() if k[0] == fam and k[1] in norms and not g["ok"]]
         for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
-            ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1].split()[0]), markersize=9, clip_on=False,
+            ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1]), markersize=9, clip_on=False,
                     linestyle="none", label="all runs failed" if i == 0 else None)
             ax.annotate(f"{k[1]} failed", (k[2], 0), textcoords="offset points", xytext=(4, 4 + 10 * i), fontsize=8)
         ax.set_xscale("log", base=2)

@@ -10,6 +10,7 @@ from .results import read_result
 
 CONFIG = os.path.join(CONFIGS, "synthetic", "retinanet_R18_FPN_{}.yaml")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
+LABEL_WIDTH = 96  # pixels of the strip naming the norm on the left of its detections picture
 
 
 def run_norm(norm, output_dir, resume, opts):
@@ -86,9 +87,9 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
         rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
         tiles.append(Visualizer(rgb, MetadataCatalog.get(name), scale=2.0).draw_instance_predictions(shown).get_image())
     picture = Image.fromarray(np.concatenate(tiles, axis=1))
-    labelled = Image.new("RGB", (picture.width + 96, picture.height), "white")
-    labelled.paste(picture, (96, 0))
-    ImageDraw.Draw(labelled).text((48, picture.height // 2), norm, fill="black", anchor="mm",
+    labelled = Image.new("RGB", (picture.width + LABEL_WIDTH, picture.height), "white")
+    labelled.paste(picture, (LABEL_WIDTH, 0))
+    ImageDraw.Draw(labelled).text((LABEL_WIDTH // 2, picture.height // 2), norm, fill="black", anchor="mm",
                                   font=ImageFont.load_default(size=32))
     path = os.path.join(output_dir, f"detections_{norm}.png")
     labelled.save(path)
