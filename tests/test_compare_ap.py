@@ -238,3 +238,25 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
         ("FRN", "2", "800", "31.00", "ok")
     for png in ("", "_curves", "_lr_sweep"):
         assert open(prefix + png + ".png", "rb").read()[:4] == b"\x89PNG"
+
+
+def test_group_without_a_finished_run_says_why(tmp_path):
+    """A cell whose runs are still training reads "not finished", one whose runs crashed "all failed"."""
+    config = "configs/cpu_grid/retinanet_R18_FPN/GN_1img.yaml"
+
+    def launched(name, returncode):
+        d = tmp_path / name
+        d.mkdir()
+        (d / compare_ap.STATUS_FILE).write_text(json.dumps(
+            {"command": ["py", "train_net.py", "--config-file", config, "SEED", "0"], "returncode": returncode}))
+        return compare_ap.load_run(str(d))
+
+    def cell(runs):
+        md = compare_ap.markdown(compare_ap.aggregate(runs), runs)
+        return next(ln for ln in md.splitlines() if ln.startswith("| retinanet_R18_FPN | GN | 1 |"))
+
+    training, crashed = launched("training", None), launched("crashed", 1)
+    assert (training.status, crashed.status) == ("missing", "failed")
+    assert "| 0/1 | not finished |" in cell([training])
+    assert "| 0/1 | all failed |" in cell([crashed])
+    assert "| 0/2 | failed or not finished |" in cell([training, crashed])

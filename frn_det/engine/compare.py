@@ -297,10 +297,18 @@ def lr_sweep(runs, task="bbox"):
     return out
 
 
+def _none_ok_label(runs):
+    """What a group without a finished run says in the table: failed runs are a result (BN at batch
+    1 may fail), runs still training or interrupted are not."""
+    statuses = {r.status for r in runs}
+    return {frozenset({"failed"}): "all failed", frozenset({"missing"}): "not finished"}.get(
+        frozenset(statuses), "failed or not finished")
+
+
 def markdown(groups, runs, expected=None):
     """The table (mean ± std over seeds, min–max for AP) and the list of missing/failed runs."""
     lines = []
-    tasks = [t for t in TASKS if any(t in g["tasks"] for g in groups.values())]
+    tasks = [t for t in TASKS if any(t in g["tasks"] for g in groups.values())] or TASKS[:1]  # box AP column even before any run finished
     head = ["family", "norm", "img/GPU", "GPUs", "batch", "runs"]
     for t in tasks:
         head += [f"{t} AP", f"{t} AP min–max"] + [f"{t} {m}" for m in METRICS[1:]]
@@ -312,7 +320,7 @@ def markdown(groups, runs, expected=None):
         row = [fam, norm, str(ipg), str(gpus), str(g["runs"][0].ims_per_batch or ""), n_runs]
         for t in tasks:
             if not g["ok"]:
-                row += ["all failed"] + [""] * len(METRICS)
+                row += [_none_ok_label(g["runs"])] + [""] * len(METRICS)
                 continue
             if t not in g["tasks"]:
                 row += [""] * (len(METRICS) + 1)
