@@ -308,7 +308,8 @@ def _none_ok_label(runs):
 def markdown(groups, runs, expected=None):
     """The table (mean ± std over seeds, min–max for AP) and the list of missing/failed runs."""
     lines = []
-    tasks = [t for t in TASKS if any(t in g["tasks"] for g in groups.values())] or TASKS[:1]  # box AP column even before any run finished
+    # the box AP column exists even before any run has finished
+    tasks = [t for t in TASKS if any(t in g["tasks"] for g in groups.values())] or TASKS[:1]
     head = ["family", "norm", "img/GPU", "GPUs", "batch", "runs"]
     for t in tasks:
         head += [f"{t} AP", f"{t} AP min–max"] + [f"{t} {m}" for m in METRICS[1:]]
