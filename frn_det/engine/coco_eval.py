@@ -1,5 +1,7 @@
 """COCO evaluation of a saved results json (what detectron2's COCOEvaluator writes) against COCO
-ground truth with pycocotools, with input errors that name the file at fault."""
+ground truth with pycocotools, with input errors that name the file at fault; and an error analysis
+that splits a detector's AP into finding objects and naming them (class-agnostic AP, and what each
+ground-truth class is detected as)."""
 import contextlib
 import io
 import json
@@ -62,6 +64,14 @@ def load_results(gt, path, iou_type):
         return gt.loadRes(results)
 
 
+def per_category_ap(ev):
+    """AP (%) of each category of an accumulated COCOeval, in ev.params.catIds order (NaN: none)."""
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    return [float(np.mean(p[p > -1]) * 100) if (p > -1).any() else float("nan")
+            for p in np.moveaxis(precision, 2, 0)]
+
+
 def evaluate(gt_path, results_path, iou_type="bbox"):
     """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %}."""
     from pycocotools.cocoeval import COCOeval
@@ -73,12 +83,108 @@ def evaluate(gt_path, results_path, iou_type="bbox"):
     ev.accumulate()
     ev.summarize()
     stats = {m: float(s * 100) if s >= 0 else float("nan") for m, s in zip(METRICS, ev.stats)}
-    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
-    precision = ev.eval["precision"][:, :, :, 0, -1]
     print("\nPer-category AP:")
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k]
-        ap = float(np.mean(p[p > -1]) * 100) if (p > -1).any() else float("nan")
+    for cat_id, ap in zip(ev.params.catIds, per_category_ap(ev)):
         print(f"  {gt.cats[cat_id]['name']:<20s} {ap:6.2f}")
     print("\n" + " | ".join(f"{m}: {stats[m]:.2f}" for m in METRICS))
     return stats
+
+
+def class_agnostic_ap(gt, dt, iou_type="bbox"):
+    """COCO AP (%) with categories ignored: a detection may match a ground-truth object of any class.
+    Its gap to the ordinary AP is what misnamed classes cost."""
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(gt, dt, iou_type)
+    ev.params.useCats = 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0] * 100) if ev.stats[0] >= 0 else float("nan")
+
+
+def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
+    """What each ground-truth object is detected as, on boxes.
+
+    Returns (category names, counts (K, K + 1)): row k is the ground-truth category gt.getCatIds()[k];
+    column j < K counts its objects whose best-scoring detection of score >= ``score_thresh`` and
+    box IoU >= ``iou_thresh`` (any class, crowd objects excluded) is of category j, column K those
+    that no such detection covers ("missed"). A per-object diagnostic: one detection may cover two
+    objects, unlike AP's one-to-one matching.
+    """
+    from pycocotools import mask as mask_util
+
+    cat_ids = gt.getCatIds()
+    col = {c: j for j, c in enumerate(cat_ids)}
+    counts = np.zeros((len(cat_ids), len(cat_ids) + 1), dtype=np.int64)
+    for img in gt.getImgIds():
+        objects = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=img)) if not a.get("iscrowd", 0)]
+        if not objects:
+            continue
+        dets = [d for d in dt.loadAnns(dt.getAnnIds(imgIds=img)) if d["score"] >= score_thresh]
+        best = np.full(len(objects), -1)
+        if dets:
+            iou = mask_util.iou([d["bbox"] for d in dets], [a["bbox"] for a in objects], [0] * len(objects))
+            scores = np.array([d["score"] for d in dets])
+            for i, a in enumerate(objects):
+                hits = np.flatnonzero(iou[:, i] >= iou_thresh)
+                if hits.size:
+                    best[i] = col[dets[hits[np.argmax(scores[hits])]]["category_id"]]
+        for a, j in zip(objects, best):
+            counts[col[a["category_id"]], j if j >= 0 else len(cat_ids)] += 1
+    return [gt.cats[c]["name"] for c in cat_ids], counts
+
+
+def error_analysis(gt_path, results_path, iou_type="bbox", score_thresh=0.3):
+    """{"AP", "class_agnostic_AP", "categories", "category_AP", "confusion", "score_thresh"} of one
+    results file (see above)."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = load_ground_truth(gt_path)
+    dt = load_results(gt, results_path, iou_type)
+    ev = COCOeval(gt, dt, iou_type)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    names, counts = confusion_matrix(gt, dt, score_thresh)
+    return {"AP": float(ev.stats[0] * 100), "class_agnostic_AP": class_agnostic_ap(gt, dt, iou_type),
+            "categories": names, "category_AP": per_category_ap(ev), "confusion": counts,
+            "score_thresh": score_thresh}
+
+
+def format_confusion(analysis):
+    """The confusion counts as a markdown table (rows: ground truth, columns: detected as)."""
+    names = analysis["categories"]
+    lines = ["| ground truth | " + " | ".join(names) + " | missed | correct | AP |",
+             "|---" * (len(names) + 4) + "|"]
+    for k, (name, row, ap) in enumerate(zip(names, analysis["confusion"], analysis["category_AP"])):
+        total = int(row.sum())
+        correct = f"{100 * row[k] / total:.0f}%" if total else "n/a"
+        lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in row) + f" | {correct} | {ap:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_confusions(analyses, labels, path):
+    """One heat map per results file (rows: ground truth, shares of the row; counts written in)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(analyses), figsize=(3.6 * len(analyses) + 0.6, 3.6), squeeze=False)
+    for ax, a, label in zip(axes[0], analyses, labels):
+        counts = a["confusion"]
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(counts.shape[1]), a["categories"] + ["missed"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(counts.shape[0]), a["categories"], fontsize=8)
+        ax.set_title(f"{label}\nAP {a['AP']:.1f}, class-agnostic {a['class_agnostic_AP']:.1f}", fontsize=9)
+        ax.set_xlabel(f"detected as (score >= {a['score_thresh']:g}, IoU >= 0.5)", fontsize=8)
+    axes[0][0].set_ylabel("ground truth", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""frn_det.engine.coco_eval's error analysis (class-agnostic AP, class confusion) and tools/coco_eval.py
+--errors on hand-made ground truth and detections whose answers are known."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from frn_det.engine import coco_eval
+from frn_det.engine.paths import REPO
+
+# (image id, category id, [x, y, w, h], iscrowd)
+OBJECTS = [(1, 1, [0, 0, 10, 10], 0), (1, 2, [20, 20, 10, 10], 0), (2, 1, [0, 0, 20, 20], 0),
+           (2, 2, [30, 30, 6, 6], 1)]
+
+
+@pytest.fixture
+def gt_path(tmp_path):
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in (1, 2)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "annotations": [{"id": k + 1, "image_id": img, "category_id": cat, "bbox": box, "iscrowd": crowd,
+                             "area": box[2] * box[3]} for k, (img, cat, box, crowd) in enumerate(OBJECTS)]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def write_results(tmp_path, dets, name="res.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps([{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in dets]))
+    return str(path)
+
+
+def test_perfect_and_misnamed_detections(gt_path, tmp_path):
+    """Exact boxes with the right classes: AP 100 either way; the same boxes with the classes swapped:
+    AP 0, yet class-agnostic AP 100 (every object found, none named), and the confusion says so."""
+    truth = [(img, cat, box, 0.9) for img, cat, box, crowd in OBJECTS if not crowd]
+    right = coco_eval.error_analysis(gt_path, write_results(tmp_path, truth, "right.json"))
+    assert right["AP"] == pytest.approx(100) and right["class_agnostic_AP"] == pytest.approx(100)
+    np.testing.assert_array_equal(right["confusion"], [[2, 0, 0], [0, 1, 0]])
+    assert right["category_AP"] == pytest.approx([100, 100])
+    swapped = [(img, 3 - cat, box, s) for img, cat, box, s in truth]
+    wrong = coco_eval.error_analysis(gt_path, write_results(tmp_path, swapped, "wrong.json"))
+    assert wrong["AP"] == pytest.approx(0) and wrong["class_agnostic_AP"] == pytest.approx(100)
+    np.testing.assert_array_equal(wrong["confusion"], [[0, 2, 0], [1, 0, 0]])
+
+
+def test_confusion_rules(gt_path, tmp_path):
+    """Each object takes the class of its best-scoring covering detection above the score threshold;
+    a detection that misses the box (IoU < 0.5) or scores below the threshold leaves it missed;
+    crowd objects are not counted."""
+    dets = [(1, 2, [0, 0, 10, 10], 0.9), (1, 1, [0, 0, 10, 10], 0.5),  # a, best detection says b
+            (1, 2, [20, 20, 10, 10], 0.2),                                # b, only below the threshold
+            (2, 1, [10, 10, 20, 20], 0.9),                                # a, IoU 1/7 with its box
+            (2, 1, [30, 30, 6, 6], 0.9)]                                  # on the crowd object
+    a = coco_eval.error_analysis(gt_path, write_results(tmp_path, dets))
+    assert a["categories"] == ["a", "b"]
+    np.testing.assert_array_equal(a["confusion"], [[0, 1, 1], [0, 0, 1]])
+    low = coco_eval.error_analysis(gt_path, write_results(tmp_path, dets), score_thresh=0.1)
+    np.testing.assert_array_equal(low["confusion"], [[0, 1, 1], [0, 1, 0]])
+    table = coco_eval.format_confusion(a)
+    assert "| a | 0 | 1 | 1 | 0% |" in table and "| b | 0 | 0 | 1 | 0% |" in table
+
+
+def test_tool_errors_and_plot(gt_path, tmp_path):
+    truth = [(img, cat, box, 0.9) for img, cat, box, crowd in OBJECTS if not crowd]
+    results = [write_results(tmp_path, truth, "one.json"),
+               write_results(tmp_path, [(i, 3 - c, b, s) for i, c, b, s in truth], "two.json")]
+    tool = os.path.join(REPO, "tools", "coco_eval.py")
+    png = tmp_path / "confusion.png"
+    proc = subprocess.run([sys.executable, tool, gt_path, *results, "--errors", "--labels", "good", "swapped",
+                           "--plot", str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "good: AP 100.00, class-agnostic AP 100.00" in proc.stdout
+    assert "swapped: AP 0.00, class-agnostic AP 100.00" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for argv, message in [([*results], "need --errors"), ([*results, "--errors", "--labels", "x"], "--labels names 1")]:
+        proc = subprocess.run([sys.executable, tool, gt_path, *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr
