@@ -79,8 +79,9 @@ CPU_GRID_LEAF = re.compile(r"(?P<norm>BN|GN|FRN)_(?P<batch>\d+)img(_(?P<variant>
 @pytest.mark.parametrize("grid", ["cpu_grid", "cpu_grid_short"])
 def test_cpu_grid_same_images_seen_and_linear_rule(grid):
     """configs/cpu_grid*: every run sees the same images, with warm-up, decays and evaluations at the same
-    image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x."""
-    schedules, lr_per_image, sweep = {}, {}, {}
+    image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x;
+    the batch-8 sweep runs the grid's schedule at fractions of the linear-rule rate."""
+    schedules, lr_per_image, sweep, sweep8 = {}, {}, {}, {}
     paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*", "*.yaml")))
     assert paths
     for path in paths:
@@ -92,11 +93,14 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
         assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
         assert s.IMS_PER_BATCH == batch and s.REFERENCE_WORLD_SIZE == 1
         assert cfg.TEST.EVAL_PERIOD * 4 == s.MAX_ITER  # four points on the learning curve
-        schedules.setdefault("sweep" if variant.startswith("lr") else "grid", set()).add(
+        at_sweep_batch = variant.startswith("lr") and batch != 8
+        schedules.setdefault("sweep" if at_sweep_batch else "grid", set()).add(
             (s.MAX_ITER * batch, s.WARMUP_ITERS * batch, tuple(x * batch for x in s.STEPS), cfg.TEST.EVAL_PERIOD * batch))
         per_image = round(s.BASE_LR / batch, 12)
-        if variant.startswith("lr"):
+        if at_sweep_batch:
             sweep.setdefault(norm, set()).add(per_image)
+        elif variant.startswith("lr"):
+            sweep8.setdefault(norm, set()).add(per_image)
         elif not variant and "retinanet" in path:
             lr_per_image.setdefault(norm, set()).add(per_image)
     assert all(len(v) == 1 for v in schedules.values()), schedules
@@ -110,6 +114,9 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
         assert len(lrs) >= 3 and max(lrs) / min(lrs) >= 4
         if norm in lr_per_image:
             assert lr_per_image[norm] <= lrs  # the grid runs at a swept rate
+    for norm, lrs in sweep8.items():
+        (linear,) = lr_per_image[norm]
+        assert sorted(round(lr / linear, 6) for lr in lrs) == [0.25, 0.5]
 
 
 @pytest.mark.parametrize("rel", LEAVES)

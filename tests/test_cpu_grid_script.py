@@ -15,6 +15,7 @@ SWEEP = [f"retinanet_R18_FPN/{n}_2img_lr{lr}" for n in ("BN", "FRN", "GN") for l
 GRID = [f"retinanet_R18_FPN/{n}_{b}img" for n in ("BN", "GN", "FRN") for b in (1, 2, 8)]
 MORE = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("RELU", "eps-all", "fpn-no-norm")] + \
        [f"mask_rcnn_R18_FPN/{n}_2img" for n in ("GN", "FRN")]
+SWEEP8 = [f"retinanet_R18_FPN/{n}_8img_lr{lr}" for n, lr in (("BN", "0.04"), ("FRN", "0.01"), ("GN", "0.02"))]
 
 
 def scratch_repo(tmp_path, leaves):
@@ -46,10 +47,12 @@ def test_sweep_first_then_asks_for_the_best_rates(tmp_path, have):
     assert f"No configs/cpu_grid/{missing}.yaml" in out and "CPU_GRID_BEST_LR_PER_IMAGE" in out
 
 
-def test_seed_zero_of_everything_before_more_seeds(tmp_path):
-    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE))
+@pytest.mark.parametrize("sweep8", [[], SWEEP8], ids=["no_batch8_sweep", "batch8_sweep"])
+def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
+    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8))
     expected = ([(leaf, "0") for leaf in sorted(SWEEP)]
                 + [(leaf, "0") for leaf in GRID] + [(leaf, "0") for leaf in MORE]
+                + [(leaf, "0") for leaf in sorted(sweep8)]
                 + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
                 + [(leaf, "2") for leaf in GRID])
     assert RUN_LINE.findall(out) == expected

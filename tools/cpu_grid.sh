@@ -4,8 +4,8 @@
 # interrupted ones resume exactly from their last checkpoint).
 #   1. the learning-rate sweep (batch 2, seed 0);
 #   2. once CPU_GRID_BEST_LR_PER_IMAGE is set and `tools/gen_configs.py` has written the grid:
-#      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, then seed 1 of all, then seed 2
-#      of the grid;
+#      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, the learning-rate sweep at batch 8
+#      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
 #   3. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}.
 # Usage: bash tools/cpu_grid.sh   (PYTHON=... another environment; JOBS=2 runs at a time; DRY_RUN=1
 # prints the runs instead)
@@ -40,6 +40,10 @@ for config in "${GRID[@]}" "${MORE[@]}"; do
 done
 grid grid_seed0 0 "${GRID[@]}"
 grid ablations_seed0 0 "${MORE[@]}"
+shopt -s nullglob
+SWEEP8=("$R"/*_8img_lr*.yaml)
+shopt -u nullglob
+[ ${#SWEEP8[@]} -gt 0 ] && grid sweep_batch8 0 "${SWEEP8[@]}"
 grid grid_seed1 1 "${GRID[@]}"
 grid ablations_seed1 1 "${MORE[@]}"
 grid grid_seed2 2 "${GRID[@]}"

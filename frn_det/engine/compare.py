@@ -286,14 +286,16 @@ def paired_differences(runs, a="FRN", b="GN", task="bbox"):
 
 
 def lr_sweep(runs, task="bbox"):
-    """{norm: [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate (``lr<value>``)."""
+    """{"<norm> batch <B>": [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate
+    (``lr<value>``): one sweep per norm and batch size, since base_lr is per batch."""
     points = {}
     for r in runs:
         if r.status == "ok" and r.variant.startswith("lr"):
-            points.setdefault((r.result["norm"], r.result["base_lr"]), []).append(r.metric(task, "AP"))
+            key = (r.result["norm"], r.ims_per_batch, r.result["base_lr"])
+            points.setdefault(key, []).append(r.metric(task, "AP"))
     out = {}
-    for (norm, lr), aps in sorted(points.items()):
-        out.setdefault(norm, []).append((lr, statistics.fmean(aps), len(aps)))
+    for (norm, batch, lr), aps in sorted(points.items()):
+        out.setdefault(f"{norm} batch {batch}", []).append((lr, statistics.fmean(aps), len(aps)))
     return out
 
 
@@ -348,7 +350,8 @@ def markdown(groups, runs, expected=None):
                              f"{p['stats']['mean']:+.2f} ± {_fmt(p['stats']['std'])} |")
     sweep = lr_sweep(runs)
     if sweep:
-        lines += ["", "Learning-rate sweep (box AP; mean over the seeds run):", "", "| norm | base_lr: AP |", "|---|---|"]
+        lines += ["", "Learning-rate sweep (box AP; mean over the seeds run):", "", "| norm | base_lr: AP |",
+                  "|---|---|"]
         for norm, pts in sweep.items():
             lines.append(f"| {norm} | " + ", ".join(f"{lr:g}: {ap:.2f}" + (f" ({n} seeds)" if n > 1 else "")
                                                      for lr, ap, n in pts) + " |")
@@ -464,7 +467,7 @@ def plot_curves(runs, path, task="bbox"):
 
 
 def plot_lr_sweep(runs, path, task="bbox"):
-    """Final AP against the base learning rate (log scale), one line per norm."""
+    """Final AP against the base learning rate (log scale), one line per norm and batch size."""
     sweep = lr_sweep(runs, task)
     if not sweep:
         return None
@@ -474,8 +477,11 @@ def plot_lr_sweep(runs, path, task="bbox"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    for norm, pts in sweep.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm, color=_norm_color(norm))
+    batches = sorted({int(label.rsplit(" ", 1)[1]) for label in sweep})
+    for label, pts in sweep.items():
+        # one colour per norm, a line style per batch size
+        style = ("-", "--", ":")[min(batches.index(int(label.rsplit(" ", 1)[1])), 2)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label, color=_norm_color(label))
     ax.set_xscale("log")
     ax.set_xlabel("base learning rate")
     ax.set_ylabel(f"final {task} AP")
