@@ -483,6 +483,9 @@ def plot_lr_sweep(runs, path, task="bbox"):
         style = ("-", "--", ":")[min(batches.index(int(label.rsplit(" ", 1)[1])), 2)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label, color=_norm_color(label))
     ax.set_xscale("log")
+    lrs = sorted({p[0] for pts in sweep.values() for p in pts})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=8)
+    ax.minorticks_off()
     ax.set_xlabel("base learning rate")
     ax.set_ylabel(f"final {task} AP")
     ax.grid(True, alpha=0.3)
