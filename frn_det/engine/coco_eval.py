@@ -72,17 +72,30 @@ def per_category_ap(ev):
             for p in np.moveaxis(precision, 2, 0)]
 
 
-def evaluate(gt_path, results_path, iou_type="bbox"):
-    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %}."""
+def _percent(stat):
+    """A COCOeval stat in %, NaN where COCO could not compute it (-1)."""
+    return float(stat * 100) if stat >= 0 else float("nan")
+
+
+def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True):
+    """An evaluated, accumulated and summarised COCOeval (its table printed unless ``quiet``)."""
     from pycocotools.cocoeval import COCOeval
 
+    ev = COCOeval(gt, dt, iou_type)
+    ev.params.useCats = int(use_cats)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def evaluate(gt_path, results_path, iou_type="bbox"):
+    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %}."""
     gt = load_ground_truth(gt_path)
     dt = load_results(gt, results_path, iou_type)
-    ev = COCOeval(gt, dt, iou_type)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    stats = {m: float(s * 100) if s >= 0 else float("nan") for m, s in zip(METRICS, ev.stats)}
+    ev = _cocoeval(gt, dt, iou_type, quiet=False)
+    stats = {m: _percent(s) for m, s in zip(METRICS, ev.stats)}
     print("\nPer-category AP:")
     for cat_id, ap in zip(ev.params.catIds, per_category_ap(ev)):
         print(f"  {gt.cats[cat_id]['name']:<20s} {ap:6.2f}")
@@ -93,15 +106,7 @@ def evaluate(gt_path, results_path, iou_type="bbox"):
 def class_agnostic_ap(gt, dt, iou_type="bbox"):
     """COCO AP (%) with categories ignored: a detection may match a ground-truth object of any class.
     Its gap to the ordinary AP is what misnamed classes cost."""
-    from pycocotools.cocoeval import COCOeval
-
-    ev = COCOeval(gt, dt, iou_type)
-    ev.params.useCats = 0
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[0] * 100) if ev.stats[0] >= 0 else float("nan")
+    return _percent(_cocoeval(gt, dt, iou_type, use_cats=False).stats[0])
 
 
 def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
@@ -139,17 +144,11 @@ def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
 def error_analysis(gt_path, results_path, iou_type="bbox", score_thresh=0.3):
     """{"AP", "class_agnostic_AP", "categories", "category_AP", "confusion", "score_thresh"} of one
     results file (see above)."""
-    from pycocotools.cocoeval import COCOeval
-
     gt = load_ground_truth(gt_path)
     dt = load_results(gt, results_path, iou_type)
-    ev = COCOeval(gt, dt, iou_type)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+    ev = _cocoeval(gt, dt, iou_type)
     names, counts = confusion_matrix(gt, dt, score_thresh)
-    return {"AP": float(ev.stats[0] * 100), "class_agnostic_AP": class_agnostic_ap(gt, dt, iou_type),
+    return {"AP": _percent(ev.stats[0]), "class_agnostic_AP": class_agnostic_ap(gt, dt, iou_type),
             "categories": names, "category_AP": per_category_ap(ev), "confusion": counts,
             "score_thresh": score_thresh}
 
