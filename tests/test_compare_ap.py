@@ -225,8 +225,8 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
     p = pairs[("retinanet_R18_FPN", 2)]
     assert p["seeds"] == [0, 1] and p["diffs"] == [-1.0, 1.0] and p["stats"]["mean"] == 0.0  # GN seed 2: no pair
     runs.append(_grid_run(tmp_path, "FRN", 8, 0, 20.0, "lr0.02", 0.02))  # base_lr is per batch: its own sweep
-    assert compare_ap.lr_sweep(runs) == {"FRN batch 2": [(0.005, 25.0, 1), (0.02, 28.0, 1)],
-                                         "FRN batch 8": [(0.02, 20.0, 1)]}
+    assert compare_ap.lr_sweep(runs) == {("FRN", 2): [(0.005, 25.0, 1), (0.02, 28.0, 1)],
+                                         ("FRN", 8): [(0.02, 20.0, 1)]}
     assert runs[0].last_quarter_change() == pytest.approx(30.0 * (1.0 - 0.95))
     prefix = str(tmp_path / "out" / "grid")
     compare_ap.write_all(runs, prefix)

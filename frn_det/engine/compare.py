@@ -286,7 +286,7 @@ def paired_differences(runs, a="FRN", b="GN", task="bbox"):
 
 
 def lr_sweep(runs, task="bbox"):
-    """{"<norm> batch <B>": [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate
+    """{(norm, batch): [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate
     (``lr<value>``): one sweep per norm and batch size, since base_lr is per batch."""
     points = {}
     for r in runs:
@@ -295,7 +295,7 @@ def lr_sweep(runs, task="bbox"):
             points.setdefault(key, []).append(r.metric(task, "AP"))
     out = {}
     for (norm, batch, lr), aps in sorted(points.items()):
-        out.setdefault(f"{norm} batch {batch}", []).append((lr, statistics.fmean(aps), len(aps)))
+        out.setdefault((norm, batch), []).append((lr, statistics.fmean(aps), len(aps)))
     return out
 
 
@@ -352,8 +352,8 @@ def markdown(groups, runs, expected=None):
     if sweep:
         lines += ["", "Learning-rate sweep (box AP; mean over the seeds run):", "", "| norm | base_lr: AP |",
                   "|---|---|"]
-        for norm, pts in sweep.items():
-            lines.append(f"| {norm} | " + ", ".join(f"{lr:g}: {ap:.2f}" + (f" ({n} seeds)" if n > 1 else "")
+        for (norm, batch), pts in sweep.items():
+            lines.append(f"| {norm} batch {batch} | " + ", ".join(f"{lr:g}: {ap:.2f}" + (f" ({n} seeds)" if n > 1 else "")
                                                      for lr, ap, n in pts) + " |")
     bad = [r for r in runs if r.status != "ok"]
     lines.append("")
@@ -477,11 +477,12 @@ def plot_lr_sweep(runs, path, task="bbox"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    batches = sorted({int(label.rsplit(" ", 1)[1]) for label in sweep})
-    for label, pts in sweep.items():
+    batches = sorted({batch for _, batch in sweep})
+    for (norm, batch), pts in sweep.items():
         # one colour per norm, a line style per batch size
-        style = ("-", "--", ":")[min(batches.index(int(label.rsplit(" ", 1)[1])), 2)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label, color=_norm_color(label))
+        style = ("-", "--", ":")[min(batches.index(batch), 2)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{norm} batch {batch}",
+                color=_norm_color(norm))
     ax.set_xscale("log")
     lrs = sorted({p[0] for pts in sweep.values() for p in pts})
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=8)
