@@ -94,26 +94,45 @@ def test_lazy_config_trains_a_step_and_evaluates_on_cpu(tiny, tmp_path, name):
     assert (record["norm"], record["ims_per_batch"], record["max_iter"]) == ("FRN", 2, 1)
 
 
-def test_lazy_train_net_end_to_end_with_eval_only(tiny, tmp_path):
+def _lazy_train_net(tiny, *overrides, flags=()):
+    """tools/lazy_train_net.py on the tiny dataset: 3 iterations, evaluated after 2 and 3."""
     root, names = tiny
-    tool = os.path.join(REPO, "tools", "lazy_train_net.py")
     data = [arg for split, name in names.items() for arg in
             ("--dataset", name, os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split))]
-    common = ["--config-file", LAZY.format("retinanet_R18_FPN_FRN_synthetic"), *data,
-              f"dataloader.train.dataset.names={names['train']}", f"dataloader.test.dataset.names={names['val']}",
-              "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "train.max_iter=3",
-              "train.eval_period=2", "model.model.test_score_thresh=0.0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "train"
-    proc = subprocess.run([sys.executable, tool, *common, f"train.output_dir={out}"], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "lazy_train_net.py"), *flags, "--config-file",
+         LAZY.format("retinanet_R18_FPN_FRN_synthetic"), *data,
+         f"dataloader.train.dataset.names={names['train']}", f"dataloader.test.dataset.names={names['val']}",
+         "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "train.max_iter=3",
+         "train.eval_period=2", "model.model.test_score_thresh=0.0", *overrides],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_lazy_train_net_end_to_end_with_eval_only(tiny, tmp_path):
+    out = tmp_path / "train"
+    _lazy_train_net(tiny, f"train.output_dir={out}")
     result = json.loads((out / "frn_det_result.json").read_text())
     assert (result["norm"], result["meta_architecture"], result["max_iter"]) == ("FRN", "RetinaNet", 3)
     assert [c["iteration"] for c in result["curve"]] == [2, 3]
     again = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, tool, "--eval-only", *common, f"train.output_dir={again}",
-                           f"train.init_checkpoint={out / 'model_final.pth'}"], capture_output=True, text=True,
-                          cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _lazy_train_net(tiny, f"train.output_dir={again}", f"train.init_checkpoint={out / 'model_final.pth'}",
+                    flags=["--eval-only"])
     assert json.loads((again / "frn_det_result.json").read_text())["results"] == result["results"]
+
+
+def test_lazy_run_stopped_during_an_evaluation_evaluates_it_on_resume(tiny, tmp_path):
+    """The checkpoint after iteration 2 is written, the evaluation due there is not: --resume
+    evaluates it before training on, and the curve has both points (as the uninterrupted run)."""
+    out = tmp_path / "train"
+    _lazy_train_net(tiny, f"train.output_dir={out}", "train.checkpointer.period=2")
+    os.remove(out / "model_final.pth")
+    os.remove(out / "frn_det_result.json")
+    with open(out / "metrics.json") as f:
+        kept = [line for line in f if json.loads(line)["iteration"] < 1]
+    (out / "metrics.json").write_text("".join(kept))
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    proc = _lazy_train_net(tiny, f"train.output_dir={out}", "train.checkpointer.period=2", flags=["--resume"])
+    assert "Starting training from iteration 2" in proc.stdout + proc.stderr
+    assert [c["iteration"] for c in json.loads((out / "frn_det_result.json").read_text())["curve"]] == [2, 3]

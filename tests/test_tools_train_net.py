@@ -203,6 +203,28 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(data, t
     assert _result(resumed)["results"] == _result(full)["results"]
 
 
+def test_run_interrupted_during_an_evaluation_evaluates_before_training_on(data, tmp_path):
+    """detectron2 writes the checkpoint of an evaluation point before it evaluates: a run stopped during
+    that evaluation resumes after it. The resumed run evaluates the checkpoint first, so its learning
+    curve has every point of the uninterrupted run's (detectron2's writer flushes every 20 iterations:
+    an evaluation every 20 keeps each on its own line)."""
+    full = tmp_path / "full"
+    opts = [*_opts(full, max_iter=21), "TEST.EVAL_PERIOD", "20", "SOLVER.CHECKPOINT_PERIOD", "20"]
+    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), *opts)
+    assert [p["iteration"] for p in _result(full)["curve"]] == [20, 21]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for name in ("model_final.pth", "frn_det_result.json", "inference"):  # the state a stop during the evaluation leaves
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else os.remove(resumed / name)
+    with open(full / "metrics.json") as f:
+        (resumed / "metrics.json").write_text("".join(line for line in f if json.loads(line)["iteration"] < 19))
+    (resumed / "last_checkpoint").write_text("model_0000019.pth")
+    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume",
+                     *[str(resumed) if o == str(full) else o for o in opts])
+    assert "Starting training from iteration 20" in proc.stdout + proc.stderr
+    assert _result(resumed)["curve"] == _result(full)["curve"]
+
+
 # ---- bad input is named before training starts ----------------------------------------------------
 
 def _args(*argv):

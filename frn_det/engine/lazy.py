@@ -14,6 +14,7 @@ from torch import nn
 from ..layers import FilterResponseNorm2d
 from .checkpoint import ShapeCheckingCheckpointer
 from .results import result_record
+from .resumable import EvaluateWhatTheInterruptionSkipped
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,13 @@ def train(cfg, resume=False):
         last["results"] = test(cfg, model)
         return last["results"]
 
+    eval_hook = hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, evaluate_and_keep),
+        eval_hook,
+        EvaluateWhatTheInterruptionSkipped(eval_hook, cfg.train.output_dir),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])

@@ -12,7 +12,9 @@ workers and the model draw from random generators whose state is not checkpointe
   position) before mapping each sample, so augmentation depends neither on the worker nor on what
   came before;
 - :class:`ReseedEachIteration` seeds the main process's generators from (seed, rank, iteration)
-  before every step (Mask R-CNN samples proposals with torch's generator).
+  before every step (Mask R-CNN samples proposals with torch's generator);
+- :class:`EvaluateWhatTheInterruptionSkipped` runs the evaluation a stop cut short, so the resumed
+  run's learning curve has every point of the uninterrupted run's.
 
 TorchScript functions (detectron2's sigmoid focal loss) run unoptimized for their first calls and
 as an optimized (fused) graph afterwards, with other rounding, so a resumed process would compute
@@ -32,9 +34,11 @@ import torch
 from detectron2.data import build_batch_data_loader, build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.common import DatasetFromList
-from detectron2.engine import HookBase
+from detectron2.engine import EvalHook, HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+
+from .results import read_curve
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,31 @@ class ReseedEachIteration(HookBase):
 
     def before_step(self):
         seed_all_rng(derived_seed(self._seed, comm.get_rank(), self.trainer.iter))
+
+
+class EvaluateWhatTheInterruptionSkipped(HookBase):
+    """Before training on, evaluates a resumed checkpoint whose due evaluation is not in metrics.json.
+
+    detectron2 writes the checkpoint of an evaluation point before it evaluates (PeriodicCheckpointer
+    comes before EvalHook), so a run stopped during that evaluation resumes after it and its learning
+    curve would lack the point. The result is recorded under the checkpoint's iteration, where the
+    uninterrupted run has it. Register it right after ``eval_hook``."""
+
+    def __init__(self, eval_hook: EvalHook, output_dir: str):
+        self._eval_hook, self._output_dir = eval_hook, output_dir
+
+    def before_train(self):
+        done, max_iter, period = self.trainer.start_iter, self.trainer.max_iter, self._eval_hook._period
+        if done == 0 or period <= 0 or done % period or done >= max_iter:
+            return  # nothing was due, or it is the final evaluation, which runs anyway
+        evaluated = any(p["iteration"] == done for p in read_curve(self._output_dir, max_iter, ims_per_batch=1))
+        if comm.all_gather(evaluated)[0]:  # the main process's metrics.json decides for every process
+            return
+        logger.info(f"The evaluation after iteration {done} is not in metrics.json (the run stopped during it): "
+                    "evaluating the checkpoint before training on")
+        self.trainer.storage.iter = done - 1  # where EvalHook records the evaluation after iteration `done`
+        self._eval_hook._do_eval()
+        self.trainer.storage.iter = done
 
 
 def make_torchscript_repeatable():

@@ -7,12 +7,18 @@ import weakref
 from unittest import mock
 
 import detectron2.utils.comm as comm
-from detectron2.engine import DefaultTrainer, PeriodicCheckpointer, defaults
+from detectron2.engine import DefaultTrainer, EvalHook, PeriodicCheckpointer, defaults
 from detectron2.evaluation import COCOEvaluator
 
 from ..modeling import build_optimizer
 from .checkpoint import ShapeCheckingCheckpointer
-from .resumable import ReseedEachIteration, build_resumable_train_loader, is_resumable, make_torchscript_repeatable
+from .resumable import (
+    EvaluateWhatTheInterruptionSkipped,
+    ReseedEachIteration,
+    build_resumable_train_loader,
+    is_resumable,
+    make_torchscript_repeatable,
+)
 
 
 @contextlib.contextmanager
@@ -29,8 +35,8 @@ def _cpu_ddp(cfg):
 class Trainer(DefaultTrainer):
     """DefaultTrainer with FRN/TLU parameters counted as norm parameters (SOLVER.WEIGHT_DECAY_NORM, as
     BN and GN get), COCO evaluation of boxes (and masks), CPU multi-process training, a resume that
-    continues the data stream and random state exactly where the checkpoint left them
-    (frn_det.engine.resumable), and checkpoints that must fit the model (ShapeCheckingCheckpointer)."""
+    continues the data stream and random state exactly where the checkpoint left them and evaluates
+    first when the stop cut an evaluation short (frn_det.engine.resumable), and checkpoints that must fit the model (ShapeCheckingCheckpointer)."""
 
     def __init__(self, cfg):
         if is_resumable(cfg):
@@ -48,6 +54,8 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        after_eval = next(i for i, h in enumerate(hooks) if isinstance(h, EvalHook)) + 1
+        hooks.insert(after_eval, EvaluateWhatTheInterruptionSkipped(hooks[after_eval - 1], self.cfg.OUTPUT_DIR))
         return [ReseedEachIteration(self.cfg.SEED)] + hooks if is_resumable(self.cfg) else hooks
 
     def _model(self):
