@@ -1,8 +1,10 @@
-"""frn_det.engine.demo: the table and the detections picture `make demo` writes (no training: the
-pictured model is a freshly built one saved as the run's final weights)."""
+"""frn_det.engine.demo: the table and the detections picture `make demo` writes (the pictured model
+is a freshly built one saved as the run's final weights), and the norms trained at the same time
+(a few iterations at 64 px)."""
 import os
 
 import numpy as np
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -11,7 +13,7 @@ from PIL import Image
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import ensure_synthetic
 from frn_det.engine.config import load_cfg
-from frn_det.engine.demo import CONFIG, LABEL_WIDTH, draw_detections, table
+from frn_det.engine.demo import CONFIG, LABEL_WIDTH, draw_detections, iterations_done, table, train_norms
 
 
 def test_detections_picture_names_the_norm(tmp_path):
@@ -32,3 +34,28 @@ def test_table_rows_per_norm():
     bbox = {"AP": 21.46, "AP50": 33.8, "AP75": 25.4, "APs": 28.8, "APm": float("nan")}
     md = table({"FRN": {"results": {"bbox": bbox}, "max_iter": 1900, "wall_time_s": 263.6}})
     assert md.splitlines()[2] == "| FRN |  21.5 |  33.8 |  25.4 |  28.8 |   n/a | 1900 | 264 |"
+
+
+# The demo's dataset, at 64 px, for 3 iterations.
+TINY_RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+            "INPUT.MAX_SIZE_TEST", "64"]
+
+
+def test_norms_train_at_the_same_time_each_to_its_result(tmp_path):
+    ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])  # as the demo generates it before training
+    os.makedirs(tmp_path / "BN")
+    (tmp_path / "BN" / "frn_det_result.json").write_text("{}")  # a stale run: without --resume it is cleared
+    results = train_norms(["BN", "FRN"], str(tmp_path), resume=False, opts=TINY_RUN, poll_s=0.2)
+    assert {n: (r["norm"], r["max_iter"], r["ims_per_batch"]) for n, r in results.items()} == {
+        "BN": ("BN", 3, 2), "FRN": ("FRN", 3, 2)}
+    assert all(iterations_done(str(tmp_path / n)) >= 3 for n in results)
+    assert all(r["results"]["bbox"]["AP"] is not None for r in results.values())
+
+
+def test_a_failed_run_is_an_error_that_names_its_log(tmp_path):
+    ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])
+    missing = str(tmp_path / "no_such_weights.pth")
+    with pytest.raises(RuntimeError, match=r"the GN run failed \(exit 1\); its log is .*GN") as e:
+        train_norms(["GN"], str(tmp_path), resume=False, opts=[*TINY_RUN, "MODEL.WEIGHTS", missing], poll_s=0.2)
+    assert missing in str(e.value)  # the end of the log says what went wrong

@@ -2,8 +2,9 @@
 """`make demo`: RetinaNet R18-FPN with BN, GN and FRN on the synthetic dataset, on CPU.
 
 Generates the synthetic dataset (once; cached under the default root), then trains and evaluates
-configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml one after the other through
-tools/train_net.py (2 images per batch, the schedule in Base-RetinaNet-R18-FPN.yaml), prints an AP
+configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml at the same time through tools/train_net.py,
+the CPU cores shared out between the runs (2 images per batch, the schedule in
+Base-RetinaNet-R18-FPN.yaml; a progress bar per run, its log in output/demo/<NORM>/), prints an AP
 table and writes output/demo/demo_ap.png (AP per norm) and output/demo/detections_<NORM>.png
 (detections with score >= 0.3 on 4 val images, detectron2's Visualizer). Each run keeps its
 detectron2 output directory (log.txt, metrics.json, model_final.pth, frn_det_result.json) under
@@ -18,7 +19,7 @@ import os
 import time
 
 from frn_det.data import SyntheticSpec, default_synthetic_root, generate
-from frn_det.engine.demo import draw_detections, plot, run_norm, table
+from frn_det.engine.demo import draw_detections, plot, table, train_norms
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
     root = default_synthetic_root()
     print(f"Synthetic dataset under {root} (generated on first use, then reused)", flush=True)
     generate(SyntheticSpec(), root)
-    results = {norm: run_norm(norm, args.output_dir, args.resume, opts) for norm in args.norms}
+    results = train_norms(args.norms, args.output_dir, args.resume, opts)
 
     summary = table(results)
     png = os.path.join(args.output_dir, "demo_ap.png")

@@ -114,7 +114,8 @@ def describe_config(config_file, num_gpus=1):
     return _DESCRIBED[config_file]
 
 
-def _tail(path, n=40):
+def tail_lines(path, n=40):
+    """The last ``n`` lines of a text file (none when it cannot be read)."""
     try:
         with open(path, errors="replace") as f:
             return f.read().splitlines()[-n:]
@@ -143,7 +144,7 @@ def load_run(run_dir, config_file=None, seed=None):
             seed = int(cmd[cmd.index("SEED") + 1])
     if not os.path.isfile(path):
         if launched is not None and launched.get("returncode") not in (None, 0):
-            line = _failure_line(_tail(os.path.join(run_dir, LOG_FILE)))
+            line = _failure_line(tail_lines(os.path.join(run_dir, LOG_FILE)))
             reason = f"train_net exited with {launched['returncode']}" + (f": {line}" if line else "")
             return Run(run_dir, "failed", reason, config_file=config_file, seed=seed)
         if launched is not None and launched.get("returncode") == 0:

@@ -1,10 +1,17 @@
-"""`make demo`: RetinaNet R18-FPN with BN, GN and FRN on the synthetic dataset, on CPU: each norm
-trained and evaluated through tools/train_net.py, then an AP table and a bar plot."""
+"""`make demo`: RetinaNet R18-FPN with BN, GN and FRN on the synthetic dataset, on CPU: the norms
+trained and evaluated at the same time through tools/train_net.py, then an AP table, a bar plot and
+a picture of each norm's detections."""
+import concurrent.futures
+import json
 import math
 import os
-import subprocess
+import shutil
 import sys
+import time
 
+from .compare import LOG_FILE, tail_lines
+from .config import load_cfg, load_run_cfg
+from .grid import run_logged, thread_env
 from .paths import CONFIGS, TOOLS
 from .results import read_result
 
@@ -13,13 +20,62 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 LABEL_WIDTH = 96  # pixels of the strip naming the norm on the left of its detections picture
 
 
-def run_norm(norm, output_dir, resume, opts):
-    cmd = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", CONFIG.format(norm)]
-    cmd += ["--resume"] if resume else []
-    cmd += ["OUTPUT_DIR", os.path.join(output_dir, norm), *opts]
-    print(f"\n==== {norm}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    return read_result(os.path.join(output_dir, norm))
+def available_cores():
+    """CPU cores this process may run on (the affinity mask, which containers restrict)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def train_norms(norms, output_dir, resume, opts, poll_s=5.0):
+    """Trains and evaluates every norm through tools/train_net.py at the same time, the CPU cores shared
+    out as intra-op threads (several small runs at once use 2 cores better than one after the other),
+    with a progress bar per run. Returns {norm: result}; a run that fails is an error naming its log.
+    Without ``resume`` each run starts from an empty output_dir/<NORM>."""
+    from tqdm import tqdm
+
+    runs = {norm: os.path.join(output_dir, norm) for norm in norms}
+    if not resume:
+        for rdir in runs.values():
+            shutil.rmtree(rdir, ignore_errors=True)
+    env = thread_env(max(1, available_cores() // len(norms)))
+    bars = {norm: tqdm(total=load_cfg(CONFIG.format(norm), opts).SOLVER.MAX_ITER, desc=f"{norm:>3} train", unit="it",
+                       position=i, dynamic_ncols=True) for i, norm in enumerate(norms)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(norms)) as pool:
+        done = {norm: pool.submit(run_logged, _command(norm, rdir, resume, opts), rdir, env) for norm, rdir in runs.items()}
+        while not all(f.done() for f in done.values()):
+            time.sleep(poll_s)
+            for norm, bar in bars.items():
+                bar.update(min(iterations_done(runs[norm]), bar.total) - bar.n)
+                if bar.n == bar.total and not done[norm].done():
+                    bar.set_description(f"{norm:>3} eval ")
+    for bar in bars.values():
+        bar.close()
+    for norm, future in done.items():
+        rc, _ = future.result()
+        if rc != 0:
+            log = os.path.join(runs[norm], LOG_FILE)
+            tail = "\n".join(tail_lines(log, 30))
+            raise RuntimeError(f"the {norm} run failed (exit {rc}); its log is {log}, which ends:\n{tail}")
+    return {norm: read_result(rdir) for norm, rdir in runs.items()}
+
+
+def _command(norm, run_dir, resume, opts):
+    return [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", CONFIG.format(norm),
+            *(["--resume"] if resume else []), "OUTPUT_DIR", run_dir, *opts]
+
+
+def iterations_done(run_dir):
+    """Training iterations done, from the last record detectron2 wrote to run_dir/metrics.json (0 before any)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["iteration"]) + 1
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return 0
 
 
 def _fmt(v):
@@ -72,7 +128,6 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
     from PIL import Image, ImageDraw, ImageFont
 
     from .checkpoint import ShapeCheckingCheckpointer
-    from .config import load_run_cfg
 
     cfg = load_run_cfg(CONFIG.format(norm), ["MODEL.WEIGHTS", os.path.join(output_dir, norm, "model_final.pth")])
     model = build_model(cfg).eval()

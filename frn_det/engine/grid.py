@@ -56,38 +56,50 @@ def launch_grid(configs, seeds, root, opts=(), train_net=DEFAULT_TRAIN_NET, pyth
                 continue
             datasets.update(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
         ensure_synthetic(sorted(datasets))
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = thread_env(threads)
     lock = threading.Lock()
 
     def run_one(tag, cmd, rdir):
-        os.makedirs(rdir, exist_ok=True)
-        status = {"command": cmd, "returncode": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _write_json(os.path.join(rdir, STATUS_FILE), status)
         with lock:
             log(f"{tag}: running -> {rdir}")
-        t0 = time.time()
-        with open(os.path.join(rdir, LOG_FILE), "a") as logf:
-            try:
-                rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                    timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-                logf.write(f"\nError: killed by the grid after {timeout} s\n")
-        status.update(returncode=rc, wall_s=round(time.time() - t0, 1))
-        _write_json(os.path.join(rdir, STATUS_FILE), status)
+        rc, wall_s = run_logged(cmd, rdir, env, timeout)
         if rc == 0 and not keep_checkpoints:  # a finished run needs only its final model
             for name in os.listdir(rdir):
                 if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
                     os.remove(os.path.join(rdir, name))
         with lock:
-            log(f"{tag}: exit {rc} after {status['wall_s']} s")
+            log(f"{tag}: exit {rc} after {wall_s} s")
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(run_one, *job) for job in todo]:
             future.result()
     return plan
+
+
+def thread_env(threads=None):
+    """This process's environment, with ``threads`` intra-op CPU threads for the runs when given."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def run_logged(cmd, rdir, env, timeout=None):
+    """Runs ``cmd`` from the repository with its output appended to rdir/LOG_FILE and its command, exit
+    status and wall time in rdir/STATUS_FILE; returns (exit status or "timeout", wall seconds)."""
+    os.makedirs(rdir, exist_ok=True)
+    status = {"command": cmd, "returncode": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _write_json(os.path.join(rdir, STATUS_FILE), status)
+    t0 = time.time()
+    with open(os.path.join(rdir, LOG_FILE), "a") as logf:
+        try:
+            rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            logf.write(f"\nError: killed after {timeout} s\n")
+    status.update(returncode=rc, wall_s=round(time.time() - t0, 1))
+    _write_json(os.path.join(rdir, STATUS_FILE), status)
+    return rc, status["wall_s"]
 
 
 def _write_json(path, obj):
