@@ -350,7 +350,8 @@ CPU_GRID_BEST_LR_PER_IMAGE = {"BN": "0.02", "GN": "0.01", "FRN": "0.005"}
 # At batch 8 the linear rule took BN and GN to rates the batch-2 sweep had found too high, and every
 # norm collapsed (seed 0, box AP: BN 21.9, GN 33.6, FRN 46.0). Its own sweep, at 1/4 and 1/2 of
 # each norm's linear-rule rate, tells whether the batch-8 column measures the norms or the rule.
-CPU_GRID_BATCH8_SWEEP_FRACTIONS = ("1/4", "1/2")
+CPU_GRID_LARGE_BATCH = CPU_GRID_BATCHES[-1]
+CPU_GRID_LARGE_BATCH_SWEEP_FRACTIONS = ("1/4", "1/2")
 # Ablations of FRN at batch 2: name -> (what it changes, config lines)
 CPU_GRID_ABLATIONS = {
     "RELU": ("FRN without TLU, detectron2's ReLUs kept (the paper's TLU ablation)",
@@ -409,11 +410,12 @@ def render_cpu_grid():
             continue
         for batch in CPU_GRID_BATCHES:
             out[f"{fam}/{norm}_{batch}img.yaml"] = cpu_grid_leaf(fam, norm, batch, best[norm])
-        for fraction in CPU_GRID_BATCH8_SWEEP_FRACTIONS:
+        big = CPU_GRID_LARGE_BATCH
+        for fraction in CPU_GRID_LARGE_BATCH_SWEEP_FRACTIONS:
             lr_per_image = f"{float(Fraction(best[norm]) * Fraction(fraction)):g}"
-            lr = f"lr{float(Fraction(lr_per_image) * 8):g}"
-            out[f"{fam}/{norm}_8img_{lr}.yaml"] = cpu_grid_leaf(
-                fam, norm, 8, lr_per_image, lr, f"learning-rate sweep at batch 8, {fraction} of the linear rule")
+            lr = f"lr{float(Fraction(lr_per_image) * big):g}"
+            out[f"{fam}/{norm}_{big}img_{lr}.yaml"] = cpu_grid_leaf(
+                fam, norm, big, lr_per_image, lr, f"learning-rate sweep at batch {big}, {fraction} of the linear rule")
     if best["FRN"] is not None:
         for name, (note, extra) in CPU_GRID_ABLATIONS.items():
             out[f"{fam}/FRN_{b}img_{name}.yaml"] = cpu_grid_leaf(fam, "FRN", b, best["FRN"], name, note, extra)
