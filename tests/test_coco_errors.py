@@ -80,3 +80,25 @@ def test_tool_errors_and_plot(gt_path, tmp_path):
     for argv, message in [([*results], "need --errors"), ([*results, "--errors", "--labels", "x"], "--labels names 1")]:
         proc = subprocess.run([sys.executable, tool, gt_path, *argv], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_ap_by_size_uses_the_datasets_own_quartiles(tmp_path):
+    """Eight objects of areas 16..121, one per image: the smallest quarter is {16, 25}, the largest
+    {100, 121}. Detections exact, but the two largest named wrongly: AP 100 on the small and middle
+    bins of both classes, 0 on the largest."""
+    sides = {1: (4, "a"), 2: (5, "b"), 3: (6, "a"), 4: (7, "b"), 5: (8, "a"), 6: (9, "b"), 7: (10, "a"), 8: (11, "b")}
+    cat = {"a": 1, "b": 2}
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in sides],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "annotations": [{"id": i, "image_id": i, "category_id": cat[c], "bbox": [1, 1, s, s], "iscrowd": 0,
+                             "area": s * s} for i, (s, c) in sides.items()]}
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(data))
+    dets = [(i, cat[c] if s < 10 else 3 - cat[c], [1, 1, s, s], 0.9) for i, (s, c) in sides.items()]
+    a = coco_eval.error_analysis(str(gt), write_results(tmp_path, dets))
+    assert a["size_ranges"]["smallest 1/4"][1] == pytest.approx(33.25)  # numpy's linear quartile of the areas
+    assert a["size_ranges"]["largest 1/4"][0] == pytest.approx(85.75)
+    np.testing.assert_allclose(a["category_AP_by_size"], [[100, 100, 0], [100, 100, 0]])
+    table = coco_eval.format_ap_by_size(a)
+    assert "| smallest 1/4 (area <= 33) | middle 1/2 | largest 1/4 (area > 86) |" in table
+    assert "| a | 75.2 | 100.0 | 100.0 | 0.0 |" in table  # all sizes: 3 of 4 found, then a false positive

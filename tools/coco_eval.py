@@ -8,8 +8,9 @@ The results file is what detectron2's COCOEvaluator writes (OUTPUT_DIR/inference
 coco_instances_results.json): a list of {"image_id", "category_id", "score", "bbox" or
 "segmentation"}. Prints pycocotools' standard table and the per-category AP.
 
---errors adds, per results file, the class-agnostic AP and what each ground-truth class is detected
-as (finding objects vs naming them); --plot draws those matrices side by side, one per results file:
+--errors adds, per results file, the class-agnostic AP, what each ground-truth class is detected
+as (finding objects vs naming them) and each class's AP on the smallest quarter, middle half and
+largest quarter of the objects; --plot draws the confusion matrices side by side, one per results file:
 
     python tools/coco_eval.py GT.json gn/inference/coco_instances_results.json \\
         frn/inference/coco_instances_results.json --errors --labels GN FRN --plot confusion.png
@@ -17,7 +18,14 @@ as (finding objects vs naming them); --plot draws those matrices side by side, o
 import argparse
 import sys
 
-from frn_det.engine.coco_eval import EvalInputError, error_analysis, evaluate, format_confusion, plot_confusions
+from frn_det.engine.coco_eval import (
+    EvalInputError,
+    error_analysis,
+    evaluate,
+    format_ap_by_size,
+    format_confusion,
+    plot_confusions,
+)
 
 
 def main(argv=None):
@@ -46,6 +54,7 @@ def main(argv=None):
     for label, a in zip(labels, analyses):
         print(f"\n{label}: AP {a['AP']:.2f}, class-agnostic AP {a['class_agnostic_AP']:.2f}\n")
         print(format_confusion(a))
+        print(f"\nAP by object size (quartiles of the ground truth's areas):\n\n{format_ap_by_size(a)}")
     if args.plot:
         plot_confusions(analyses, labels, args.plot)
         print(f"\nwrote {args.plot}")

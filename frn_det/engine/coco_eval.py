@@ -64,10 +64,11 @@ def load_results(gt, path, iou_type):
         return gt.loadRes(results)
 
 
-def per_category_ap(ev):
-    """AP (%) of each category of an accumulated COCOeval, in ev.params.catIds order (NaN: none)."""
+def per_category_ap(ev, area_range=0):
+    """AP (%) of each category of an accumulated COCOeval, in ev.params.catIds order (NaN: none), for
+    its ``area_range``-th area range (0: all sizes)."""
     # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
-    precision = ev.eval["precision"][:, :, :, 0, -1]
+    precision = ev.eval["precision"][:, :, :, area_range, -1]
     return [float(np.mean(p[p > -1]) * 100) if (p > -1).any() else float("nan")
             for p in np.moveaxis(precision, 2, 0)]
 
@@ -77,16 +78,21 @@ def _percent(stat):
     return float(stat * 100) if stat >= 0 else float("nan")
 
 
-def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True):
-    """An evaluated, accumulated and summarised COCOeval (its table printed unless ``quiet``)."""
+def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True, area_ranges=None):
+    """An evaluated, accumulated and summarised COCOeval (its table printed unless ``quiet``). With
+    ``area_ranges`` ({label: [min, max] area}, all sizes first) instead of COCO's small / medium /
+    large, it is not summarised (COCO's summary looks its own ranges up)."""
     from pycocotools.cocoeval import COCOeval
 
     ev = COCOeval(gt, dt, iou_type)
     ev.params.useCats = int(use_cats)
+    if area_ranges:
+        ev.params.areaRngLbl, ev.params.areaRng = list(area_ranges), list(area_ranges.values())
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
+        if not area_ranges:
+            ev.summarize()
     return ev
 
 
@@ -107,6 +113,26 @@ def class_agnostic_ap(gt, dt, iou_type="bbox"):
     """COCO AP (%) with categories ignored: a detection may match a ground-truth object of any class.
     Its gap to the ordinary AP is what misnamed classes cost."""
     return _percent(_cocoeval(gt, dt, iou_type, use_cats=False).stats[0])
+
+
+SIZE_BINS = ("smallest 1/4", "middle 1/2", "largest 1/4")
+
+
+def size_quartile_ranges(gt):
+    """{bin: [min, max] area} splitting the ground truth's objects (crowd excluded) by its own area
+    quartiles into SIZE_BINS, after "all": sizes relative to the dataset, where COCO's fixed
+    32^2 / 96^2 bounds would put a small-image dataset's objects all in one bin."""
+    areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+    q1, q3 = (float(q) for q in np.percentile(areas, [25, 75]))
+    return {"all": [0.0, 1e10], SIZE_BINS[0]: [0.0, q1], SIZE_BINS[1]: [q1, q3], SIZE_BINS[2]: [q3, 1e10]}
+
+
+def category_ap_by_size(gt, dt, iou_type="bbox"):
+    """(area ranges, AP (%) array (categories in gt.getCatIds() order, SIZE_BINS)): where in the size
+    range a detector loses, per class."""
+    ranges = size_quartile_ranges(gt)
+    ev = _cocoeval(gt, dt, iou_type, area_ranges=ranges)
+    return ranges, np.array([per_category_ap(ev, a) for a in range(1, len(ranges))]).T
 
 
 def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
@@ -142,15 +168,16 @@ def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
 
 
 def error_analysis(gt_path, results_path, iou_type="bbox", score_thresh=0.3):
-    """{"AP", "class_agnostic_AP", "categories", "category_AP", "confusion", "score_thresh"} of one
-    results file (see above)."""
+    """{"AP", "class_agnostic_AP", "categories", "category_AP", "size_ranges", "category_AP_by_size",
+    "confusion", "score_thresh"} of one results file (see above)."""
     gt = load_ground_truth(gt_path)
     dt = load_results(gt, results_path, iou_type)
     ev = _cocoeval(gt, dt, iou_type)
     names, counts = confusion_matrix(gt, dt, score_thresh)
+    ranges, by_size = category_ap_by_size(gt, dt, iou_type)
     return {"AP": _percent(ev.stats[0]), "class_agnostic_AP": class_agnostic_ap(gt, dt, iou_type),
-            "categories": names, "category_AP": per_category_ap(ev), "confusion": counts,
-            "score_thresh": score_thresh}
+            "categories": names, "category_AP": per_category_ap(ev), "size_ranges": ranges,
+            "category_AP_by_size": by_size, "confusion": counts, "score_thresh": score_thresh}
 
 
 def format_confusion(analysis):
@@ -162,6 +189,16 @@ def format_confusion(analysis):
         total = int(row.sum())
         correct = f"{100 * row[k] / total:.0f}%" if total else "n/a"
         lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in row) + f" | {correct} | {ap:.1f} |")
+    return "\n".join(lines)
+
+
+def format_ap_by_size(analysis):
+    """AP per category and object size (the ground truth's area quartiles) as a markdown table."""
+    (_, q1), (_, q3) = analysis["size_ranges"][SIZE_BINS[0]], analysis["size_ranges"][SIZE_BINS[1]]
+    heads = [f"{SIZE_BINS[0]} (area <= {q1:.0f})", SIZE_BINS[1], f"{SIZE_BINS[2]} (area > {q3:.0f})"]
+    lines = ["| category | AP | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    for name, ap, row in zip(analysis["categories"], analysis["category_AP"], analysis["category_AP_by_size"]):
+        lines.append(f"| {name} | {ap:.1f} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
     return "\n".join(lines)
 
 
