@@ -36,7 +36,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with FRN/TLU parameters counted as norm parameters (SOLVER.WEIGHT_DECAY_NORM, as
     BN and GN get), COCO evaluation of boxes (and masks), CPU multi-process training, a resume that
     continues the data stream and random state exactly where the checkpoint left them and evaluates
-    first when the stop cut an evaluation short (frn_det.engine.resumable), and checkpoints that must fit the model (ShapeCheckingCheckpointer)."""
+    first when the stop cut an evaluation short (frn_det.engine.resumable), and checkpoints that must
+    fit the model (ShapeCheckingCheckpointer)."""
 
     def __init__(self, cfg):
         if is_resumable(cfg):
