@@ -225,14 +225,15 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
     p = pairs[("retinanet_R18_FPN", 2)]
     assert p["seeds"] == [0, 1] and p["diffs"] == [-1.0, 1.0] and p["stats"]["mean"] == 0.0  # GN seed 2: no pair
     runs.append(_grid_run(tmp_path, "FRN", 8, 0, 20.0, "lr0.02", 0.02))  # base_lr is per batch: its own sweep
-    assert compare_ap.lr_sweep(runs) == {("FRN", 2): [(0.005, 25.0, 1), (0.02, 28.0, 1)],
+    # the plain FRN batch-2 run at lr 0.01 joins its sweep for seed 0, the seed the sweep ran (not seed 1)
+    assert compare_ap.lr_sweep(runs) == {("FRN", 2): [(0.005, 25.0, 1), (0.01, 30.0, 1), (0.02, 28.0, 1)],
                                          ("FRN", 8): [(0.02, 20.0, 1)]}
     assert runs[0].last_quarter_change() == pytest.approx(30.0 * (1.0 - 0.95))
     prefix = str(tmp_path / "out" / "grid")
     compare_ap.write_all(runs, prefix)
     md = open(prefix + ".md").read()
     assert "Paired differences FRN - GN" in md and "| retinanet_R18_FPN | 2 | 0 1 | -1.00, +1.00 | +0.00 ± 1.41 |" in md
-    assert "| FRN batch 2 | 0.005: 25.00, 0.02: 28.00 |" in md and "| FRN batch 8 | 0.02: 20.00 |" in md
+    assert "| FRN batch 2 | 0.005: 25.00, 0.01: 30.00, 0.02: 28.00 |" in md and "| FRN batch 8 | 0.02: 20.00 |" in md
     assert "| FRN RELU |" in md
     rows = list(csv.DictReader(open(prefix + ".csv")))
     assert list(rows[0]) == list(compare_ap.RUN_COLUMNS)
@@ -263,3 +264,12 @@ def test_group_without_a_finished_run_says_why(tmp_path):
     assert "| 0/1 | not finished |" in cell([training])
     assert "| 0/1 | all failed |" in cell([crashed])
     assert "| 0/2 | failed or not finished |" in cell([training, crashed])
+
+
+def test_a_plain_run_on_another_schedule_stays_out_of_the_sweep(tmp_path):
+    """The grid cell at batch 2 trains longer than the batch-2 sweep: it is not one of its points."""
+    sweep = [_grid_run(tmp_path, "GN", 2, 0, ap, f"lr{lr:g}", lr) for lr, ap in ((0.005, 25.0), (0.02, 28.0))]
+    cell = _grid_run(tmp_path, "GN", 2, 0, 31.0)
+    assert compare_ap.lr_sweep(sweep + [cell])[("GN", 2)][1] == (0.01, 31.0, 1)
+    cell.result["max_iter"] *= 2
+    assert compare_ap.lr_sweep(sweep + [cell]) == {("GN", 2): [(0.005, 25.0, 1), (0.02, 28.0, 1)]}

@@ -287,13 +287,23 @@ def paired_differences(runs, a="FRN", b="GN", task="bbox"):
 
 
 def lr_sweep(runs, task="bbox"):
-    """{(norm, batch): [(base_lr, mean AP, n runs)]} of the runs whose variant is a learning rate
-    (``lr<value>``): one sweep per norm and batch size, since base_lr is per batch."""
+    """{(norm, batch): [(base_lr, mean AP, n runs)]}: runs of one family, norm, batch size and schedule
+    that differ only in their learning rate. Those whose variant is a learning rate (``lr<value>``),
+    and the plain run of the same settings (the grid's cell, at the linear rule's rate) for the seeds
+    the sweep ran. One sweep per norm and batch size, since base_lr is per batch."""
+    done = [r for r in runs if r.status == "ok"]
+
+    def settings(r):
+        return r.family, r.result["norm"], r.ims_per_batch, r.images_seen
+
+    swept = {}
+    for r in done:
+        if r.variant.startswith("lr"):
+            swept.setdefault(settings(r), set()).add(r.seed)
     points = {}
-    for r in runs:
-        if r.status == "ok" and r.variant.startswith("lr"):
-            key = (r.result["norm"], r.ims_per_batch, r.result["base_lr"])
-            points.setdefault(key, []).append(r.metric(task, "AP"))
+    for r in done:
+        if r.variant.startswith("lr") or (r.variant == "" and r.seed in swept.get(settings(r), ())):
+            points.setdefault((r.result["norm"], r.ims_per_batch, r.result["base_lr"]), []).append(r.metric(task, "AP"))
     out = {}
     for (norm, batch, lr), aps in sorted(points.items()):
         out.setdefault((norm, batch), []).append((lr, statistics.fmean(aps), len(aps)))
@@ -488,7 +498,7 @@ def plot_lr_sweep(runs, path, task="bbox"):
     lrs = sorted({p[0] for pts in sweep.values() for p in pts})
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=8)
     ax.minorticks_off()
-    ax.set_xlabel("base learning rate")
+    ax.set_xlabel("base learning rate (per batch)")
     ax.set_ylabel(f"final {task} AP")
     ax.grid(True, alpha=0.3)
     ax.legend()
