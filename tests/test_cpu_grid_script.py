@@ -1,5 +1,7 @@
 """tools/cpu_grid.sh: the stages of the CPU comparison and their order, read from its dry run in a
 scratch copy of the repository layout (the real configs' names, no training)."""
+import csv
+import json
 import os
 import re
 import shutil
@@ -57,3 +59,46 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
                 + [(leaf, "2") for leaf in GRID])
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out
+
+
+def test_each_part_is_collected_for_its_figures(tmp_path):
+    """`compare_ap.py cpu-grid` (the script's collect after each stage): every run into cpu_grid.*,
+    and each part into its own files with exactly its runs and seeds; a run still training counts
+    as not finished."""
+    leaves = SWEEP + GRID + MORE + SWEEP8
+    seeds = {leaf: (0,) if leaf in SWEEP + SWEEP8 else (0, 1) if leaf in MORE else (0, 1, 2) for leaf in leaves}
+    root = tmp_path / "runs"
+    for leaf, leaf_seeds in seeds.items():
+        fam, name = leaf.split("/")
+        norm, ipg = name.split("_")[0], int(name.split("_")[1][:-len("img")])
+        for seed in leaf_seeds:
+            d = root / f"{fam}_{name}" / f"seed{seed}"
+            d.mkdir(parents=True)
+            if (leaf, seed) == (GRID[0], 2):
+                continue  # still training
+            (d / "frn_det_result.json").write_text(json.dumps({
+                "config_file": f"configs/cpu_grid/{leaf}.yaml", "meta_architecture": "RetinaNet", "norm": norm,
+                "images_per_gpu": ipg, "num_gpus": 1, "ims_per_batch": ipg, "seed": seed, "max_iter": 12800 // ipg,
+                "base_lr": 0.01, "train_datasets": ["t"], "test_datasets": ["v"], "wall_time_s": 1.0,
+                "results": {"bbox": {"AP": 50.0, "AP50": 70.0, "AP75": 55.0, "APs": 40.0, "APm": 50.0, "APl": 60.0}}}))
+    out = tmp_path / "docs"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_ap.py"), "cpu-grid", "--root", str(root),
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def collected(name):
+        with open(out / f"{name}.csv") as f:
+            return sorted((row["run_dir"].split(os.sep)[-2], int(row["seed"] or row["run_dir"][-1]), row["status"])
+                          for row in csv.DictReader(f))
+
+    def expected(chosen, only_seed=None):
+        return sorted((leaf.replace("/", "_"), s, "missing" if (leaf, s) == (GRID[0], 2) else "ok")
+                      for leaf in chosen for s in seeds[leaf] if only_seed in (None, s))
+
+    assert collected("cpu_grid") == expected(leaves)
+    assert collected("cpu_grid_norms") == expected(GRID + [leaf for leaf in MORE if leaf.startswith("mask")])
+    assert collected("cpu_grid_ablations") == expected(["retinanet_R18_FPN/FRN_2img"]
+                                                       + [leaf for leaf in MORE if "FRN_2img_" in leaf])
+    assert collected("cpu_grid_sweep") == expected(SWEEP)
+    assert collected("cpu_grid_sweep_batch8") == expected(SWEEP8 + [leaf for leaf in GRID if "8img" in leaf], 0)
+    assert "cpu_grid_norms: 30/31 runs finished" in p.stdout

@@ -13,6 +13,12 @@ checkpoint), then collect it:
     python tools/compare_ap.py grid --configs configs/a.yaml configs/b.yaml --seeds 0 1 \\
         --root output/grid --out output/grid/ap [--opts KEY VALUE ...]
 
+The CPU comparison of docs/results.md (tools/cpu_grid.sh runs it): every run under --root into
+OUT_DIR/cpu_grid.* and each part (the grid with the Mask R-CNN pair, the ablations, the sweeps)
+into OUT_DIR/cpu_grid_<part>.*:
+
+    python tools/compare_ap.py cpu-grid --root output/cpu_grid --out-dir docs/results
+
 Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per run,
 with its status and reason), PREFIX_groups.csv (one row per group: mean, std, min, max of every
 metric over seeds), PREFIX.png (AP against images per GPU) and, where the runs have them,
@@ -23,7 +29,7 @@ import argparse
 import sys
 
 from frn_det.engine.compare import load_run, write_all
-from frn_det.engine.grid import DEFAULT_TRAIN_NET, collect_grid, launch_grid
+from frn_det.engine.grid import DEFAULT_TRAIN_NET, collect_cpu_grid, collect_grid, launch_grid
 
 
 def main(argv=None):
@@ -46,8 +52,14 @@ def main(argv=None):
                    help="KEY VALUE config overrides passed to every run (last argument)")
     for p in (c, g):
         p.add_argument("--out", required=True, help="output prefix: PREFIX.md/.csv/_groups.csv/.png")
+    cg = sub.add_parser("cpu-grid", help="collect the CPU comparison of docs/results.md and each of its parts")
+    cg.add_argument("--root", default="output/cpu_grid", help="where tools/cpu_grid.sh puts the runs")
+    cg.add_argument("--out-dir", default="docs/results")
     args = ap.parse_args(argv)
 
+    if args.mode == "cpu-grid":
+        collect_cpu_grid(args.root, args.out_dir)
+        return 0
     expected = None
     if args.mode == "collect":
         runs = [load_run(d) for d in args.run_dirs]

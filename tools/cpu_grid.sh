@@ -6,7 +6,10 @@
 #   2. once CPU_GRID_BEST_LR_PER_IMAGE is set and `tools/gen_configs.py` has written the grid:
 #      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, the learning-rate sweep at batch 8
 #      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
-#   3. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}.
+#   3. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
+#      each part on its own for the figures of docs/results.md: cpu_grid_norms (the grid and the
+#      Mask R-CNN pair), cpu_grid_ablations (FRN at batch 2 and its ablations), cpu_grid_sweep (the
+#      batch-2 sweep) and cpu_grid_sweep_batch8 (the batch-8 sweep with the grid's seed-0 batch-8 cells).
 # Usage: bash tools/cpu_grid.sh   (PYTHON=... another environment; JOBS=2 runs at a time; DRY_RUN=1
 # prints the runs instead)
 set -euo pipefail
@@ -23,8 +26,7 @@ grid() {  # grid NAME SEED CONFIG...
   "$PY" tools/compare_ap.py grid --configs "$@" --seeds "$seed" --jobs "$JOBS" --threads 1 \
     --root "$ROOT" --out "$ROOT/$name" ${DRY_RUN:+--dry-run}
   [ -n "${DRY_RUN:-}" ] && return
-  shopt -s nullglob
-  "$PY" tools/compare_ap.py collect "$ROOT"/*/seed* --out docs/results/cpu_grid
+  "$PY" tools/compare_ap.py cpu-grid --root "$ROOT" --out-dir docs/results
 }
 
 GRID=("$R"/{BN,GN,FRN}_{1,2,8}img.yaml)

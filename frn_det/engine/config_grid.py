@@ -425,6 +425,23 @@ def render_cpu_grid():
     return out
 
 
+def cpu_grid_parts():
+    """{name: (configs relative to configs/cpu_grid, seeds or None for all)}: the parts of the CPU
+    comparison that docs/results.md shows on their own (tables, curves)."""
+    fam, b, big = "retinanet_R18_FPN", CPU_GRID_SWEEP_BATCH, CPU_GRID_LARGE_BATCH
+    names = list(render_cpu_grid())
+    return {
+        "cpu_grid_norms": ([f"{fam}/{n}_{k}img.yaml" for n in CPU_GRID_NORMS for k in CPU_GRID_BATCHES]
+                           + [f"mask_rcnn_R18_FPN/{n}_{b}img.yaml" for n in CPU_GRID_MASK_NORMS], None),
+        "cpu_grid_ablations": ([f"{fam}/FRN_{b}img.yaml"] + [f"{fam}/FRN_{b}img_{a}.yaml" for a in CPU_GRID_ABLATIONS],
+                               None),
+        "cpu_grid_sweep": ([n for n in names if n.startswith(f"{fam}/") and f"_{b}img_lr" in n], (0,)),
+        # the large-batch sweep beside the grid's cells at that batch (the linear rule's rate), seed 0
+        f"cpu_grid_sweep_batch{big}": ([n for n in names if f"_{big}img_lr" in n]
+                                       + [f"{fam}/{n}_{big}img.yaml" for n in CPU_GRID_NORMS], (0,)),
+    }
+
+
 def render_cpu_grid_short():
     """{path relative to configs/cpu_grid_short: text}: the first schedule's learning-rate sweep."""
     return _sweep(CPU_GRID_SHORT)

@@ -3,6 +3,7 @@ a run whose result file exists is skipped, an interrupted one resumes from its l
 Each run directory also gets the command's status (STATUS_FILE) and log (LOG_FILE), which
 :func:`frn_det.engine.compare.load_run` reads to say why a run failed."""
 import concurrent.futures
+import glob
 import json
 import os
 import subprocess
@@ -11,8 +12,9 @@ import threading
 import time
 
 from ..data import ensure_synthetic
-from .compare import LOG_FILE, STATUS_FILE, load_run
+from .compare import LOG_FILE, STATUS_FILE, load_run, write_all
 from .config import load_cfg
+from .config_grid import CPU_GRID_DIR, cpu_grid_parts
 from .paths import REPO, TOOLS
 from .results import RESULT_FILE
 
@@ -113,3 +115,20 @@ def collect_grid(configs, seeds, root):
     """(runs, expected): every planned run of the grid, loaded, and the number of seeds each group expects."""
     runs = [load_run(run_dir_for(root, cfg, s), config_file=cfg, seed=s) for cfg in configs for s in seeds]
     return runs, {r.key(): len(seeds) for r in runs if r.key() is not None}
+
+
+def collect_cpu_grid(root, out_dir, log=print):
+    """The CPU comparison of docs/results.md: every run under ``root`` (finished, failed or not
+    finished) into out_dir/cpu_grid.*, and each of :func:`cpu_grid_parts` into out_dir/<part>.*."""
+    dirs = sorted(glob.glob(os.path.join(root, "*", "seed*")))
+    runs = {d: load_run(d) for d in dirs}
+    parts = {"cpu_grid": dirs}
+    for name, (configs, seeds) in cpu_grid_parts().items():
+        wanted = {os.path.dirname(run_dir_for(root, os.path.join(CPU_GRID_DIR, c), 0)) for c in configs}
+        parts[name] = [d for d in dirs if os.path.dirname(d) in wanted
+                       and (seeds is None or int(os.path.basename(d)[len("seed"):]) in seeds)]
+    for name, part in parts.items():
+        if part:
+            write_all([runs[d] for d in part], os.path.join(out_dir, name))
+            ok = sum(runs[d].status == "ok" for d in part)
+            log(f"{name}: {ok}/{len(part)} runs finished -> {os.path.join(out_dir, name)}.md, .csv, plots")
