@@ -102,3 +102,34 @@ def test_ap_by_size_uses_the_datasets_own_quartiles(tmp_path):
     table = coco_eval.format_ap_by_size(a)
     assert "| smallest 1/4 (area <= 33) | middle 1/2 | largest 1/4 (area > 86) |" in table
     assert "| a | 75.2 | 100.0 | 100.0 | 0.0 |" in table  # all sizes: 3 of 4 found, then a false positive
+
+
+def _one_class_gt(tmp_path, sides, crowd=()):
+    """One object of class "a" per image, square sides ``sides``; images listed in ``crowd`` are crowd."""
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(1, len(sides) + 1)],
+            "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, s, s], "area": s * s,
+                             "iscrowd": int(i in crowd)} for i, s in enumerate(sides, 1)]}
+    path = tmp_path / "gt_one_class.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_an_object_on_a_quartile_is_in_one_size_bin(tmp_path):
+    """Areas 16, 25, 36, 49, 64: the quartiles are 25 and 49, themselves areas. The object of area 25
+    belongs to the smallest quarter only: missing it costs the smallest bin, not the middle one."""
+    sides = [4, 5, 6, 7, 8]
+    gt = _one_class_gt(tmp_path, sides)
+    dets = [(i, 1, [1, 1, s, s], 0.9) for i, s in enumerate(sides, 1) if s != 5]
+    a = coco_eval.error_analysis(gt, write_results(tmp_path, dets))
+    assert a["size_ranges"]["smallest 1/4"][1] == 25 and 25 < a["size_ranges"]["middle 1/2"][0] < 25.001
+    small, middle, large = a["category_AP_by_size"][0]
+    assert small < 100 and middle == pytest.approx(100) and large == pytest.approx(100)
+
+
+def test_ground_truth_without_objects_has_no_size_bins(tmp_path):
+    """Only a crowd object: no size bins (n/a in the table), no crash."""
+    gt = _one_class_gt(tmp_path, [6], crowd=(1,))
+    a = coco_eval.error_analysis(gt, write_results(tmp_path, [(1, 1, [1, 1, 6, 6], 0.9)]))
+    assert a["size_ranges"] is None and np.isnan(a["category_AP_by_size"]).all()
+    assert "| a | nan | nan | nan | nan |" in coco_eval.format_ap_by_size(a)

@@ -81,6 +81,8 @@ def test_each_part_is_collected_for_its_figures(tmp_path):
                 "images_per_gpu": ipg, "num_gpus": 1, "ims_per_batch": ipg, "seed": seed, "max_iter": 12800 // ipg,
                 "base_lr": 0.01, "train_datasets": ["t"], "test_datasets": ["v"], "wall_time_s": 1.0,
                 "results": {"bbox": {"AP": 50.0, "AP50": 70.0, "AP75": 55.0, "APs": 40.0, "APm": 50.0, "APl": 60.0}}}))
+    (root / "retinanet_R18_FPN_BN_2img_lr0.01" / "seed0.bak").mkdir()  # strays are not runs
+    (root / "retinanet_R18_FPN_BN_8img" / "seed1.log").write_text("")
     out = tmp_path / "docs"
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_ap.py"), "cpu-grid", "--root", str(root),
                         "--out-dir", str(out)], capture_output=True, text=True, timeout=600)

@@ -222,7 +222,18 @@ def test_run_interrupted_during_an_evaluation_evaluates_before_training_on(data,
     proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume",
                      *[str(resumed) if o == str(full) else o for o in opts])
     assert "Starting training from iteration 20" in proc.stdout + proc.stderr
+    assert "The evaluation after iteration 20 is not in metrics.json" in proc.stdout + proc.stderr
     assert _result(resumed)["curve"] == _result(full)["curve"]
+    # stopped after that evaluation was written: it is not run again
+    after = tmp_path / "after"
+    shutil.copytree(full, after)
+    for name in ("model_final.pth", "frn_det_result.json", "inference"):
+        shutil.rmtree(after / name) if (after / name).is_dir() else os.remove(after / name)
+    (after / "last_checkpoint").write_text("model_0000019.pth")
+    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume",
+                     *[str(after) if o == str(full) else o for o in opts])
+    assert "is not in metrics.json" not in proc.stdout + proc.stderr
+    assert _result(after)["curve"] == _result(full)["curve"]
 
 
 # ---- bad input is named before training starts ----------------------------------------------------

@@ -120,17 +120,24 @@ SIZE_BINS = ("smallest 1/4", "middle 1/2", "largest 1/4")
 
 def size_quartile_ranges(gt):
     """{bin: [min, max] area} splitting the ground truth's objects (crowd excluded) by its own area
-    quartiles into SIZE_BINS, after "all": sizes relative to the dataset, where COCO's fixed
-    32^2 / 96^2 bounds would put a small-image dataset's objects all in one bin."""
+    quartiles into SIZE_BINS (areas up to q1, above q1 up to q3, above q3), after "all": sizes
+    relative to the dataset, where COCO's fixed 32^2 / 96^2 bounds would put a small-image
+    dataset's objects all in one bin. None without objects."""
     areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+    if not areas:
+        return None
     q1, q3 = (float(q) for q in np.percentile(areas, [25, 75]))
-    return {"all": [0.0, 1e10], SIZE_BINS[0]: [0.0, q1], SIZE_BINS[1]: [q1, q3], SIZE_BINS[2]: [q3, 1e10]}
+    # COCOeval keeps objects with min <= area <= max: a bin starts just above the one below it
+    return {"all": [0.0, 1e10], SIZE_BINS[0]: [0.0, q1], SIZE_BINS[1]: [float(np.nextafter(q1, np.inf)), q3],
+            SIZE_BINS[2]: [float(np.nextafter(q3, np.inf)), 1e10]}
 
 
 def category_ap_by_size(gt, dt, iou_type="bbox"):
     """(area ranges, AP (%) array (categories in gt.getCatIds() order, SIZE_BINS)): where in the size
-    range a detector loses, per class."""
+    range a detector loses, per class. Without objects: (None, NaN)."""
     ranges = size_quartile_ranges(gt)
+    if ranges is None:
+        return None, np.full((len(gt.getCatIds()), len(SIZE_BINS)), np.nan)
     ev = _cocoeval(gt, dt, iou_type, area_ranges=ranges)
     return ranges, np.array([per_category_ap(ev, a) for a in range(1, len(ranges))]).T
 
@@ -194,8 +201,10 @@ def format_confusion(analysis):
 
 def format_ap_by_size(analysis):
     """AP per category and object size (the ground truth's area quartiles) as a markdown table."""
-    (_, q1), (_, q3) = analysis["size_ranges"][SIZE_BINS[0]], analysis["size_ranges"][SIZE_BINS[1]]
-    heads = [f"{SIZE_BINS[0]} (area <= {q1:.0f})", SIZE_BINS[1], f"{SIZE_BINS[2]} (area > {q3:.0f})"]
+    heads = list(SIZE_BINS)
+    if analysis["size_ranges"] is not None:
+        (_, q1), (_, q3) = analysis["size_ranges"][SIZE_BINS[0]], analysis["size_ranges"][SIZE_BINS[1]]
+        heads = [f"{SIZE_BINS[0]} (area <= {q1:.0f})", SIZE_BINS[1], f"{SIZE_BINS[2]} (area > {q3:.0f})"]
     lines = ["| category | AP | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for name, ap, row in zip(analysis["categories"], analysis["category_AP"], analysis["category_AP_by_size"]):
         lines.append(f"| {name} | {ap:.1f} | " + " | ".join(f"{v:.1f}" for v in row) + " |")

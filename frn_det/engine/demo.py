@@ -28,33 +28,41 @@ def available_cores():
 def train_norms(norms, output_dir, resume, opts, poll_s=5.0):
     """Trains and evaluates every norm through tools/train_net.py at the same time, the CPU cores shared
     out as intra-op threads (several small runs at once use 2 cores better than one after the other),
-    with a progress bar per run. Returns {norm: result}; a run that fails is an error naming its log.
-    Without ``resume`` each run starts from an empty output_dir/<NORM>."""
+    with a progress bar per run. Returns {norm: result}; runs that fail are reported as they end and
+    then raised as one error naming each log. Without ``resume`` each run starts from an empty
+    output_dir/<NORM>."""
     from tqdm import tqdm
 
+    max_iter = {norm: load_cfg(CONFIG.format(norm), opts).SOLVER.MAX_ITER for norm in norms}  # bad opts fail here
     runs = {norm: os.path.join(output_dir, norm) for norm in norms}
     if not resume:
         for rdir in runs.values():
             shutil.rmtree(rdir, ignore_errors=True)
     env = thread_env(max(1, available_cores() // len(norms)))
-    bars = {norm: tqdm(total=load_cfg(CONFIG.format(norm), opts).SOLVER.MAX_ITER, desc=f"{norm:>3} train", unit="it",
-                       position=i, dynamic_ncols=True) for i, norm in enumerate(norms)}
+    bars = {norm: tqdm(total=max_iter[norm], desc=f"{norm:>3} train", unit="it", position=i, dynamic_ncols=True)
+            for i, norm in enumerate(norms)}
+    failed, pending = {}, list(norms)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(norms)) as pool:
         done = {norm: pool.submit(run_logged, _command(norm, rdir, resume, opts), rdir, env) for norm, rdir in runs.items()}
-        while not all(f.done() for f in done.values()):
+        while pending:
             time.sleep(poll_s)
-            for norm, bar in bars.items():
+            for norm in list(pending):
+                bar = bars[norm]
                 bar.update(min(iterations_done(runs[norm]), bar.total) - bar.n)
-                if bar.n == bar.total and not done[norm].done():
-                    bar.set_description(f"{norm:>3} eval ")
-    for bar in bars.values():
-        bar.close()
-    for norm, future in done.items():
-        rc, _ = future.result()
-        if rc != 0:
-            log = os.path.join(runs[norm], LOG_FILE)
-            tail = "\n".join(tail_lines(log, 30))
-            raise RuntimeError(f"the {norm} run failed (exit {rc}); its log is {log}, which ends:\n{tail}")
+                if not done[norm].done():
+                    if bar.n == bar.total:
+                        bar.set_description(f"{norm:>3} eval ")
+                    continue
+                pending.remove(norm)
+                bar.close()
+                rc = done[norm].result()[0]
+                if rc != 0:  # said now, not after the other runs' remaining minutes
+                    failed[norm] = (rc, os.path.join(runs[norm], LOG_FILE))
+                    tqdm.write(f"{norm} failed (exit {rc}); its log: {failed[norm][1]}")
+    if failed:
+        ends = "\n".join(f"{norm} (exit {rc}): {log}, which ends:\n" + "\n".join(tail_lines(log, 30))
+                         for norm, (rc, log) in failed.items())
+        raise RuntimeError(f"{len(failed)} of {len(norms)} runs failed ({', '.join(failed)}):\n{ends}")
     return {norm: read_result(rdir) for norm, rdir in runs.items()}
 
 
@@ -64,18 +72,20 @@ def _command(norm, run_dir, resume, opts):
 
 
 def iterations_done(run_dir):
-    """Training iterations done, from the last record detectron2 wrote to run_dir/metrics.json (0 before any)."""
+    """Training iterations done: the highest iteration detectron2 wrote to run_dir/metrics.json (its
+    lines need not be in order: an evaluation's line may follow a later step's), 0 before any."""
     try:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return 0
-    for line in reversed(lines):
+    done = 0
+    for line in lines:
         try:
-            return int(json.loads(line)["iteration"]) + 1
+            done = max(done, int(json.loads(line)["iteration"]) + 1)
         except (ValueError, KeyError):
             continue  # a line being written
-    return 0
+    return done
 
 
 def _fmt(v):

@@ -6,6 +6,7 @@ import concurrent.futures
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -120,13 +121,14 @@ def collect_grid(configs, seeds, root):
 def collect_cpu_grid(root, out_dir, log=print):
     """The CPU comparison of docs/results.md: every run under ``root`` (finished, failed or not
     finished) into out_dir/cpu_grid.*, and each of :func:`cpu_grid_parts` into out_dir/<part>.*."""
-    dirs = sorted(glob.glob(os.path.join(root, "*", "seed*")))
+    seed_of = {d: int(m.group(1)) for d in glob.glob(os.path.join(root, "*", "seed*"))
+               if os.path.isdir(d) and (m := re.fullmatch(r"seed(\d+)", os.path.basename(d)))}
+    dirs = sorted(seed_of)  # run_dir_for's layout only: a stray seed0.bak or file is not a run
     runs = {d: load_run(d) for d in dirs}
     parts = {"cpu_grid": dirs}
     for name, (configs, seeds) in cpu_grid_parts().items():
         wanted = {os.path.dirname(run_dir_for(root, os.path.join(CPU_GRID_DIR, c), 0)) for c in configs}
-        parts[name] = [d for d in dirs if os.path.dirname(d) in wanted
-                       and (seeds is None or int(os.path.basename(d)[len("seed"):]) in seeds)]
+        parts[name] = [d for d in dirs if os.path.dirname(d) in wanted and (seeds is None or seed_of[d] in seeds)]
     for name, part in parts.items():
         if part:
             write_all([runs[d] for d in part], os.path.join(out_dir, name))

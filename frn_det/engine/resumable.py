@@ -118,8 +118,10 @@ class EvaluateWhatTheInterruptionSkipped(HookBase):
         done, max_iter, period = self.trainer.start_iter, self.trainer.max_iter, self._eval_hook._period
         if done == 0 or period <= 0 or done % period or done >= max_iter:
             return  # nothing was due, or it is the final evaluation, which runs anyway
-        evaluated = any(p["iteration"] == done for p in read_curve(self._output_dir, max_iter, ims_per_batch=1))
-        if comm.all_gather(evaluated)[0]:  # the main process's metrics.json decides for every process
+        # the main process's metrics.json decides for every process (others may not share its disk)
+        evaluated = comm.is_main_process() and any(
+            p["iteration"] == done for p in read_curve(self._output_dir, max_iter, ims_per_batch=1))
+        if comm.all_gather(evaluated)[0]:
             return
         logger.info(f"The evaluation after iteration {done} is not in metrics.json (the run stopped during it): "
                     "evaluating the checkpoint before training on")
