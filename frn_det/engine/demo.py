@@ -2,7 +2,6 @@
 trained and evaluated at the same time through tools/train_net.py, then an AP table, a bar plot and
 a picture of each norm's detections."""
 import concurrent.futures
-import json
 import math
 import os
 import shutil
@@ -13,7 +12,7 @@ from .compare import LOG_FILE, tail_lines
 from .config import load_cfg, load_run_cfg
 from .grid import run_logged, thread_env
 from .paths import CONFIGS, TOOLS
-from .results import read_result
+from .results import read_metrics, read_result
 
 CONFIG = os.path.join(CONFIGS, "synthetic", "retinanet_R18_FPN_{}.yaml")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -74,18 +73,7 @@ def _command(norm, run_dir, resume, opts):
 def iterations_done(run_dir):
     """Training iterations done: the highest iteration detectron2 wrote to run_dir/metrics.json (its
     lines need not be in order: an evaluation's line may follow a later step's), 0 before any."""
-    try:
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return 0
-    done = 0
-    for line in lines:
-        try:
-            done = max(done, int(json.loads(line)["iteration"]) + 1)
-        except (ValueError, KeyError):
-            continue  # a line being written
-    return done
+    return max((int(r["iteration"]) + 1 for r in read_metrics(run_dir) if "iteration" in r), default=0)
 
 
 def _fmt(v):

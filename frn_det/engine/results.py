@@ -16,24 +16,32 @@ def _finite_or_none(v):
     return None if v is None or math.isnan(v) else float(v)
 
 
+def read_metrics(output_dir):
+    """The records detectron2 wrote to OUTPUT_DIR/metrics.json, in file order (a line cut by an
+    interruption or still being written is skipped); [] without the file."""
+    records = []
+    try:
+        with open(os.path.join(output_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return records
+
+
 def read_curve(output_dir, max_iter, ims_per_batch):
     """The evaluations during training, from detectron2's OUTPUT_DIR/metrics.json: a list of
     {"iteration": iterations done, "images_seen", "bbox": AP, "segm": AP (mask models)}, one per
     evaluation (the last record of an iteration wins: a resumed run appends to the file)."""
     points = {}
-    try:
-        with open(os.path.join(output_dir, "metrics.json")) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by an interruption
-                if "bbox/AP" in record:
-                    done = min(int(record["iteration"]) + 1, max_iter)
-                    points[done] = {"iteration": done, "images_seen": done * ims_per_batch,
-                                    **{t: _finite_or_none(record.get(f"{t}/AP")) for t in TASKS if f"{t}/AP" in record}}
-    except FileNotFoundError:
-        return []
+    for record in read_metrics(output_dir):
+        if "bbox/AP" in record:
+            done = min(int(record["iteration"]) + 1, max_iter)
+            points[done] = {"iteration": done, "images_seen": done * ims_per_batch,
+                            **{t: _finite_or_none(record.get(f"{t}/AP")) for t in TASKS if f"{t}/AP" in record}}
     return [points[k] for k in sorted(points)]
 
 
