@@ -415,7 +415,7 @@ def plot(groups, path, task="bbox", metric="AP"):
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm, color=_norm_color(norm))
         # a cell whose runs all failed is a result (BN at batch 1 may fail); one still training is not
         failed = [(k, g) for k, g in groups.items() if k[0] == fam and k[1] in norms
-                  and not g["ok"] and _none_ok_label(g["runs"]) == "all failed"]
+                  and _none_ok_label(g["runs"]) == "all failed"]
         for i, (k, g) in enumerate(sorted(failed, key=lambda kg: _sort_key(kg[0]))):
             ax.plot([k[2]], [0], marker="x", color=_norm_color(k[1]), markersize=9, clip_on=False,
                     linestyle="none", label="all runs failed" if i == 0 else None)
