@@ -8,6 +8,7 @@ name; see README.md for how it is installed.
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -37,6 +38,11 @@ def get_extensions():
     extra_compile_args = {"cxx": ["-O3", "-ffp-contract=off"]}
     include_dirs = [os.path.join(HERE, CSRC)]
     extension = CppExtension
+    # A toolchain that links libstdc++ statically (the GPU machines' g++ does) would put a copy of
+    # it in _C's exported symbols; under Python's -Bsymbolic-functions our calls then use that
+    # copy's code with the process's libstdc++ data, and formatting a number in an error message
+    # crashes (H200 check, docs/gpu.md). Hiding the copy keeps code and data together.
+    extra_link_args = ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
 
     use_cuda = (torch.cuda.is_available() and CUDA_HOME is not None) or os.environ.get("FORCE_CUDA", "0") == "1"
     if use_cuda:
@@ -55,6 +61,7 @@ def get_extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ]
 
