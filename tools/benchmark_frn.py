@@ -11,6 +11,7 @@ Examples::
         --shapes all --copy-bandwidth               # what tools/gpu_check.sh runs
     python tools/benchmark_frn.py --shapes target --iters 20
     python tools/benchmark_frn.py --shapes 2x256x100x168,512x256x7x7 --layout channels_last
+    python tools/benchmark_frn.py --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -20,7 +21,7 @@ import sys
 import torch
 
 from frn_det.layers import ops
-from frn_det.layers.benchmark import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, run
+from frn_det.layers.benchmark import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, profile, run
 
 
 def main(argv=None):
@@ -38,6 +39,9 @@ def main(argv=None):
                         help="min is the better estimate on a machine shared with other jobs")
     parser.add_argument("--copy-bandwidth", action="store_true",
                         help="also measure a device copy and give bandwidth as %% of it")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
+                             "forward+backward (wall time against kernel time, top events)")
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -55,9 +59,12 @@ def main(argv=None):
             shapes = parse_shapes(args.shapes, device)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        copy_gbs = copy_bandwidth(device) if args.copy_bandwidth else None
+        copy_gbs = copy_bandwidth(device) if args.copy_bandwidth and not args.profile else None
         for dtype_name in args.dtype:
             for channels_last in layouts:
+                if args.profile:
+                    print("\n" + profile(device, DTYPES[dtype_name], shapes, args.iters, channels_last))
+                    continue
                 rows = run(device, DTYPES[dtype_name], shapes, args.iters, channels_last, args.stat)
                 print("\n" + format_table(rows, device, DTYPES[dtype_name], channels_last, args.iters, args.stat, copy_gbs))
 

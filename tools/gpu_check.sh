@@ -10,7 +10,9 @@
 #      (frn_det.layers.kernel_paths.exercise: each path, layout and option, capped grids, int64);
 #   4. tools/benchmark_frn.py on the R50-FPN shapes, fp32 / fp16 / bf16, NCHW and channels_last:
 #      op vs eager and compiled reference, timm's FilterResponseNormTlu2d, BatchNorm2d+ReLU,
-#      GroupNorm+ReLU; time, GB/s and % of a device copy measured in the same run.
+#      GroupNorm+ReLU; time, GB/s and % of a device copy measured in the same run;
+#   5. its --profile on a large and a small map: the op's and BatchNorm+ReLU's wall time against
+#      their kernel time, and torch.profiler's top events (where the op's time goes).
 # Without a GPU it is a dry run of the same steps on the CPU (CI runs it): the build is checked
 # (built already: reused), the tests run without the CUDA requirement, the path script runs on the
 # CPU without sanitizer, and the benchmark is a short CPU one.
@@ -68,6 +70,8 @@ if [ "$GPU" = 1 ]; then
   fi
   step "benchmark" bench.log "$PY" tools/benchmark_frn.py --device cuda --dtype float32 float16 bfloat16 \
     --layout both --shapes all --iters 10 --copy-bandwidth
+  step "profile" profile.log "$PY" tools/benchmark_frn.py --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
+    --iters 10 --profile
 else
   step "build (dry run: reuse the built extension, else build the CPU one)" build.log \
     "$PY" -c "import frn_det.layers.ops as o, sys; sys.exit(0 if o.is_available() else 1)" \
@@ -78,6 +82,8 @@ else
     "$PY" -c "import torch; from frn_det.layers.kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
   step "benchmark (dry run: CPU, 2 shapes)" bench.log "$PY" tools/benchmark_frn.py --device cpu --dtype float32 \
     --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth
+  step "profile (dry run: CPU, 1 shape)" profile.log "$PY" tools/benchmark_frn.py --device cpu --dtype float32 \
+    --shapes fpn_p6 --iters 2 --profile
 fi
 
 {
@@ -114,6 +120,9 @@ PY
   echo
   echo "## Benchmark"
   quiet bench.log | grep -v '^  done' || true
+  echo
+  echo "## Profile"
+  quiet profile.log | grep -v -E '^  profiled|^USDT|^ERROR.*gpuGetDeviceCount' || true
 } >"$REPORT"
 echo "[gpu_check] report: $REPORT" >&2
 exit $failed

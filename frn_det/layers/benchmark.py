@@ -9,6 +9,9 @@ Methods: the op (``frn(..., impl="op")``), ``frn_reference`` eager, ``torch.comp
 timm's ``FilterResponseNormTlu2d`` (when timm is installed), ``BatchNorm2d + ReLU`` (training mode)
 and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
 
+:func:`profile` shows where a method's forward+backward time goes (torch.profiler): its kernels, or
+the host calls around them (a method can take far longer than its kernels on small maps).
+
 Used by tools/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
 import statistics
@@ -96,6 +99,15 @@ def make_methods(C):
     return methods
 
 
+def _inputs(shape, device, dtype, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    return x, torch.randn_like(x)
+
+
 def time_once(fn, device):
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -138,12 +150,7 @@ def run(device, dtype, shapes, iters, channels_last, stat):
     rows = []
     for name, shape in shapes:
         torch._dynamo.reset()  # compiled code is cached per function: keep each shape's entries apart
-        torch.manual_seed(0)
-        x = torch.randn(shape, device=device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        grad_out = torch.randn_like(x)
+        x, grad_out = _inputs(shape, device, dtype, channels_last)
         nbytes = x.numel() * x.element_size()
         closures, errors = {}, {}
         for method, factory in make_methods(shape[1]).items():
@@ -173,11 +180,54 @@ def run(device, dtype, shapes, iters, channels_last, stat):
     return rows
 
 
+def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "BatchNorm2d+ReLU"), row_limit=8):
+    """Markdown: for each shape and method, the wall time of one forward+backward against the time in
+    device kernels (CUDA), and torch.profiler's top events by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    on_cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    sections = []
+    for name, shape in shapes:
+        x, grad_out = _inputs(shape, device, dtype, channels_last)
+        factories = make_methods(shape[1])
+        for method in methods:
+            if method not in factories:
+                continue
+            _, fwd_bwd = make_closures(factories[method]().to(device=device, dtype=dtype).train(), x, grad_out)
+            for _ in range(3):
+                fwd_bwd()
+            sync()
+            with torch_profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fwd_bwd()
+                sync()
+                wall_ms = (time.perf_counter() - start) / iters * 1e3
+            head = f"#### {name} {'x'.join(map(str, shape))}, {method}: {wall_ms:.3f} ms per forward+backward (wall, profiled)"
+            if on_cuda:
+                kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+                kernel_ms = sum(e.device_time_total for e in kernels) / iters / 1e3
+                head += f", {kernel_ms:.3f} ms in {len(kernels) / iters:.0f} device kernels"
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+            sections.append(f"{head}\n\n```\n{table.strip()}\n```\n")
+        print(f"  profiled {name} {tuple(shape)}", file=sys.stderr, flush=True)
+    layout = "channels_last" if channels_last else "contiguous"
+    return f"### FRN profile: {_device_name(device)}, {str(dtype).replace('torch.', '')}, {layout}, {iters} iterations\n\n" + "\n".join(sections)
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None):
     """The markdown table of :func:`run`'s rows; with ``copy_gbs``, bandwidth also as % of the copy."""
-    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = "channels_last" if channels_last else "contiguous"
-    lines = [f"### FRN benchmark: {dev}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs",
+    lines = [f"### FRN benchmark: {_device_name(device)}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs",
              ""]
     if copy_gbs:
         lines += [f"Device copy in the same run: {copy_gbs:.0f} GB/s (read + written); % columns are of that.", ""]
