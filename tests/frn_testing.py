@@ -52,14 +52,19 @@ def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
     ref, ref_grads = run_with_grads(frn_reference, *ref_args, grad_out.to("cpu", torch.float64))
     assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
     torch.testing.assert_close(out.to("cpu", torch.float64), ref, atol=atol, rtol=rtol)
-    names = ("x", "weight", "bias", "tau", "eps_l")
-    for name, t, g_op, g_ref in zip(names, (x, weight, bias, tau, eps_l), grads, ref_grads):
+    assert_grads_close((x, weight, bias, tau, eps_l), grads, ref_grads, atol, rtol)
+    return out, grads
+
+
+def assert_grads_close(inputs, grads, ref_grads, atol, rtol):
+    """Gradients of (x, weight, bias, tau, eps_l) in their inputs' dtypes and close to the float64
+    reference's (entries whose input is None are skipped)."""
+    for name, t, g_op, g_ref in zip(("x", "weight", "bias", "tau", "eps_l"), inputs, grads, ref_grads):
         if t is None:
             continue
         assert g_op.dtype == t.dtype, name
         torch.testing.assert_close(g_op.to("cpu", torch.float64), g_ref, atol=atol, rtol=rtol,
                                    msg=lambda m: f"grad of {name}: {m}")
-    return out, grads
 
 
 def opcheck_samples(device):

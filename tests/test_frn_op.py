@@ -37,7 +37,8 @@ import torch
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
 from frn_det.layers.kernel_paths import CUDA_PATHS
-from frn_testing import assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all, run_with_grads
+from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all,
+                         run_with_grads)
 
 # The submodule (frn_det.layers.frn is also the name of the function the package exports).
 frn_module = importlib.import_module("frn_det.layers.frn")
@@ -509,9 +510,7 @@ def test_cuda_misaligned_and_strided_views():
         # The scalar loads sum in another order than the 16-byte ones: equal to rounding, not bitwise.
         ref_args = [a.to("cpu", torch.float64).requires_grad_() for a in (x, w, b, t, e)]
         _, expected = run_with_grads(frn_reference, *ref_args, g.to("cpu", torch.float64))
-        for name, a, r in zip(("x", "weight", "bias", "tau", "eps_l"), got, expected):
-            torch.testing.assert_close(a.to("cpu", torch.float64), r, atol=2e-4, rtol=2e-4,
-                                       msg=lambda m: f"grad of {name}: {m}")
+        assert_grads_close((x, w, b, t, e), got, expected, *CUDA_TOL[torch.float32])
 
 
 def _nonempty_paths():

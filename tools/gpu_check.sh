@@ -19,7 +19,8 @@
 #
 #   tools/gpu_check.sh [REPORT]    REPORT defaults to $OUT/gpu_check.md when $OUT is set, else gpu_check.md
 #   PYTHON=python3.12 tools/gpu_check.sh
-# Exit status 1 when a step failed (the report says which). Took 5 min 40 s on an H200 (2026-11-26).
+# Exit status 1 when a step failed (the report says which). Plan: under 8 minutes (the first run, on an
+# H200 on 2026-11-26, took 5 min 40 s with its tests cut short by a crash and before the profile step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -92,7 +93,7 @@ fi
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$([ "$GPU" = 1 ] || echo ', DRY RUN (no GPU visible)')"
   echo
   "$PY" - <<'PY'
-import os, platform, shutil, subprocess, torch
+import os, platform, shutil, subprocess, sysconfig, torch
 from frn_det.layers import build_info
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
 print(f"- device: {dev}" + (f" (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})" if torch.cuda.is_available() else ""))
@@ -100,7 +101,7 @@ print(f"- python {platform.python_version()}, torch {torch.__version__}, CUDA {t
 cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension builds with
 path = shutil.which(cxx)
 version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.partition("\n")[0] if path else "not found"
-print(f"- C++ compiler: {path or cxx} ({version})")
+print(f"- C++ compiler: {path or cxx} ({version}); Python's link flags: {sysconfig.get_config_var('LDSHARED')}")
 try:
     print(f"- frn_det._C kernels: {build_info.cuda_archs()}")
 except FileNotFoundError as e:

@@ -197,6 +197,7 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
         factories = make_methods(shape[1])
         for method in methods:
             if method not in factories:
+                sections.append(f"#### {name} {'x'.join(map(str, shape))}, {method}: unavailable\n")
                 continue
             _, fwd_bwd = make_closures(factories[method]().to(device=device, dtype=dtype).train(), x, grad_out)
             for _ in range(3):
@@ -210,9 +211,11 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
                 wall_ms = (time.perf_counter() - start) / iters * 1e3
             head = f"#### {name} {'x'.join(map(str, shape))}, {method}: {wall_ms:.3f} ms per forward+backward (wall, profiled)"
             if on_cuda:
-                kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-                kernel_ms = sum(e.device_time_total for e in kernels) / iters / 1e3
-                head += f", {kernel_ms:.3f} ms in {len(kernels) / iters:.0f} device kernels"
+                # kernels, memcpys and memsets; annotations span kernels and would count them twice
+                events = [e for e in prof.events()
+                          if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+                device_ms = sum(e.device_time_total for e in events) / iters / 1e3
+                head += f", {device_ms:.3f} ms in {len(events) / iters:.0f} device events (kernels, copies)"
             table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
             sections.append(f"{head}\n\n```\n{table.strip()}\n```\n")
         print(f"  profiled {name} {tuple(shape)}", file=sys.stderr, flush=True)
