@@ -195,9 +195,10 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
     for name, shape in shapes:
         x, grad_out = _inputs(shape, device, dtype, channels_last)
         factories = make_methods(shape[1])
+        dims = "x".join(map(str, shape))
         for method in methods:
             if method not in factories:
-                sections.append(f"#### {name} {'x'.join(map(str, shape))}, {method}: unavailable\n")
+                sections.append(f"#### {name} {dims}, {method}: unavailable\n")
                 continue
             _, fwd_bwd = make_closures(factories[method]().to(device=device, dtype=dtype).train(), x, grad_out)
             for _ in range(3):
@@ -209,7 +210,7 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
                     fwd_bwd()
                 sync()
                 wall_ms = (time.perf_counter() - start) / iters * 1e3
-            head = f"#### {name} {'x'.join(map(str, shape))}, {method}: {wall_ms:.3f} ms per forward+backward (wall, profiled)"
+            head = f"#### {name} {dims}, {method}: {wall_ms:.3f} ms per forward+backward (wall, profiled)"
             if on_cuda:
                 # kernels, memcpys and memsets; annotations span kernels and would count them twice
                 events = [e for e in prof.events()
@@ -219,18 +220,19 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
             table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
             sections.append(f"{head}\n\n```\n{table.strip()}\n```\n")
         print(f"  profiled {name} {tuple(shape)}", file=sys.stderr, flush=True)
+    return f"### FRN profile: {_setting(device, dtype, channels_last)}, {iters} iterations\n\n" + "\n".join(sections)
+
+
+def _setting(device, dtype, channels_last):
+    """The "<device>, <dtype>, <layout>" part of a section title."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = "channels_last" if channels_last else "contiguous"
-    return f"### FRN profile: {_device_name(device)}, {str(dtype).replace('torch.', '')}, {layout}, {iters} iterations\n\n" + "\n".join(sections)
-
-
-def _device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return f"{dev}, {str(dtype).replace('torch.', '')}, {layout}"
 
 
 def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None):
     """The markdown table of :func:`run`'s rows; with ``copy_gbs``, bandwidth also as % of the copy."""
-    layout = "channels_last" if channels_last else "contiguous"
-    lines = [f"### FRN benchmark: {_device_name(device)}, {str(dtype).replace('torch.', '')}, {layout}, {stat} of {iters} interleaved runs",
+    lines = [f"### FRN benchmark: {_setting(device, dtype, channels_last)}, {stat} of {iters} interleaved runs",
              ""]
     if copy_gbs:
         lines += [f"Device copy in the same run: {copy_gbs:.0f} GB/s (read + written); % columns are of that.", ""]
