@@ -28,6 +28,7 @@ test compares forward and all gradients with the float64 reference unless it say
 """
 import importlib
 import os
+import sys
 
 import numpy as np
 
@@ -305,6 +306,10 @@ PATHS = {
     "frn(impl=op)": lambda x, w, b, t=None, eps=1e-6, e=None: frn(x, w, b, t, eps, e, impl="op"),
     "frn_reference": frn_reference,
     "C++ op": _raw_op,
+    # inputs that require grad: the checks run below the op's (C++) autograd kernel too
+    "C++ op, autograd": lambda x, w, b, t=None, eps=1e-6, e=None: _raw_op(
+        *[a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+          for a in (x, w, b, t, eps, e)]),
     "fake kernel": lambda x, w, b, t=None, eps=1e-6, e=None: _raw_op(
         *[a.to("meta") if isinstance(a, torch.Tensor) else a for a in (x, w, b, t, eps, e)]),
 }
@@ -365,6 +370,43 @@ def test_backward_argument_checks(fake):
         bwd(g, x, w, b, t, rstd[:1], None, True)
     with pytest.raises(TypeError, match="rstd must be"):
         bwd(g, x, w, b, t, rstd.double(), None, True)
+
+
+def _python_calls(fn):
+    """The Python functions that ``fn()`` calls from frn_det or torch.library (file:function)."""
+    calls = []
+
+    def record(frame, event, _arg):
+        name = frame.f_code.co_filename
+        if event == "call" and ("frn_det" in name or "torch/_library" in name):
+            calls.append(f"{os.path.basename(name)}:{frame.f_code.co_name}")
+
+    sys.setprofile(record)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_op_and_its_backward_run_no_python():
+    # Autograd is registered in C++ and the op's callers skip the Python checks (the C++ prologue
+    # runs them): host time per call was the op's cost on small maps (docs/gpu.md).
+    x, w, b, t, e = make_inputs((2, 3, 4, 4), learned_eps=True)
+    layer = frn_module.FilterResponseNorm2d(3, learned_eps=True, impl="op").double()
+    assert _python_calls(lambda: torch.ops.frn_det.frn.default(x, w, b, t, 1e-6, e)[0].sum().backward()) == []
+    wrappers = _python_calls(lambda: (frn(x, w, b, t, 1e-6, e, impl="op").sum().backward(),
+                                      layer(x).sum().backward()))
+    assert [c for c in wrappers if c.startswith("validation.py") or "_library" in c] == []
+    assert all(g is not None for g in (x.grad, w.grad, b.grad, t.grad, e.grad, layer.eps_l.grad))
+
+
+def test_double_backward_raises_not_implemented():
+    x, w, b, t, _ = make_inputs((2, 3, 4, 4))
+    out, _ = torch.ops.frn_det.frn(x, w, b, t, 1e-6, None)
+    grad_x, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="frn: double backward"):
+        grad_x.sum().backward()
 
 
 def test_checks_run_on_fake_tensors_under_torch_compile():

@@ -1,4 +1,4 @@
-"""Python side of the fused FRN custom op ``torch.ops.frn_det``: loading, fake kernels, autograd.
+"""Python side of the fused FRN custom op ``torch.ops.frn_det``: loading and fake kernels.
 
 The C++ library (``frn_det/layers/csrc``) defines two ops:
 
@@ -11,7 +11,10 @@ The C++ library (``frn_det/layers/csrc``) defines two ops:
 
 Parameters may have another floating dtype than x (fp32 parameters with fp16/bf16 activations, as
 under autocast): the kernels read them in the accumulation dtype, the output takes x's dtype and
-each parameter gradient its parameter's dtype. Backward saves x, the (tiny) parameters and rstd.
+each parameter gradient its parameter's dtype. Autograd is registered in C++
+(csrc/frn_autograd.cpp, no Python per call): backward saves x, the (tiny) parameters and rstd.
+The op's C++ prologue checks its arguments with ``validation``'s messages, so callers of the op need
+no Python checks; the fake kernels below run ``validation`` itself.
 """
 import torch
 
@@ -66,34 +69,6 @@ if is_available():
         grad_eps_l = (torch.empty_like(eps_l, memory_format=torch.contiguous_format) if eps_l is not None
                       else x.new_empty((0,), dtype=acc))
         return grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, tau, eps, eps_l = inputs
-        _, rstd = output
-        ctx.mark_non_differentiable(rstd)
-        # rstd never gets a gradient: don't let autograd allocate and zero-fill one.
-        ctx.set_materialize_grads(False)
-        # x and the per-plane rstd are the only activation-sized state; the parameters are needed to
-        # recompute y for the TLU mask.
-        ctx.save_for_backward(x, weight, bias, tau, rstd, eps_l)
-
-    def _backward(ctx, grad_out, _grad_rstd):
-        x, weight, bias, tau, rstd, eps_l = ctx.saved_tensors
-        need = ctx.needs_input_grad  # (x, weight, bias, tau, eps, eps_l)
-        if grad_out is None:  # grads are not materialised: None means zero
-            grad_out = torch.zeros_like(x)
-        grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l = torch.ops.frn_det.frn_backward.default(
-            grad_out, x, weight, bias, tau, rstd, eps_l, need[0])
-        return (
-            grad_x if need[0] else None,
-            grad_weight if need[1] else None,
-            grad_bias if need[2] else None,
-            grad_tau if tau is not None and need[3] else None,
-            None,
-            grad_eps_l if eps_l is not None and need[5] else None,
-        )
-
-    torch.library.register_autograd("frn_det::frn", _backward, setup_context=_setup_context)
 
 
 def frn_op(x, weight, bias, tau, eps, eps_l):

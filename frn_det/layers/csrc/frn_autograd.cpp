@@ -1,0 +1,140 @@
+// Autograd of torch.ops.frn_det.frn, in C++ so that a call runs no Python: torch.library's Python
+// autograd wrapper cost as much host time per call as the kernels take on small maps (docs/gpu.md).
+// Forward and backward reach the kernels through the dispatcher, so fake tensors (torch.compile,
+// opcheck) take the fake kernels registered in ops.py. frn_backward is not differentiable: its
+// autograd kernel makes a double backward fail with a clear error instead of torch's fallback
+// warning and a wrong (missing) gradient.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "frn.h"
+
+namespace frn_det {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+OptTensor defined_or_none(const at::Tensor& t) {
+  return t.defined() ? OptTensor(t) : std::nullopt;
+}
+
+using FrnSignature = ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double,
+                                const OptTensor&);
+using FrnBackwardSignature = BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const at::Tensor&, const OptTensor&, bool);
+
+// The ops' dispatcher handles: a call through them reaches the kernels below the Autograd key (or
+// the fake kernels).
+const c10::TypedOperatorHandle<FrnSignature>& frn_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("frn_det::frn", "").typed<FrnSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<FrnBackwardSignature>& frn_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("frn_det::frn_backward", "").typed<FrnBackwardSignature>();
+  return op;
+}
+
+class FrnFunction : public torch::autograd::Function<FrnFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      const OptTensor& tau,
+      double eps,
+      const OptTensor& eps_l) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, rstd] = frn_op().call(x, weight, bias, tau, eps, eps_l);
+    ctx->mark_non_differentiable({rstd});
+    // rstd never gets a gradient: don't let autograd allocate and zero-fill one.
+    ctx->set_materialize_grads(false);
+    // x and the per-plane rstd are the only activation-sized state; the parameters are needed to
+    // recompute y for the TLU mask.
+    ctx->save_for_backward({x, weight, bias, tau.value_or(at::Tensor()), rstd, eps_l.value_or(at::Tensor())});
+    return {out, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &tau = saved[3], &rstd = saved[4],
+                     &eps_l = saved[5];
+    // Grads are not materialised: an undefined one means zero.
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(x);
+    // x is always the first input with an autograd edge; its gradient is the only large one.
+    const bool grad_input = ctx->needs_input_grad(0);
+    auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] =
+        frn_backward_op().call(grad_out, x, weight, bias, defined_or_none(tau), rstd, defined_or_none(eps_l),
+                               grad_input);
+    // One gradient per forward argument; undefined for eps (a float) and for absent tau / eps_l.
+    return {grad_input ? grad_x : at::Tensor(),
+            grad_weight,
+            grad_bias,
+            tau.defined() ? grad_tau : at::Tensor(),
+            at::Tensor(),
+            eps_l.defined() ? grad_eps_l : at::Tensor()};
+  }
+};
+
+class FrnBackwardFunction : public torch::autograd::Function<FrnBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* /*ctx*/,
+      const at::Tensor& grad_out,
+      const at::Tensor& x,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      const OptTensor& tau,
+      const at::Tensor& rstd,
+      const OptTensor& eps_l,
+      bool grad_input) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] =
+        frn_backward_op().call(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
+    return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    C10_THROW_ERROR(NotImplementedError,
+                    "frn: double backward (a gradient of FRN's gradient, e.g. after create_graph=True) is not "
+                    "implemented");
+  }
+};
+
+ForwardOut frn_autograd(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const OptTensor& tau,
+    double eps,
+    const OptTensor& eps_l) {
+  variable_list outs = FrnFunction::apply(x, weight, bias, tau, eps, eps_l);
+  return {outs[0], outs[1]};
+}
+
+BackwardOut frn_backward_autograd(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const OptTensor& tau,
+    const at::Tensor& rstd,
+    const OptTensor& eps_l,
+    bool grad_input) {
+  variable_list outs = FrnBackwardFunction::apply(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
+  return {outs[0], outs[1], outs[2], outs[3], outs[4]};
+}
+
+} // namespace
+} // namespace frn_det
+
+TORCH_LIBRARY_IMPL(frn_det, Autograd, m) {
+  m.impl("frn", &frn_det::frn_autograd);
+  m.impl("frn_backward", &frn_det::frn_backward_autograd);
+}
