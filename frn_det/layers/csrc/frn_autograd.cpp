@@ -9,6 +9,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <utility>
+
 #include "frn.h"
 
 namespace frn_det {
@@ -84,20 +87,11 @@ class FrnFunction : public torch::autograd::Function<FrnFunction> {
 
 class FrnBackwardFunction : public torch::autograd::Function<FrnBackwardFunction> {
  public:
-  static variable_list forward(
-      AutogradContext* /*ctx*/,
-      const at::Tensor& grad_out,
-      const at::Tensor& x,
-      const at::Tensor& weight,
-      const at::Tensor& bias,
-      const OptTensor& tau,
-      const at::Tensor& rstd,
-      const OptTensor& eps_l,
-      bool grad_input) {
+  // frn_backward's arguments, as its Autograd-key kernel received them.
+  template <typename... Args>
+  static variable_list forward(AutogradContext* /*ctx*/, const Args&... args) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] =
-        frn_backward_op().call(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
-    return {grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l};
+    return std::apply([](auto&&... grads) { return variable_list{grads...}; }, frn_backward_op().call(args...));
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
@@ -107,34 +101,28 @@ class FrnBackwardFunction : public torch::autograd::Function<FrnBackwardFunction
   }
 };
 
-ForwardOut frn_autograd(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const OptTensor& tau,
-    double eps,
-    const OptTensor& eps_l) {
-  variable_list outs = FrnFunction::apply(x, weight, bias, tau, eps, eps_l);
-  return {outs[0], outs[1]};
-}
+// The Autograd-key kernel of an op whose outputs are `Function`'s outputs, in order.
+template <typename Function, typename Signature>
+struct AutogradKernel;
 
-BackwardOut frn_backward_autograd(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const OptTensor& tau,
-    const at::Tensor& rstd,
-    const OptTensor& eps_l,
-    bool grad_input) {
-  variable_list outs = FrnBackwardFunction::apply(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
-  return {outs[0], outs[1], outs[2], outs[3], outs[4]};
-}
+template <typename Function, typename Out, typename... Args>
+struct AutogradKernel<Function, Out(Args...)> {
+  static Out call(Args... args) {
+    const variable_list outs = Function::apply(args...);
+    return as_tuple(outs, std::make_index_sequence<std::tuple_size_v<Out>>());
+  }
+
+  template <size_t... I>
+  static Out as_tuple(const variable_list& outs, std::index_sequence<I...>) {
+    return Out{outs[I]...};
+  }
+};
 
 } // namespace
 } // namespace frn_det
 
 TORCH_LIBRARY_IMPL(frn_det, Autograd, m) {
-  m.impl("frn", &frn_det::frn_autograd);
-  m.impl("frn_backward", &frn_det::frn_backward_autograd);
+  using frn_det::AutogradKernel;
+  m.impl("frn", &AutogradKernel<frn_det::FrnFunction, frn_det::FrnSignature>::call);
+  m.impl("frn_backward", &AutogradKernel<frn_det::FrnBackwardFunction, frn_det::FrnBackwardSignature>::call);
 }
