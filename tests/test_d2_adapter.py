@@ -16,6 +16,7 @@ from frn_det import TLU, FilterResponseNorm2d
 from frn_det.modeling import FRNOptions, apply_frn_placement
 from frn_det.modeling import norm_adapter as adapter
 from frn_det.layers import frn
+from frn_det.layers.filter_response_norm import resolve_impl
 
 
 @pytest.fixture
@@ -108,7 +109,9 @@ def test_stock_models_are_unchanged_by_the_adapter(uninstalled, norm, config, op
 def test_add_frn_config_is_idempotent():
     cfg = get_cfg()
     frn_det.add_frn_config(cfg)
-    assert dict(cfg.MODEL.FRN) == {"EPS": 1e-6, "LEARNED_EPS": "auto", "ACTIVATION": "TLU", "IMPL": "auto"}
+    assert dict(cfg.MODEL.FRN) == {"EPS": 1e-6, "LEARNED_EPS": "auto", "ACTIVATION": "TLU", "IMPL": "auto",
+                                   "NUM_GROUPS": 0, "CENTERED": False}
+    assert cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL is False
     cfg.MODEL.FRN.EPS = 1e-3
     frn_det.add_frn_config(cfg)
     assert cfg.MODEL.FRN.EPS == 1e-3
@@ -130,7 +133,7 @@ def test_cfg_options_reach_every_frn_layer():
 def test_default_options_learn_eps_only_in_the_retinanet_head(frn_config):
     model = build(RETINANET, "FRN", *R18, frn_config=frn_config)
     frns = frn_modules(model)
-    assert all(m.eps == 1e-6 and m.impl == frn_det.layers.resolve_impl() for _, m in frns)  # resolved at build
+    assert all(m.eps == 1e-6 and m.impl == resolve_impl() for _, m in frns)  # resolved at build
     learned = {n for n, m in frns if m.eps_l is not None}
     assert learned == {n for n, _ in frns if n.startswith("head.")} and len(learned) == 8
     assert all(m.tau is not None for n, m in frns if n.startswith("head."))  # "TLU" placement

@@ -26,7 +26,6 @@ test compares forward and all gradients with the float64 reference unless it say
 | bitwise run-to-run determinism | every path | test_cuda_runs_are_bitwise_identical |
 | non-default stream, second GPU | | test_cuda_non_default_stream, test_cuda_second_device |
 """
-import importlib
 import os
 import sys
 
@@ -41,8 +40,7 @@ from frn_det.layers.kernel_paths import CUDA_PATHS
 from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all,
                          run_with_grads)
 
-# The submodule (frn_det.layers.frn is also the name of the function the package exports).
-frn_module = importlib.import_module("frn_det.layers.frn")
+from frn_det.layers import filter_response_norm as frn_module
 
 # Without the extension the op tests skip, unless a CUDA run was required (conftest.py then fails them).
 pytestmark = pytest.mark.skipif(not ops.is_available() and os.environ.get("FRN_DET_REQUIRE_CUDA") != "1",
@@ -445,8 +443,8 @@ def test_layer_resolves_its_implementation_once_when_built(monkeypatch):
     assert layer.impl == "reference" and "impl=reference" in repr(layer)
     monkeypatch.setenv("FRN_DET_IMPL", "op")  # read when a layer is built, not on every forward
     calls = []
-    real_math = frn_module.frn_math
-    monkeypatch.setattr(frn_module, "frn_math", lambda *a: calls.append(1) or real_math(*a))
+    real_math = frn_module._frn_math
+    monkeypatch.setattr(frn_module, "_frn_math", lambda *a: calls.append(1) or real_math(*a))
     layer(_valid()[0])
     assert calls == [1]
     assert frn_module.FilterResponseNorm2d(3).impl == "op"

@@ -135,7 +135,8 @@ def test_no_import_cycles_inside_frn_det():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
-    assert "frn_det.layers.frn" in graph["frn_det.layers"] and "frn_det.layers.ops" in graph["frn_det.layers.frn"]
+    assert ("frn_det.layers.filter_response_norm" in graph["frn_det.layers"]
+            and "frn_det.layers.ops" in graph["frn_det.layers.filter_response_norm"])
 
 
 def test_cuda_build_runs_on_turing_to_hopper_and_newer_gpus():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .frn import frn, frn_reference
+from .filter_response_norm import frn, frn_reference
 
 # Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
 SHAPES = {

@@ -70,10 +70,3 @@ if is_available():
                       else x.new_empty((0,), dtype=acc))
         return grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l
 
-
-def frn_op(x, weight, bias, tau, eps, eps_l):
-    """FRN (+ TLU when ``tau`` is given) through the fused op; returns the output only."""
-    if _LOAD_ERROR is not None:
-        raise RuntimeError(f"frn_det._C is not built: {_LOAD_ERROR}")
-    out, _ = torch.ops.frn_det.frn.default(x, weight, bias, tau, float(eps), eps_l)
-    return out

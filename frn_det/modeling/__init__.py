@@ -17,11 +17,13 @@ from .placement import (  # noqa: E402
     apply_frn_placement,
     with_frn_placement,
 )
+from .residual_init import zero_init_residual_norms  # noqa: E402
 
 install()
 
 __all__ = [
     "FRNOptions", "add_frn_config", "apply_frn_placement", "build_optimizer", "current_options", "frn_options",
     "get_norm", "get_optimizer_params", "install", "is_installed", "optimizer_params", "uninstall", "with_frn_placement",
+    "zero_init_residual_norms",
     "FRNBasicBlock", "FRNBasicStem", "FRNBottleneckBlock",
 ]

@@ -4,7 +4,7 @@ from typing import Optional
 
 from detectron2.config import CfgNode as CN
 
-from ..layers.frn import IMPLS
+from ..layers.filter_response_norm import IMPLS
 
 LEARNED_EPS_MODES = ("auto", "all", "none")
 ACTIVATIONS = ("TLU", "RELU")
@@ -36,6 +36,19 @@ def add_frn_config(cfg):
     # "auto" (the environment variable FRN_DET_IMPL if set, else the op when frn_det._C is built,
     # else the reference). Resolved once per layer, when the model is built.
     cfg.MODEL.FRN.IMPL = "auto"
+    # Variants (docs/results.md, "Why FRN trails GN"); the defaults are the paper's FRN. Either one
+    # runs FRN in the reference implementation ("op" is rejected, "auto" picks the reference).
+    # NUM_GROUPS: 0 = one statistic per sample and channel (FRN); G > 0 = pooled over G groups of
+    #             C/G channels, as GroupNorm (32 is GN's); G must divide every FRN layer's channels.
+    cfg.MODEL.FRN.NUM_GROUPS = 0
+    # CENTERED: subtract the plane's (group's) mean and divide by its standard deviation, then the
+    #           affine and TLU as placed (InstanceNorm per channel, GroupNorm + TLU with NUM_GROUPS 32).
+    cfg.MODEL.FRN.CENTERED = False
+    # For every norm, not only FRN: zero-initialise the scale (gamma) of the last norm in each
+    # residual branch (BasicBlock conv2, BottleneckBlock conv3), so that every block starts as its
+    # shortcut (Goyal et al. 2017; tensorpack's FRN reproduction). detectron2 does not (its resnet.py
+    # notes it hurt GN from scratch); off by default.
+    cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +62,8 @@ class FRNOptions:
     learned_eps: str = "auto"
     activation: str = "TLU"
     impl: str = "auto"
+    num_groups: int = 0
+    centered: bool = False
 
     def __post_init__(self):
         for key, value, valid in (("LEARNED_EPS", self.learned_eps, LEARNED_EPS_MODES),
@@ -57,6 +72,18 @@ class FRNOptions:
                 raise ValueError(f"MODEL.FRN.{key} must be one of {valid}, got {value!r}")
         if not isinstance(self.eps, (int, float)) or not self.eps >= 0:
             raise ValueError(f"MODEL.FRN.EPS must be a number >= 0, got {self.eps!r}")
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 0:
+            raise ValueError(f"MODEL.FRN.NUM_GROUPS must be 0 (per channel) or a positive group count, got {self.num_groups!r}")
+        if not isinstance(self.centered, bool):
+            raise ValueError(f"MODEL.FRN.CENTERED must be True or False, got {self.centered!r}")
+        if self.impl == "op" and self.is_variant:
+            raise ValueError("MODEL.FRN.IMPL 'op' computes the paper's FRN only; MODEL.FRN.NUM_GROUPS / CENTERED "
+                             "run in the reference implementation (IMPL 'reference' or 'auto')")
+
+    @property
+    def is_variant(self) -> bool:
+        """True when the statistics differ from the paper's FRN (grouped or centred)."""
+        return self.num_groups != 0 or self.centered
 
     @classmethod
     def from_cfg(cls, cfg) -> Optional["FRNOptions"]:
@@ -64,4 +91,5 @@ class FRNOptions:
         node = getattr(getattr(cfg, "MODEL", None), "FRN", None)
         if node is None:
             return None
-        return cls(eps=node.EPS, learned_eps=node.LEARNED_EPS, activation=node.ACTIVATION, impl=node.IMPL)
+        return cls(eps=node.EPS, learned_eps=node.LEARNED_EPS, activation=node.ACTIVATION, impl=node.IMPL,
+                   num_groups=node.get("NUM_GROUPS", 0), centered=node.get("CENTERED", False))

@@ -8,7 +8,8 @@ Applied by ``import frn_det``; :func:`uninstall` restores detectron2 exactly.
 and user modules that imported it before frn_det; modules imported later bind the patched name from
 ``detectron2.layers``). ``build_model`` / ``build_backbone`` are rebound the same way, to read
 MODEL.FRN from the cfg being built (once per build) and to apply the paper's placement to the
-result (:func:`frn_det.modeling.apply_frn_placement`).
+result (:func:`frn_det.modeling.apply_frn_placement`), and MODEL.RESNETS.ZERO_INIT_RESIDUAL for
+every norm (:func:`frn_det.modeling.zero_init_residual_norms`).
 
 ``get_norm("FRN", C)`` returns a ``FilterResponseNorm2d`` without TLU with the eps and implementation
 of the current :func:`frn_options`. Models from ``build_model`` / ``build_backbone`` that contain FRN
@@ -31,6 +32,7 @@ from detectron2.modeling.meta_arch import build as meta_arch_build
 from ..layers import FilterResponseNorm2d
 from .config import FRNOptions
 from .placement import apply_frn_placement
+from .residual_init import zero_init_residual_norms
 
 __all__ = ["NORM_NAME", "frn_options", "current_options", "get_norm", "install", "uninstall", "is_installed"]
 
@@ -79,10 +81,14 @@ _STOCK_GET_NORM = batch_norm.get_norm
 
 
 def get_norm(norm, out_channels):
-    """detectron2's ``get_norm`` plus the name "FRN" (FRN without TLU, eps and impl from the options)."""
+    """detectron2's ``get_norm`` plus the name "FRN" (FRN without TLU; eps, impl and variant from the options)."""
     if isinstance(norm, str) and norm == NORM_NAME:
         options = current_options()
-        return FilterResponseNorm2d(out_channels, eps=options.eps, tlu=False, impl=options.impl)
+        groups = options.num_groups or None
+        if groups is not None and out_channels % groups:
+            raise ValueError(f"MODEL.FRN.NUM_GROUPS {groups} does not divide an FRN layer's {out_channels} channels")
+        return FilterResponseNorm2d(out_channels, eps=options.eps, tlu=False, impl=options.impl, num_groups=groups,
+                                    centered=options.centered)
     try:
         return _STOCK_GET_NORM(norm, out_channels)
     except KeyError:
@@ -123,6 +129,9 @@ def _cfg_scoped(builder):
         if any(isinstance(m, FilterResponseNorm2d) for m in module.modules()):
             apply_frn_placement(module, options)
             module.register_load_state_dict_post_hook(_report_bn_checkpoint)
+        resnets = getattr(getattr(cfg, "MODEL", None), "RESNETS", None)
+        if resnets is not None and resnets.get("ZERO_INIT_RESIDUAL", False):
+            zero_init_residual_norms(module)
         return module
 
     return build

@@ -6,6 +6,17 @@ Per sample ``n`` and channel ``c`` (arXiv 1911.09737)::
     y   = weight * x / sqrt(nu2 + eps_eff) + bias,     eps_eff = eps + |eps_l|
     z   = max(y, tau)               (TLU; omitted when tau is None)
 
+Two variants, for the study of why FRN trails GroupNorm (docs/results.md), are explicit options;
+without them the function is the paper's FRN:
+
+* ``num_groups=G``: the statistic is pooled over G groups of C/G channels (GroupNorm's grouping)
+  instead of one per channel: ``nu2 = mean_{c in group, h, w} x^2``;
+* ``centered=True``: the (group's or channel's) mean is subtracted first,
+  ``y = weight * (x - mu) / sqrt(var + eps_eff) + bias`` with the biased variance, as GroupNorm
+  (G groups) and InstanceNorm (per channel) do; the TLU follows as placed.
+
+The fused op computes the paper's FRN only; the variants run in the reference implementation.
+
 Gradient tie rule: where ``y == tau`` the TLU passes the gradient to ``y`` (the paper's
 convention), never to ``tau``. A NaN ``y`` stays NaN through the TLU (as through torch.maximum and
 ReLU), forward and backward, in both implementations.
@@ -14,7 +25,8 @@ Two implementations compute the same function:
 
 * ``"op"``: the fused custom op ``torch.ops.frn_det.frn`` (C++ CPU and CUDA kernels, fp32
   accumulation for fp16/bf16 inputs), see ``frn_det/layers/ops.py``;
-* ``"reference"``: plain PyTorch, used by the tests and benchmarks as ground truth.
+* ``"reference"``: plain PyTorch, used by the tests and benchmarks as ground truth, and the
+  implementation of the variants.
 
 The implementation is picked by the ``impl`` argument, else by the environment variable
 ``FRN_DET_IMPL`` (``auto`` | ``op`` | ``reference``); ``auto`` (the default) uses the op when the
@@ -59,42 +71,81 @@ def _check_eager(x, weight, bias, tau, eps, eps_l):
         check_frn_args(x, weight, bias, tau, eps, eps_l)
 
 
-def frn_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: Optional[torch.Tensor], eps: float,
-             eps_l: Optional[torch.Tensor]) -> torch.Tensor:
-    """The reference's arithmetic without the argument checks (TorchScript compiles this)."""
+def _rstd(nu2: torch.Tensor, eps: float, eps_l: Optional[torch.Tensor]) -> torch.Tensor:
+    """1 / sqrt(nu2 + eps + |eps_l|)."""
+    if eps_l is not None:
+        return torch.rsqrt(nu2 + (eps + eps_l.to(nu2.dtype).abs().reshape(())))
+    return torch.rsqrt(nu2 + eps)
+
+
+def _frn_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: Optional[torch.Tensor], eps: float,
+              eps_l: Optional[torch.Tensor], num_groups: int = 0, centered: bool = False) -> torch.Tensor:
+    """The reference's arithmetic without the argument checks (TorchScript compiles this);
+    ``num_groups`` 0 is one statistic per channel."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
-    # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
-    # (absent) output has finite, zero gradients
-    nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
-    if eps_l is not None:
-        rstd = torch.rsqrt(nu2 + (eps + eps_l.to(acc).abs().reshape(())))
+    if num_groups == 0 and not centered:
+        # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
+        # (absent) output has finite, zero gradients
+        nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
+        xn = xa * _rstd(nu2, eps, eps_l)
     else:
-        rstd = torch.rsqrt(nu2 + eps)
-    y = xa * rstd * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
+        n, c, h, w = xa.shape
+        groups = c if num_groups == 0 else num_groups
+        xg = xa.reshape(n, groups, (c // groups) * h * w)
+        count = max(xg.shape[2], 1)
+        if centered:
+            xg = xg - xg.sum(dim=2, keepdim=True) / count
+        nu2 = xg.square().sum(dim=2, keepdim=True) / count
+        xn = (xg * _rstd(nu2, eps, eps_l)).reshape(n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            xn = xn.contiguous(memory_format=torch.channels_last)
+    y = xn * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
     if tau is not None:
         y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
     return y.to(x.dtype)
 
 
-def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
+def _check_variant(channels: int, num_groups: Optional[int]) -> int:
+    """``num_groups`` as _frn_math takes it (0: per channel); ValueError unless it divides ``channels``."""
+    if num_groups is None:
+        return 0
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
+        raise ValueError(f"frn: num_groups must be a positive divisor of the {channels} channels, got {num_groups!r}")
+    return num_groups
+
+
+def frn_reference(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, num_groups: Optional[int] = None,
+                  centered: bool = False):
     """FRN (+ TLU when ``tau`` is given) in plain PyTorch ops; same contract as :func:`frn`."""
     _check_eager(x, weight, bias, tau, eps, eps_l)
-    return frn_math(x, weight, bias, tau, eps, eps_l)
+    groups = _check_variant(x.shape[1], num_groups)
+    return _frn_math(x, weight, bias, tau, eps, eps_l, groups, bool(centered))
 
 
-def frn_fused(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None):
-    """FRN (+ TLU) through the fused op ``torch.ops.frn_det.frn``; same contract as :func:`frn`.
-
-    No Python checks: the op's C++ prologue raises the same errors (a Python check per call cost
-    as much host time as the CUDA kernels take on small maps)."""
-    return ops.frn_op(x, weight, bias, tau, eps, eps_l)
+def _frn_fused(x, weight, bias, tau, eps, eps_l):
+    # No Python checks: the op's C++ prologue raises the same errors (a Python check per call cost
+    # as much host time as the CUDA kernels take on small maps).
+    return torch.ops.frn_det.frn.default(x, weight, bias, tau, float(eps), eps_l)[0]
 
 
-_IMPL_FUNCTIONS = {"op": frn_fused, "reference": frn_reference}
+_IMPL_FUNCTIONS = {"op": _frn_fused, "reference": frn_reference}
 
 
-def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional[str] = None):
+def _resolve_for(impl: Optional[str], num_groups: Optional[int], centered: bool) -> str:
+    """The implementation that computes FRN with these options: the op serves the paper's FRN only."""
+    if num_groups is None and not centered:
+        return resolve_impl(impl)
+    name = (impl or os.environ.get("FRN_DET_IMPL", "auto")).lower()
+    if name == "op":
+        raise ValueError("the fused FRN op computes the paper's per-channel, uncentred statistics; "
+                         "num_groups / centered run in the reference implementation (impl 'reference' or 'auto')")
+    resolve_impl(name)  # rejects unknown names
+    return "reference"
+
+
+def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional[str] = None,
+        num_groups: Optional[int] = None, centered: bool = False):
     """Filter Response Normalization, optionally fused with TLU.
 
     Args:
@@ -104,6 +155,10 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
         eps: fixed epsilon added to the mean square.
         eps_l: optional learned scalar; the effective epsilon is ``eps + |eps_l|``.
         impl: "op", "reference" or "auto"; None reads ``FRN_DET_IMPL`` (default "auto").
+        num_groups: None (the paper's FRN: one statistic per sample and channel) or G, a divisor of
+            C: one statistic per sample and group of C/G channels (a variant; reference only).
+        centered: subtract the mean of each plane (or group) and divide by its standard deviation
+            (a variant; reference only). ``num_groups=G, centered=True`` is GroupNorm followed by TLU.
 
     Returns:
         Tensor with the input's shape, dtype and memory format. Statistics accumulate in fp32
@@ -113,7 +168,9 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
     activations, as under autocast): the output takes x's dtype, each gradient its tensor's dtype.
     Bad arguments raise ValueError (shapes, devices, values) or TypeError (dtypes).
     """
-    return _IMPL_FUNCTIONS[resolve_impl(impl)](x, weight, bias, tau, eps, eps_l)
+    impl = _resolve_for(impl, num_groups, centered)
+    variant = (num_groups, centered) if num_groups is not None or centered else ()
+    return _IMPL_FUNCTIONS[impl](x, weight, bias, tau, eps, eps_l, *variant)
 
 
 class FilterResponseNorm2d(nn.Module):
@@ -127,13 +184,16 @@ class FilterResponseNorm2d(nn.Module):
         tlu: fuse the TLU ``max(y, tau)``; when False the module is FRN alone and ``tau`` is None.
         impl: "op", "reference" or "auto"; None reads ``FRN_DET_IMPL``. Resolved here, once, to
             "op" or "reference" (shown in the repr).
+        num_groups, centered: the variants of :func:`frn` (default: the paper's FRN); a layer with
+            either resolves "auto" to "reference".
 
     Parameters: ``weight`` (gamma, init 1), ``bias`` (beta, init 0), ``tau`` (init 0) and ``eps_l``.
     :meth:`add_tlu` and :meth:`add_learned_eps` add the last two in place after construction.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-6, learned_eps: bool = False, tlu: bool = True,
-                 impl: Optional[str] = None, device=None, dtype=None):
+                 impl: Optional[str] = None, num_groups: Optional[int] = None, centered: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
@@ -142,7 +202,9 @@ class FilterResponseNorm2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
-        self.impl = resolve_impl(impl)
+        self.num_groups = _check_variant(num_features, num_groups)  # 0: per channel (TorchScript needs an int)
+        self.centered = bool(centered)
+        self.impl = _resolve_for(impl, num_groups, centered)
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory))
         self.tau = nn.Parameter(torch.empty(num_features, **factory)) if tlu else None
@@ -176,18 +238,19 @@ class FilterResponseNorm2d(nn.Module):
             self._check_input(x)
         if self.impl == "op":
             return torch.ops.frn_det.frn(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
-        return frn_math(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
+        return _frn_math(x, self.weight, self.bias, self.tau, self.eps, self.eps_l, self.num_groups, self.centered)
 
     @torch.jit.unused
     def _check_input(self, x):
         if x.dim() == 4 and x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels")
-        if self.impl == "reference":  # the op checks its arguments in C++ (see frn_fused)
+        if self.impl == "reference":  # the op checks its arguments in C++ (see frn)
             _check_eager(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)
 
     def extra_repr(self) -> str:
+        variant = (f", num_groups={self.num_groups}" if self.num_groups else "") + (", centered=True" if self.centered else "")
         return (f"{self.num_features}, eps={self.eps}, learned_eps={self.eps_l is not None}, "
-                f"tlu={self.tau is not None}, impl={self.impl}")
+                f"tlu={self.tau is not None}{variant}, impl={self.impl}")
 
 
 class TLU(nn.Module):
