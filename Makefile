@@ -15,4 +15,4 @@ test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: env
-	$(PY) tools/benchmark_frn.py
+	$(PY) -m benchmarks.benchmark_frn

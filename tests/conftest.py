@@ -1,10 +1,18 @@
-"""pytest set-up: the `cuda` marker, and FRN_DET_REQUIRE_CUDA=1, which turns every skip of a CUDA
-test into a failure, so that a run on a GPU machine cannot pass by skipping (an old driver makes
-torch.cuda.is_available() False)."""
+"""pytest set-up: the `cuda`, `multi_gpu` and `slow` markers; FRN_DET_REQUIRE_CUDA=1, which turns
+every skip of a CUDA test into a failure, so that a run on a GPU machine cannot pass by skipping (an
+old driver makes torch.cuda.is_available() False); the checkout's experiments/ and benchmarks/ on the
+path; generated datasets in a temporary cache (not ./datasets), set before frn_det registers them."""
 import os
+import sys
+import tempfile
 
 import pytest
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # experiments/ and benchmarks/ are never installed
+os.environ.setdefault("FRN_DET_DATA", os.path.join(tempfile.gettempdir(), "frn_det_test_data", "frn_synthetic"))
 
 REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
 
@@ -12,6 +20,7 @@ REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device and frn_det._C built with its CUDA kernels")
     config.addinivalue_line("markers", "multi_gpu: needs two CUDA devices (skipped on one, even with FRN_DET_REQUIRE_CUDA)")
+    config.addinivalue_line("markers", "slow: trains in a subprocess or dry-runs a script (the fast tier: -m 'not slow')")
 
 
 def cuda_missing():

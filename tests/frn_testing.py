@@ -4,7 +4,7 @@ import contextlib
 import torch
 
 from frn_det.layers import frn, frn_reference
-from frn_det.layers.kernel_paths import set_test_limits
+from kernel_paths import set_test_limits
 
 
 def make_inputs(shape, dtype=torch.float64, tlu=True, learned_eps=False, channels_last=False, device="cpu",

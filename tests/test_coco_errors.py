@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from frn_det.engine import coco_eval
-from frn_det.engine.paths import REPO
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (image id, category id, [x, y, w, h], iscrowd)
 OBJECTS = [(1, 1, [0, 0, 10, 10], 0), (1, 2, [20, 20, 10, 10], 0), (2, 1, [0, 0, 20, 20], 0),

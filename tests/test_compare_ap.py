@@ -1,4 +1,5 @@
-"""frn_det.engine.compare / grid (and tools/compare_ap.py over them) on hand-made run directories (no training)."""
+"""experiments/compare (runs, stats, tables, plots, report, grid) and `python -m experiments.compare_ap`
+over them, on hand-made run directories (no training)."""
 
 import csv
 import json
@@ -10,9 +11,15 @@ import textwrap
 
 import pytest
 
-from frn_det.engine import compare as compare_ap
-from frn_det.engine.config_grid import CPU_GRID_SWEEP
-from frn_det.engine.paths import REPO, TOOLS
+from experiments.compare.plots import plot
+from experiments.compare.report import write_all
+from experiments.compare.runs import load_run
+from experiments.compare.stats import aggregate, lr_sweep, paired_differences
+from experiments.compare.tables import RUN_COLUMNS, markdown
+from experiments.cpu_grid.configs import settings
+from experiments.paths import REPO
+from frn_det.engine.processes import LOG_FILE, STATUS_FILE
+from frn_det.engine.results import COCO_METRICS as METRICS
 from frn_det.engine.results import RESULT_FILE
 
 
@@ -20,7 +27,7 @@ def write_run(d, norm="FRN", ipg=2, seed=0, ap=10.0, segm_ap=None, gpus=1, confi
     os.makedirs(d, exist_ok=True)
     res = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 1, "APs": ap / 2, "APm": ap, "APl": ap * 2}}
     if segm_ap is not None:
-        res["segm"] = {m: segm_ap for m in compare_ap.METRICS}
+        res["segm"] = {m: segm_ap for m in METRICS}
     out = {"config_file": config, "meta_architecture": "RetinaNet", "norm": norm, "images_per_gpu": ipg,
            "num_gpus": gpus, "ims_per_batch": ipg * gpus, "seed": seed, "max_iter": 100,
            "base_lr": 0.01, "train_datasets": ["t"], "test_datasets": ["v"], "wall_time_s": 1.0,
@@ -41,13 +48,13 @@ def runs(tmp_path):
     dirs.append(str(tmp_path / "never_ran"))
     failed = tmp_path / "bn1_s0"
     failed.mkdir()
-    (failed / compare_ap.STATUS_FILE).write_text(json.dumps(
+    (failed / STATUS_FILE).write_text(json.dumps(
         {"command": ["py", "train_net.py", "--config-file", "c/bn_1.yaml", "SEED", "0"], "returncode": 1}))
-    (failed / compare_ap.LOG_FILE).write_text(
+    (failed / LOG_FILE).write_text(
         "iter 10 loss 3.2\nFloatingPointError: Loss became infinite or NaN at iteration=12!\nbye\n")
     dirs.append(str(failed))
     dirs.append(write_run(str(tmp_path / "bn1_s1"), norm="BN", ipg=1, ap=float("nan")))
-    return [compare_ap.load_run(d) for d in dirs]
+    return [load_run(d) for d in dirs]
 
 
 def test_statuses_and_reasons(runs):
@@ -61,7 +68,7 @@ def test_statuses_and_reasons(runs):
 
 
 def test_aggregation_numbers(runs):
-    groups = compare_ap.aggregate(runs)
+    groups = aggregate(runs)
     assert list(groups) == [("fam", "BN", 1, 1), ("fam", "FRN", 2, 1), ("fam", "GN", 2, 1), ("fam", "GN", 4, 1)]
     frn = groups[("fam", "FRN", 2, 1)]
     ap = frn["stats"][("bbox", "AP")]
@@ -81,7 +88,7 @@ def test_aggregation_numbers(runs):
 
 def test_outputs(runs, tmp_path):
     prefix = str(tmp_path / "out" / "ap")
-    compare_ap.write_all(runs, prefix)
+    write_all(runs, prefix)
     with open(prefix + "_groups.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["norm"], r["images_per_gpu"], r["n_runs"], r["n_failed"]) for r in rows] == [
@@ -104,14 +111,15 @@ def test_outputs(runs, tmp_path):
 
 
 def test_all_ok_markdown_says_so(tmp_path):
-    runs = [compare_ap.load_run(write_run(str(tmp_path / "a"), ap=3.0))]
-    md = compare_ap.markdown(compare_ap.aggregate(runs), runs)
+    runs = [load_run(write_run(str(tmp_path / "a"), ap=3.0))]
+    md = markdown(aggregate(runs), runs)
     assert "All 1 runs finished." in md and "Missing" not in md
 
 
 def compare_tool(argv):
-    """tools/compare_ap.py as users run it: (exit code, stdout)."""
-    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "compare_ap.py"), *argv], capture_output=True, text=True)
+    """`python -m experiments.compare_ap` as users run it, from the checkout's root: (exit code, stdout)."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.compare_ap", *argv], capture_output=True, text=True,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.returncode, proc.stdout
 
@@ -175,7 +183,7 @@ def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):
     res = json.load(open(os.path.join(d, RESULT_FILE)))
     res["results"]["bbox"]["APs"] = float("nan")  # no small objects in the val set
     json.dump(res, open(os.path.join(d, RESULT_FILE), "w"))
-    g = compare_ap.aggregate([compare_ap.load_run(d)])
+    g = aggregate([load_run(d)])
     st = g[("fam", "FRN", 2, 1)]["stats"]
     assert math.isnan(st[("bbox", "APs")]["mean"]) and st[("bbox", "AP")]["mean"] == 4.0
 
@@ -185,20 +193,20 @@ def test_crashed_run_grouped_by_its_config(tmp_path):
     cfg = os.path.join(REPO, "configs", "cpu_grid", "retinanet_R18_FPN", "BN_2img_lr0.01.yaml")
     d = tmp_path / "crashed"
     d.mkdir()
-    (d / compare_ap.STATUS_FILE).write_text(json.dumps({"command": ["p", "t", "--config-file", cfg, "SEED", "1"],
+    (d / STATUS_FILE).write_text(json.dumps({"command": ["p", "t", "--config-file", cfg, "SEED", "1"],
                                                         "returncode": 1}))
-    ok = compare_ap.load_run(write_run(str(tmp_path / "ok"), norm="BN", ipg=2, seed=0, ap=2.0, config=cfg))
-    crashed = compare_ap.load_run(str(d))
+    ok = load_run(write_run(str(tmp_path / "ok"), norm="BN", ipg=2, seed=0, ap=2.0, config=cfg))
+    crashed = load_run(str(d))
     key = ("retinanet_R18_FPN", "BN lr0.01", 2, 1)  # the variant (after "<B>img_") joins the norm
     assert crashed.status == "failed" and crashed.key() == key
-    assert crashed.images_seen == CPU_GRID_SWEEP["images_seen"]  # from its config: MAX_ITER x IMS_PER_BATCH
-    groups = compare_ap.aggregate([ok, crashed])
+    assert crashed.images_seen == settings()["sweep_schedule"]["images_seen"]  # from its config: MAX_ITER x IMS_PER_BATCH
+    groups = aggregate([ok, crashed])
     g = groups[key]
     assert len(g["runs"]) == 2 and g["ok"] == [ok] and g["stats"][("bbox", "AP")]["mean"] == 2.0
-    md = compare_ap.markdown(groups, [ok, crashed])
+    md = markdown(groups, [ok, crashed])
     assert "| retinanet_R18_FPN | BN lr0.01 | 2 | 1 | 2 | 1/2 | 2.00 ± 0.00 |" in md
-    only_failed = compare_ap.aggregate([crashed])
-    compare_ap.plot(only_failed, str(tmp_path / "p.png"))  # a family with no finished run still plots
+    only_failed = aggregate([crashed])
+    plot(only_failed, str(tmp_path / "p.png"))  # a family with no finished run still plots
     assert os.path.getsize(tmp_path / "p.png") > 0
 
 
@@ -212,7 +220,7 @@ def _grid_run(tmp_path, norm, ipg, seed, ap, variant="", lr=0.01, curve_aps=(0.5
                curve=[{"iteration": (i + 1) * 200 // ipg, "images_seen": (i + 1) * 200, "bbox": ap * f}
                       for i, f in enumerate(curve_aps)])
     json.dump(res, open(os.path.join(d, RESULT_FILE), "w"))
-    return compare_ap.load_run(d)
+    return load_run(d)
 
 
 def test_paired_differences_sweep_curves_and_run_table(tmp_path):
@@ -220,23 +228,23 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
             (("FRN", 0, 30.0), ("FRN", 1, 33.0), ("GN", 0, 31.0), ("GN", 1, 32.0), ("GN", 2, 40.0), ("BN", 0, 20.0))]
     runs += [_grid_run(tmp_path, "FRN", 2, 0, ap, f"lr{lr:g}", lr) for lr, ap in ((0.005, 25.0), (0.02, 28.0))]
     runs.append(_grid_run(tmp_path, "FRN", 2, 0, 31.0, "RELU"))
-    pairs = compare_ap.paired_differences(runs, "FRN", "GN")
+    pairs = paired_differences(runs, "FRN", "GN")
     assert list(pairs) == [("retinanet_R18_FPN", 2)]  # variants are not paired with the base runs
     p = pairs[("retinanet_R18_FPN", 2)]
     assert p["seeds"] == [0, 1] and p["diffs"] == [-1.0, 1.0] and p["stats"]["mean"] == 0.0  # GN seed 2: no pair
     runs.append(_grid_run(tmp_path, "FRN", 8, 0, 20.0, "lr0.02", 0.02))  # base_lr is per batch: its own sweep
     # the plain FRN batch-2 run at lr 0.01 joins its sweep for seed 0, the seed the sweep ran (not seed 1)
-    assert compare_ap.lr_sweep(runs) == {("FRN", 2): [(0.005, 25.0, 1), (0.01, 30.0, 1), (0.02, 28.0, 1)],
+    assert lr_sweep(runs) == {("FRN", 2): [(0.005, 25.0, 1), (0.01, 30.0, 1), (0.02, 28.0, 1)],
                                          ("FRN", 8): [(0.02, 20.0, 1)]}
     assert runs[0].last_quarter_change() == pytest.approx(30.0 * (1.0 - 0.95))
     prefix = str(tmp_path / "out" / "grid")
-    compare_ap.write_all(runs, prefix)
+    write_all(runs, prefix)
     md = open(prefix + ".md").read()
     assert "Paired differences FRN - GN" in md and "| retinanet_R18_FPN | 2 | 0 1 | -1.00, +1.00 | +0.00 ± 1.41 |" in md
     assert "| FRN batch 2 | 0.005: 25.00, 0.01: 30.00, 0.02: 28.00 |" in md and "| FRN batch 8 | 0.02: 20.00 |" in md
     assert "| FRN RELU |" in md
     rows = list(csv.DictReader(open(prefix + ".csv")))
-    assert list(rows[0]) == list(compare_ap.RUN_COLUMNS)
+    assert list(rows[0]) == list(RUN_COLUMNS)
     relu = next(r for r in rows if r["variant"] == "RELU")
     assert (relu["norm"], relu["images_per_batch"], relu["images_seen"], relu["AP"], relu["status"]) == \
         ("FRN", "2", "800", "31.00", "ok")
@@ -251,12 +259,12 @@ def test_group_without_a_finished_run_says_why(tmp_path):
     def launched(name, returncode):
         d = tmp_path / name
         d.mkdir()
-        (d / compare_ap.STATUS_FILE).write_text(json.dumps(
+        (d / STATUS_FILE).write_text(json.dumps(
             {"command": ["py", "train_net.py", "--config-file", config, "SEED", "0"], "returncode": returncode}))
-        return compare_ap.load_run(str(d))
+        return load_run(str(d))
 
     def cell(runs):
-        md = compare_ap.markdown(compare_ap.aggregate(runs), runs)
+        md = markdown(aggregate(runs), runs)
         return next(ln for ln in md.splitlines() if ln.startswith("| retinanet_R18_FPN | GN | 1 |"))
 
     training, crashed = launched("training", None), launched("crashed", 1)
@@ -270,6 +278,6 @@ def test_a_plain_run_on_another_schedule_stays_out_of_the_sweep(tmp_path):
     """The grid cell at batch 2 trains longer than the batch-2 sweep: it is not one of its points."""
     sweep = [_grid_run(tmp_path, "GN", 2, 0, ap, f"lr{lr:g}", lr) for lr, ap in ((0.005, 25.0), (0.02, 28.0))]
     cell = _grid_run(tmp_path, "GN", 2, 0, 31.0)
-    assert compare_ap.lr_sweep(sweep + [cell])[("GN", 2)][1] == (0.01, 31.0, 1)
+    assert lr_sweep(sweep + [cell])[("GN", 2)][1] == (0.01, 31.0, 1)
     cell.result["max_iter"] *= 2
-    assert compare_ap.lr_sweep(sweep + [cell]) == {("GN", 2): [(0.005, 25.0, 1), (0.02, 28.0, 1)]}
+    assert lr_sweep(sweep + [cell]) == {("GN", 2): [(0.005, 25.0, 1), (0.02, 28.0, 1)]}

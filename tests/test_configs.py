@@ -1,6 +1,6 @@
 """configs/coco/: every config loads; norms sit in every place; images per GPU and the schedule
 follow the linear rule relative to the family base; the files equal the generator's output
-(frn_det.engine.config_grid, written by tools/gen_configs.py).
+(experiments/coco/configs.py and experiments/cpu_grid/, written by `python -m experiments.gen_configs`).
 """
 
 import glob
@@ -19,7 +19,9 @@ from detectron2.engine import DefaultTrainer
 from detectron2.layers import Conv2d, CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-from frn_det.engine import config_grid as gen_configs
+from experiments import gen_configs
+from experiments.cpu_grid.configs import large_batch_fractions
+from experiments.generated import diff
 from frn_det.engine import load_cfg
 from frn_det.layers import FilterResponseNorm2d
 
@@ -71,7 +73,7 @@ def test_grid_is_complete():
 
 def test_committed_configs_equal_generator_output():
     for out_dir, render in gen_configs.TARGETS:
-        assert gen_configs.diff(out_dir, render) == [], "run `python tools/gen_configs.py` and commit the result"
+        assert diff(out_dir, render) == [], "run `python -m experiments.gen_configs` and commit the result"
 
 
 CPU_GRID_LEAF = re.compile(r"(?P<norm>BN|GN|FRN)_(?P<batch>\d+)img(_(?P<variant>[\w.-]+))?\.yaml$")
@@ -117,8 +119,7 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
             assert lr_per_image[norm] <= lrs  # the grid runs at a swept rate
     for norm, lrs in sweep8.items():  # fractions of the linear rule, extended where the lowest won
         (linear,) = lr_per_image[norm]
-        fractions = gen_configs.CPU_GRID_LARGE_BATCH_SWEEP_FRACTIONS + \
-            gen_configs.CPU_GRID_LARGE_BATCH_SWEEP_EXTRA_FRACTIONS.get(norm, ())
+        fractions = large_batch_fractions(norm)
         assert sorted(round(lr / linear, 6) for lr in lrs) == sorted(float(Fraction(f)) for f in fractions)
         assert {"1/4", "1/2"} <= set(fractions)
 

@@ -1,5 +1,5 @@
-"""tools/cpu_grid.sh: the stages of the CPU comparison and their order, read from its dry run in a
-scratch copy of the repository layout (the real configs' names, no training)."""
+"""experiments/cpu_grid/run.sh: the stages of the CPU comparison and their order, read from its dry run
+in a scratch copy of the checkout's layout (the real configs' names, no training)."""
 import csv
 import json
 import os
@@ -10,21 +10,22 @@ import sys
 
 import pytest
 
-from frn_det.engine.paths import REPO
+from experiments.paths import REPO
 
 RUN_LINE = re.compile(r"^\[\d+/\d+\] configs/cpu_grid/(\S+)\.yaml seed (\d+): would run", re.M)
 SWEEP = [f"retinanet_R18_FPN/{n}_2img_lr{lr}" for n in ("BN", "FRN", "GN") for lr in ("0.005", "0.01", "0.02")]
 GRID = [f"retinanet_R18_FPN/{n}_{b}img" for n in ("BN", "GN", "FRN") for b in (1, 2, 8)]
 MORE = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("RELU", "eps-all", "fpn-no-norm")] + \
        [f"mask_rcnn_R18_FPN/{n}_2img" for n in ("GN", "FRN")]
+STUDY = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("G32-centered", "GN-fpn-head", "G32", "centered")] + \
+        ["retinanet_R18_FPN/GN_2img_FRN-fpn-head"]
 SWEEP8 = [f"retinanet_R18_FPN/{n}_8img_lr{lr}" for n, lr in (("BN", "0.04"), ("FRN", "0.01"), ("GN", "0.02"))]
 
 
 def scratch_repo(tmp_path, leaves):
-    """tools/ (the script and the real compare_ap.py) and configs/cpu_grid/<leaf>.yaml for ``leaves``."""
-    (tmp_path / "tools").mkdir()
-    shutil.copy(os.path.join(REPO, "tools", "cpu_grid.sh"), tmp_path / "tools")
-    shutil.copy(os.path.join(REPO, "tools", "compare_ap.py"), tmp_path / "tools")
+    """experiments/ (the script and the real compare_ap) and configs/cpu_grid/<leaf>.yaml for ``leaves``."""
+    shutil.copytree(os.path.join(REPO, "experiments"), tmp_path / "experiments",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     for leaf in leaves:
         path = tmp_path / "configs" / "cpu_grid" / f"{leaf}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ def scratch_repo(tmp_path, leaves):
 
 def dry_run(repo):
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable)
-    p = subprocess.run(["bash", str(repo / "tools" / "cpu_grid.sh")], env=env, capture_output=True, text=True,
+    p = subprocess.run(["bash", str(repo / "experiments" / "cpu_grid" / "run.sh")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
@@ -46,27 +47,28 @@ def test_sweep_first_then_asks_for_the_best_rates(tmp_path, have):
     out = dry_run(scratch_repo(tmp_path, SWEEP + have))
     assert RUN_LINE.findall(out) == [(leaf, "0") for leaf in sorted(SWEEP)]
     missing = next(leaf for leaf in GRID + MORE if leaf not in have)
-    assert f"No configs/cpu_grid/{missing}.yaml" in out and "CPU_GRID_BEST_LR_PER_IMAGE" in out
+    assert f"No configs/cpu_grid/{missing}.yaml" in out and "best_lr_per_image" in out
 
 
 @pytest.mark.parametrize("sweep8", [[], SWEEP8], ids=["no_batch8_sweep", "batch8_sweep"])
 def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
-    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8))
+    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8 + STUDY))
     expected = ([(leaf, "0") for leaf in sorted(SWEEP)]
                 + [(leaf, "0") for leaf in GRID] + [(leaf, "0") for leaf in MORE]
                 + [(leaf, "0") for leaf in sorted(sweep8)]
                 + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
-                + [(leaf, "2") for leaf in GRID])
+                + [(leaf, "2") for leaf in GRID]
+                + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY])
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out
 
 
 def test_each_part_is_collected_for_its_figures(tmp_path):
-    """`compare_ap.py cpu-grid` (the script's collect after each stage): every run into cpu_grid.*,
+    """`python -m experiments.compare_ap cpu-grid` (the script's collect after each stage): every run into cpu_grid.*,
     and each part into its own files with exactly its runs and seeds; a run still training counts
     as not finished."""
-    leaves = SWEEP + GRID + MORE + SWEEP8
-    seeds = {leaf: (0,) if leaf in SWEEP + SWEEP8 else (0, 1) if leaf in MORE else (0, 1, 2) for leaf in leaves}
+    leaves = SWEEP + GRID + MORE + SWEEP8 + STUDY
+    seeds = {leaf: (0,) if leaf in SWEEP + SWEEP8 else (0, 1) if leaf in MORE + STUDY else (0, 1, 2) for leaf in leaves}
     root = tmp_path / "runs"
     for leaf, leaf_seeds in seeds.items():
         fam, name = leaf.split("/")
@@ -84,8 +86,8 @@ def test_each_part_is_collected_for_its_figures(tmp_path):
     (root / "retinanet_R18_FPN_BN_2img_lr0.01" / "seed0.bak").mkdir()  # strays are not runs
     (root / "retinanet_R18_FPN_BN_8img" / "seed1.log").write_text("")
     out = tmp_path / "docs"
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_ap.py"), "cpu-grid", "--root", str(root),
-                        "--out-dir", str(out)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "experiments.compare_ap", "cpu-grid", "--root", str(root),
+                        "--out-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
 
     def collected(name):
@@ -103,4 +105,5 @@ def test_each_part_is_collected_for_its_figures(tmp_path):
                                                        + [leaf for leaf in MORE if "FRN_2img_" in leaf])
     assert collected("cpu_grid_sweep") == expected(SWEEP)
     assert collected("cpu_grid_sweep_batch8") == expected(SWEEP8 + [leaf for leaf in GRID if "8img" in leaf], 0)
+    assert collected("cpu_grid_study") == expected(STUDY + ["retinanet_R18_FPN/FRN_2img", "retinanet_R18_FPN/GN_2img"])
     assert "cpu_grid_norms: 30/31 runs finished" in p.stdout

@@ -14,13 +14,15 @@ from PIL import Image
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import ensure_synthetic
 from frn_det.engine.config import load_cfg
-from frn_det.engine.demo import CONFIG, LABEL_WIDTH, draw_detections, iterations_done, table, train_norms
+from frn_det.engine.demo import LABEL_WIDTH, config_file, draw_detections, iterations_done, table, train_norms
+
+TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_net.py")
 
 
 def test_detections_picture_names_the_norm(tmp_path):
     ensure_synthetic(["frn_synthetic_val"])
     torch.manual_seed(0)
-    model = build_model(load_cfg(CONFIG.format("FRN")))
+    model = build_model(load_cfg(config_file("FRN")))
     os.makedirs(tmp_path / "FRN")
     DetectionCheckpointer(model, save_dir=str(tmp_path / "FRN")).save("model_final")
     path = draw_detections("FRN", str(tmp_path), num_images=2, min_score=1.1)  # no box drawn
@@ -47,7 +49,7 @@ def test_norms_train_at_the_same_time_each_to_its_result(tmp_path):
     ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])  # as the demo generates it before training
     os.makedirs(tmp_path / "BN")  # a stale run: without --resume it is cleared, not appended to
     (tmp_path / "BN" / "metrics.json").write_text(json.dumps({"iteration": 999, "bbox/AP": 99.0}) + "\n")
-    results = train_norms(["BN", "FRN"], str(tmp_path), resume=False, opts=TINY_RUN, poll_s=0.2)
+    results = train_norms(["BN", "FRN"], str(tmp_path), resume=False, opts=TINY_RUN, train_net=TRAIN_NET, poll_s=0.2)
     assert {n: (r["norm"], r["max_iter"], r["ims_per_batch"]) for n, r in results.items()} == {
         "BN": ("BN", 3, 2), "FRN": ("FRN", 3, 2)}
     assert all(3 <= iterations_done(str(tmp_path / n)) < 10 for n in results)
@@ -59,6 +61,6 @@ def test_runs_that_fail_are_one_error_naming_each_log(tmp_path):
     ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])
     with pytest.raises(RuntimeError, match=r"1 of 2 runs failed \(GN\):\nGN \(exit 1\): .*GN.compare_ap_train.log") as e:
         train_norms(["BN", "GN"], str(tmp_path), resume=False, opts=[*TINY_RUN, "MODEL.FPN.OUT_CHANNELS", "100"],
-                    poll_s=0.2)
+                    train_net=TRAIN_NET, poll_s=0.2)
     assert "divisible" in str(e.value)  # the end of GN's log says what went wrong
     assert iterations_done(str(tmp_path / "BN")) >= 3

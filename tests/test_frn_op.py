@@ -36,7 +36,7 @@ import torch
 
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
-from frn_det.layers.kernel_paths import CUDA_PATHS
+from kernel_paths import CUDA_PATHS
 from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all,
                          run_with_grads)
 

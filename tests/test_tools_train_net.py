@@ -14,6 +14,7 @@ import pytest
 import frn_det  # noqa: F401
 from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
+from train_net_testing import dataset_args, run_opts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -33,22 +34,6 @@ def data(tmp_path_factory):
                  root, progress=False)
         roots[fmt] = root
     return roots
-
-
-def _dataset_args(root, prefix="tiny"):
-    return [
-        "--dataset", f"{prefix}_train", os.path.join(root, "annotations", "instances_train.json"), os.path.join(root, "train"),
-        "--dataset", f"{prefix}_val", os.path.join(root, "annotations", "instances_val.json"), os.path.join(root, "val"),
-    ]
-
-
-def _opts(out, max_iter=4, prefix="tiny"):
-    return [
-        "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_val',)",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out),
-    ]
 
 
 def train_net(*args, check=True):
@@ -74,7 +59,7 @@ def _detections(out):
 def trained(data, tmp_path_factory):
     """FRN RetinaNet, 4 iterations, evaluated after training."""
     out = tmp_path_factory.mktemp("train")
-    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), *_opts(out))
+    train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), *run_opts(out))
     return out
 
 
@@ -94,8 +79,8 @@ def test_train_and_evaluate_writes_the_contract_result(trained):
 
 
 def test_eval_only_with_the_checkpoint_reproduces_the_result(data, trained, tmp_path):
-    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--eval-only",
-              *_opts(tmp_path), "MODEL.WEIGHTS", os.path.join(trained, "model_final.pth"))
+    train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), "--eval-only",
+              *run_opts(tmp_path), "MODEL.WEIGHTS", os.path.join(trained, "model_final.pth"))
     assert _result(tmp_path)["results"] == _result(trained)["results"]
     assert _detections(tmp_path) == _detections(trained)
 
@@ -108,7 +93,7 @@ def test_resume_continues_from_the_last_checkpoint(data, trained, tmp_path):
         if os.path.exists(out / name):
             os.remove(out / name)
     (out / "last_checkpoint").write_text("model_0000001.pth")
-    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume", *_opts(out))
+    proc = train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), "--resume", *run_opts(out))
     assert "Starting training from iteration 2" in proc.stdout + proc.stderr
     assert _result(out)["max_iter"] == 4
     assert os.path.isfile(out / "model_final.pth")
@@ -116,8 +101,8 @@ def test_resume_continues_from_the_last_checkpoint(data, trained, tmp_path):
 
 def test_two_process_cpu_gloo_training_and_evaluation(data, tmp_path):
     # GN: one image per process is a small batch for BN; GN's statistics do not depend on it.
-    train_net("--config-file", RETINANET.format("GN"), *_dataset_args(data["polygon"]), "--num-gpus", "2",
-                     "--dist-url", "auto", *_opts(tmp_path, max_iter=2), "MODEL.DEVICE", "cpu")
+    train_net("--config-file", RETINANET.format("GN"), *dataset_args(data["polygon"]), "--num-gpus", "2",
+                     "--dist-url", "auto", *run_opts(tmp_path, max_iter=2), "MODEL.DEVICE", "cpu")
     r = _result(tmp_path)
     assert (r["num_gpus"], r["ims_per_batch"], r["images_per_gpu"]) == (2, 2, 1)
     assert set(r["results"]["bbox"]) == METRICS
@@ -128,7 +113,7 @@ def test_two_process_cpu_gloo_training_and_evaluation(data, tmp_path):
 
 
 def test_rle_dataset_with_mask_rcnn_switches_to_bitmask(data, tmp_path):
-    proc = train_net("--config-file", MASK_RCNN, *_dataset_args(data["rle"], "rle"), *_opts(tmp_path, 2, "rle"))
+    proc = train_net("--config-file", MASK_RCNN, *dataset_args(data["rle"], "rle"), *run_opts(tmp_path, 2, "rle"))
     assert "['rle_train'] have RLE masks: using INPUT.MASK_FORMAT bitmask" in proc.stdout + proc.stderr
     r = _result(tmp_path)
     assert r["meta_architecture"] == "GeneralizedRCNN" and set(r["results"]) == {"bbox", "segm"}
@@ -138,7 +123,7 @@ def test_malformed_dataset_json_fails_naming_the_file(data, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [], "annotations": ')
     proc = train_net("--config-file", RETINANET.format("GN"), "--dataset", "broken", str(bad), str(tmp_path),
-                     *_dataset_args(data["polygon"]), *_opts(tmp_path / "out"), "DATASETS.TRAIN", "('broken',)", check=False)
+                     *dataset_args(data["polygon"]), *run_opts(tmp_path / "out"), "DATASETS.TRAIN", "('broken',)", check=False)
     assert proc.returncode != 0
     assert f"dataset 'broken': {bad} is not valid JSON" in proc.stderr
 
@@ -186,15 +171,15 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(data, t
     import torch
 
     full = tmp_path / "full"
-    opts = [*_opts(full, max_iter=6), "DATALOADER.NUM_WORKERS", str(workers)]
-    train_net("--config-file", config, *_dataset_args(data["polygon"]), *opts)
+    opts = [*run_opts(full, max_iter=6), "DATALOADER.NUM_WORKERS", str(workers)]
+    train_net("--config-file", config, *dataset_args(data["polygon"]), *opts)
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     for name in os.listdir(resumed):  # the state an interruption during iteration 3 leaves
         if name.endswith(".pth") and name != "model_0000001.pth" or name in ("frn_det_result.json", "inference"):
             shutil.rmtree(resumed / name) if (resumed / name).is_dir() else os.remove(resumed / name)
     (resumed / "last_checkpoint").write_text("model_0000001.pth")
-    proc = train_net("--config-file", config, *_dataset_args(data["polygon"]), "--resume",
+    proc = train_net("--config-file", config, *dataset_args(data["polygon"]), "--resume",
                      *[str(resumed) if o == str(full) else o for o in opts])
     assert "Starting training from iteration 2" in proc.stdout + proc.stderr
     a = torch.load(full / "model_final.pth", weights_only=False)["model"]
@@ -209,8 +194,8 @@ def test_run_interrupted_during_an_evaluation_evaluates_before_training_on(data,
     curve has every point of the uninterrupted run's (detectron2's writer flushes every 20 iterations:
     an evaluation every 20 keeps each on its own line)."""
     full = tmp_path / "full"
-    opts = [*_opts(full, max_iter=21), "TEST.EVAL_PERIOD", "20", "SOLVER.CHECKPOINT_PERIOD", "20"]
-    train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), *opts)
+    opts = [*run_opts(full, max_iter=21), "TEST.EVAL_PERIOD", "20", "SOLVER.CHECKPOINT_PERIOD", "20"]
+    train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), *opts)
     assert [p["iteration"] for p in _result(full)["curve"]] == [20, 21]
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -219,7 +204,7 @@ def test_run_interrupted_during_an_evaluation_evaluates_before_training_on(data,
     with open(full / "metrics.json") as f:
         (resumed / "metrics.json").write_text("".join(line for line in f if json.loads(line)["iteration"] < 19))
     (resumed / "last_checkpoint").write_text("model_0000019.pth")
-    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume",
+    proc = train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), "--resume",
                      *[str(resumed) if o == str(full) else o for o in opts])
     assert "Starting training from iteration 20" in proc.stdout + proc.stderr
     assert "The evaluation after iteration 20 is not in metrics.json" in proc.stdout + proc.stderr
@@ -230,7 +215,7 @@ def test_run_interrupted_during_an_evaluation_evaluates_before_training_on(data,
     for name in ("model_final.pth", "frn_det_result.json", "inference"):
         shutil.rmtree(after / name) if (after / name).is_dir() else os.remove(after / name)
     (after / "last_checkpoint").write_text("model_0000019.pth")
-    proc = train_net("--config-file", RETINANET.format("FRN"), *_dataset_args(data["polygon"]), "--resume",
+    proc = train_net("--config-file", RETINANET.format("FRN"), *dataset_args(data["polygon"]), "--resume",
                      *[str(after) if o == str(full) else o for o in opts])
     assert "is not in metrics.json" not in proc.stdout + proc.stderr
     assert _result(after)["curve"] == _result(full)["curve"]

@@ -2,7 +2,7 @@
 """`make demo`: RetinaNet R18-FPN with BN, GN and FRN on the synthetic dataset, on CPU.
 
 Generates the synthetic dataset (once; cached under the default root), then trains and evaluates
-configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml at the same time through tools/train_net.py,
+the shipped configs/synthetic/retinanet_R18_FPN_{BN,GN,FRN}.yaml at the same time through tools/train_net.py,
 the CPU cores shared out between the runs (2 images per batch, the schedule in
 Base-RetinaNet-R18-FPN.yaml; a progress bar per run, its log in output/demo/<NORM>/), prints an AP
 table and writes output/demo/demo_ap.png (AP per norm) and output/demo/detections_<NORM>.png
@@ -35,7 +35,8 @@ def main():
     root = default_synthetic_root()
     print(f"Synthetic dataset under {root} (generated on first use, then reused)", flush=True)
     generate(SyntheticSpec(), root)
-    results = train_norms(args.norms, args.output_dir, args.resume, opts)
+    results = train_norms(args.norms, args.output_dir, args.resume, opts,
+                          train_net=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py"))
 
     summary = table(results)
     png = os.path.join(args.output_dir, "demo_ap.png")

@@ -7,8 +7,8 @@
 #   1. build frn_det._C in place against that torch (torch targets the visible GPU);
 #   2. the op and layer tests with FRN_DET_REQUIRE_CUDA=1 (a CUDA test that cannot run fails);
 #   3. compute-sanitizer memcheck (every dtype) and racecheck (fp32) over every CUDA kernel path
-#      (frn_det.layers.kernel_paths.exercise: each path, layout and option, capped grids, int64);
-#   4. tools/benchmark_frn.py on the R50-FPN shapes, fp32 / fp16 / bf16, NCHW and channels_last:
+#      (tests/kernel_paths.py exercise: each path, layout and option, capped grids, int64);
+#   4. python -m benchmarks.benchmark_frn on the R50-FPN shapes, fp32 / fp16 / bf16, NCHW and channels_last:
 #      op vs eager and compiled reference, timm's FilterResponseNormTlu2d, BatchNorm2d+ReLU,
 #      GroupNorm+ReLU; time, GB/s and % of a device copy measured in the same run;
 #   5. its --profile on a large and a small map: the op's and BatchNorm+ReLU's wall time against
@@ -64,26 +64,27 @@ if [ "$GPU" = 1 ]; then
       dtypes="torch.float32, torch.float16, torch.bfloat16, torch.float64"
       [ "$tool" = racecheck ] && dtypes="torch.float32,"
       step "compute-sanitizer $tool" "$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-        "$PY" -c "import torch; from frn_det.layers.kernel_paths import exercise; print(exercise('cuda', ($dtypes)), 'op calls')"
+        "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cuda', ($dtypes)), 'op calls')"
     done
   else
     echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1
   fi
-  step "benchmark" bench.log "$PY" tools/benchmark_frn.py --device cuda --dtype float32 float16 bfloat16 \
+  step "benchmark" bench.log "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 bfloat16 \
     --layout both --shapes all --iters 10 --copy-bandwidth
-  step "profile" profile.log "$PY" tools/benchmark_frn.py --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
+  step "profile" profile.log "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
     --iters 10 --profile
 else
   step "build (dry run: reuse the built extension, else build the CPU one)" build.log \
     "$PY" -c "import frn_det.layers.ops as o, sys; sys.exit(0 if o.is_available() else 1)" \
     || step "build (in place, CPU)" build.log "$PY" setup.py build_ext --inplace
-  step "tests (dry run: CPU, CUDA tests skip)" tests.log "$PY" -m pytest -q -p no:cacheprovider -p no:warnings -x \
-    tests/test_frn_op.py tests/test_frn_layer.py
+  # make test runs these files already: the dry run only checks that the GPU run's selection collects
+  step "tests (dry run: collected, not run)" tests.log "$PY" -m pytest -q -p no:cacheprovider -p no:warnings \
+    --collect-only tests/test_frn_op.py tests/test_frn_layer.py
   step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log \
-    "$PY" -c "import torch; from frn_det.layers.kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
-  step "benchmark (dry run: CPU, 2 shapes)" bench.log "$PY" tools/benchmark_frn.py --device cpu --dtype float32 \
+    "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
+  step "benchmark (dry run: CPU, 2 shapes)" bench.log "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
     --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth
-  step "profile (dry run: CPU, 1 shape)" profile.log "$PY" tools/benchmark_frn.py --device cpu --dtype float32 \
+  step "profile (dry run: CPU, 1 shape)" profile.log "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
     --shapes fpn_p6 --iters 2 --profile
 fi
 

@@ -1,5 +1,7 @@
-"""Run logic of frn-det's tools: config loading, the trainer, command-line conventions, the results
-contract, the comparison of runs and the grids that produce them."""
+"""Run logic of frn-det's tools (tools/train_net.py, lazy_train_net.py, coco_eval.py, export_model.py,
+demo.py): config loading, the trainer, command-line conventions, the results contract, COCO
+evaluation, export and the demo. The comparison of runs and the CPU study live in the checkout's
+experiments/, not in the package."""
 from .._requires import require_detectron2
 
 require_detectron2("frn_det.engine")

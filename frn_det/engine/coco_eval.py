@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from .plotting import figure
 from .results import COCO_METRICS as METRICS
 
 
@@ -213,23 +214,19 @@ def format_ap_by_size(analysis):
 
 def plot_confusions(analyses, labels, path):
     """One heat map per results file (rows: ground truth, shares of the row; counts written in)."""
-    import matplotlib
+    with figure(path, ncols=len(analyses), panel_size=(3.6, 3.6), extra_width=0.6) as (_, axes):
+        for ax, a, label in zip(axes[0], analyses, labels):
+            _confusion_panel(ax, a, label)
+        axes[0][0].set_ylabel("ground truth", fontsize=8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(analyses), figsize=(3.6 * len(analyses) + 0.6, 3.6), squeeze=False)
-    for ax, a, label in zip(axes[0], analyses, labels):
-        counts = a["confusion"]
-        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for (i, j), v in np.ndenumerate(counts):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")
-        ax.set_xticks(range(counts.shape[1]), a["categories"] + ["missed"], rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(counts.shape[0]), a["categories"], fontsize=8)
-        ax.set_title(f"{label}\nAP {a['AP']:.1f}, class-agnostic {a['class_agnostic_AP']:.1f}", fontsize=9)
-        ax.set_xlabel(f"detected as (score >= {a['score_thresh']:g}, IoU >= 0.5)", fontsize=8)
-    axes[0][0].set_ylabel("ground truth", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _confusion_panel(ax, a, label):
+    counts = a["confusion"]
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(counts):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(counts.shape[1]), a["categories"] + ["missed"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(counts.shape[0]), a["categories"], fontsize=8)
+    ax.set_title(f"{label}\nAP {a['AP']:.1f}, class-agnostic {a['class_agnostic_AP']:.1f}", fontsize=9)
+    ax.set_xlabel(f"detected as (score >= {a['score_thresh']:g}, IoU >= 0.5)", fontsize=8)

@@ -8,13 +8,13 @@ import shutil
 import sys
 import time
 
-from .compare import LOG_FILE, tail_lines
+from ..model_zoo import get_config_file
 from .config import load_cfg, load_run_cfg
-from .grid import run_logged, thread_env
-from .paths import CONFIGS, TOOLS
+from .plotting import figure, norm_color
+from .processes import LOG_FILE, run_logged, tail_lines, thread_env
 from .results import read_metrics, read_result
 
-CONFIG = os.path.join(CONFIGS, "synthetic", "retinanet_R18_FPN_{}.yaml")
+CONFIG = "synthetic/retinanet_R18_FPN_{}.yaml"  # a shipped config (frn_det.model_zoo)
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 LABEL_WIDTH = 96  # pixels of the strip naming the norm on the left of its detections picture
 
@@ -24,15 +24,19 @@ def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def train_norms(norms, output_dir, resume, opts, poll_s=5.0):
-    """Trains and evaluates every norm through tools/train_net.py at the same time, the CPU cores shared
+def config_file(norm):
+    return get_config_file(CONFIG.format(norm))
+
+
+def train_norms(norms, output_dir, resume, opts, train_net, poll_s=5.0):
+    """Trains and evaluates every norm through ``train_net`` (tools/train_net.py) at the same time, the CPU cores shared
     out as intra-op threads (several small runs at once use 2 cores better than one after the other),
     with a progress bar per run. Returns {norm: result}; runs that fail are reported as they end and
     then raised as one error naming each log. Without ``resume`` each run starts from an empty
     output_dir/<NORM>."""
     from tqdm import tqdm
 
-    max_iter = {norm: load_cfg(CONFIG.format(norm), opts).SOLVER.MAX_ITER for norm in norms}  # bad opts fail here
+    max_iter = {norm: load_cfg(config_file(norm), opts).SOLVER.MAX_ITER for norm in norms}  # bad opts fail here
     runs = {norm: os.path.join(output_dir, norm) for norm in norms}
     if not resume:
         for rdir in runs.values():
@@ -42,7 +46,7 @@ def train_norms(norms, output_dir, resume, opts, poll_s=5.0):
             for i, norm in enumerate(norms)}
     failed, pending = {}, list(norms)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(norms)) as pool:
-        done = {norm: pool.submit(run_logged, _command(norm, rdir, resume, opts), rdir, env) for norm, rdir in runs.items()}
+        done = {norm: pool.submit(run_logged, _command(train_net, norm, rdir, resume, opts), rdir, env) for norm, rdir in runs.items()}
         while pending:
             time.sleep(poll_s)
             for norm in list(pending):
@@ -65,8 +69,8 @@ def train_norms(norms, output_dir, resume, opts, poll_s=5.0):
     return {norm: read_result(rdir) for norm, rdir in runs.items()}
 
 
-def _command(norm, run_dir, resume, opts):
-    return [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", CONFIG.format(norm),
+def _command(train_net, norm, run_dir, resume, opts):
+    return [sys.executable, train_net, "--config-file", config_file(norm),
             *(["--resume"] if resume else []), "OUTPUT_DIR", run_dir, *opts]
 
 
@@ -91,17 +95,18 @@ def table(results):
 
 
 def plot(results, path):
-    import matplotlib
+    """Box AP, AP50 and AP75 per norm as grouped bars."""
+    with figure(path) as (_, axes):
+        _bars(axes[0][0], results)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _bars(ax, results):
     metrics = ("AP", "AP50", "AP75")
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, (norm, r) in enumerate(results.items()):
         vals = [r["results"]["bbox"][m] or 0.0 for m in metrics]
-        bars = ax.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))], vals, width, label=norm)
+        bars = ax.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))], vals, width, label=norm,
+                      color=norm_color(norm))
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     first = next(iter(results.values()))
     ax.set_xticks(range(len(metrics)), metrics)
@@ -109,9 +114,6 @@ def plot(results, path):
     ax.set_title(f"RetinaNet R18-FPN, synthetic val, {first['ims_per_batch']} images/batch, "
                  f"{first['max_iter']} iterations", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
@@ -127,7 +129,7 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3):
 
     from .checkpoint import ShapeCheckingCheckpointer
 
-    cfg = load_run_cfg(CONFIG.format(norm), ["MODEL.WEIGHTS", os.path.join(output_dir, norm, "model_final.pth")])
+    cfg = load_run_cfg(config_file(norm), ["MODEL.WEIGHTS", os.path.join(output_dir, norm, "model_final.pth")])
     model = build_model(cfg).eval()
     ShapeCheckingCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     name = cfg.DATASETS.TEST[0]

@@ -2,12 +2,17 @@
 trained from scratch, the FRN-aware optimizer, and multi-step schedules. Each config file of
 configs/lazy has a yacs twin (configs/coco, configs/synthetic) that builds the same model
 (tests/test_lazy_configs.py)."""
+import os
+
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from frn_det.engine.config import load_cfg
 from frn_det.modeling import optimizer_params, with_frn_placement
+
+CONFIGS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Divide by the pixel std when training from scratch (detectron2's scratch configs do).
 SCRATCH_PIXEL_STD = [57.375, 57.12, 58.395]
@@ -31,6 +36,12 @@ def frn_sgd(lr, weight_decay):
     """detectron2's SGD, FRN and TLU parameters treated as norm parameters (no weight decay)."""
     return L(torch.optim.SGD)(params=L(optimizer_params)(weight_decay_norm=0.0), lr=lr, momentum=0.9,
                               weight_decay=weight_decay)
+
+
+def yacs_twin_solver(relpath):
+    """SOLVER of the yacs config configs/<relpath>: the one source of a twin's schedule (batch, lr,
+    iterations, weight decay), so the two cannot drift apart."""
+    return load_cfg(os.path.join(CONFIGS, relpath)).SOLVER
 
 
 def step_schedule(max_iter, steps, warmup_iters):

@@ -1,5 +1,5 @@
 """Seconds per training iteration (forward, backward, SGD step) of a stock detectron2 model with each
-norm variant in all norm places (tools/benchmark_step.py). The variants run interleaved (one
+norm variant in all norm places (benchmarks/benchmark_step.py). The variants run interleaved (one
 iteration of each per round) so that load on a shared machine hits them alike; the result is the
 median over rounds after warm-up of the wall time and of the process CPU time."""
 import statistics
@@ -11,9 +11,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from ..layers import ops
-from ..modeling import build_optimizer
-from .config import load_cfg, norm_everywhere
+from frn_det.layers import ops
+from frn_det.modeling import build_optimizer
+from frn_det.engine.config import load_cfg, norm_everywhere
 
 # name -> (norm name, MODEL.FRN.IMPL)
 VARIANTS = {"BN": ("BN", None), "GN": ("GN", None), "FRN (op)": ("FRN", "op"), "FRN (reference)": ("FRN", "reference")}

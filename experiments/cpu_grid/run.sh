@@ -3,17 +3,19 @@
 # run it again after an interruption and it goes on where it stopped (finished runs are skipped,
 # interrupted ones resume exactly from their last checkpoint).
 #   1. the learning-rate sweep (batch 2, seed 0);
-#   2. once CPU_GRID_BEST_LR_PER_IMAGE is set and `tools/gen_configs.py` has written the grid:
+#   2. once best_lr_per_image (grid.yaml) is set and `python -m experiments.gen_configs` has written the grid:
 #      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, the learning-rate sweep at batch 8
 #      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
-#   3. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
+#   3. the study of why FRN trails GN (study_plan.md): seed 0 of every arm, then seed 1;
+#   4. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
 #      each part on its own for the figures of docs/results.md: cpu_grid_norms (the grid and the
 #      Mask R-CNN pair), cpu_grid_ablations (FRN at batch 2 and its ablations), cpu_grid_sweep (the
-#      batch-2 sweep) and cpu_grid_sweep_batch8 (the batch-8 sweep with the grid's seed-0 batch-8 cells).
-# Usage: bash tools/cpu_grid.sh   (PYTHON=... another environment; JOBS=2 runs at a time; DRY_RUN=1
+#      batch-2 sweep), cpu_grid_sweep_batch8 (the batch-8 sweep with the grid's seed-0 batch-8 cells)
+#      and cpu_grid_study (the study's arms with the FRN and GN runs they are paired with).
+# Usage: bash experiments/cpu_grid/run.sh   (PYTHON=... another environment; JOBS=2 runs at a time; DRY_RUN=1
 # prints the runs instead)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 JOBS=${JOBS:-2}
 ROOT=output/cpu_grid
@@ -23,10 +25,10 @@ M=configs/cpu_grid/mask_rcnn_R18_FPN
 grid() {  # grid NAME SEED CONFIG...
   local name=$1 seed=$2
   shift 2
-  "$PY" tools/compare_ap.py grid --configs "$@" --seeds "$seed" --jobs "$JOBS" --threads 1 \
+  "$PY" -m experiments.compare_ap grid --configs "$@" --seeds "$seed" --jobs "$JOBS" --threads 1 \
     --root "$ROOT" --out "$ROOT/$name" ${DRY_RUN:+--dry-run}
   [ -n "${DRY_RUN:-}" ] && return
-  "$PY" tools/compare_ap.py cpu-grid --root "$ROOT" --out-dir docs/results
+  "$PY" -m experiments.compare_ap cpu-grid --root "$ROOT" --out-dir docs/results
 }
 
 GRID=("$R"/{BN,GN,FRN}_{1,2,8}img.yaml)
@@ -35,8 +37,8 @@ grid sweep 0 "$R"/*_2img_lr*.yaml
 for config in "${GRID[@]}" "${MORE[@]}"; do
   if [ ! -f "$config" ]; then
     echo "No $config: the grid needs each norm's best rate. Once the sweep has finished, set"
-    echo "CPU_GRID_BEST_LR_PER_IMAGE (frn_det/engine/config_grid.py) from docs/results/cpu_grid.md,"
-    echo "run tools/gen_configs.py and this script again."
+    echo "best_lr_per_image (experiments/cpu_grid/grid.yaml) from docs/results/cpu_grid.md,"
+    echo "run python -m experiments.gen_configs and this script again."
     exit 0
   fi
 done
@@ -49,3 +51,7 @@ shopt -u nullglob
 grid grid_seed1 1 "${GRID[@]}"
 grid ablations_seed1 1 "${MORE[@]}"
 grid grid_seed2 2 "${GRID[@]}"
+# The study's arms (generated from grid.yaml's `study`), in the order of study_plan.md.
+STUDY=("$R"/FRN_2img_{G32-centered,GN-fpn-head,G32,centered}.yaml "$R"/GN_2img_FRN-fpn-head.yaml)
+grid study_seed0 0 "${STUDY[@]}"
+grid study_seed1 1 "${STUDY[@]}"

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Seconds per training iteration (forward, backward, SGD step) of a stock detectron2 model with
 BN, GN, FRN (custom op) and FRN (reference) in all norm places, and the ratio of each to BN.
 
@@ -6,14 +5,14 @@ The variants run interleaved (one iteration of each per round) so that load on a
 hits them alike; the table gives the median over rounds after warm-up of the wall time and of the
 process CPU time (on a loaded machine with --threads 1, CPU time is the steadier measure of cost).
 
-    python tools/benchmark_step.py                      # RetinaNet R18-FPN, 2 images of 128x128, CPU
-    python tools/benchmark_step.py --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
+    python -m benchmarks.benchmark_step                      # RetinaNet R18-FPN, 2 images of 128x128, CPU
+    python -m benchmarks.benchmark_step --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
 """
 import argparse
 
 import torch
 
-from frn_det.engine.step_benchmark import VARIANTS, time_steps
+from .step import VARIANTS, time_steps
 
 
 def main():

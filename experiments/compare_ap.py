@@ -1,35 +1,37 @@
-#!/usr/bin/env python
 """Compare detection AP across norms and images per GPU.
 
 Collect finished runs (directories holding the frn_det_result.json that tools/train_net.py
 writes) into a markdown table, CSVs and a PNG plot of AP against images per GPU, one line per norm:
 
-    python tools/compare_ap.py collect output/run_a output/run_b ... --out output/compare/ap
+    python -m experiments.compare_ap collect output/run_a output/run_b ... --out output/compare/ap
 
 or launch a grid of configs x seeds through tools/train_net.py first (--jobs at a time; resumable:
 a run whose frn_det_result.json exists is skipped, an interrupted one resumes from its last
 checkpoint), then collect it:
 
-    python tools/compare_ap.py grid --configs configs/a.yaml configs/b.yaml --seeds 0 1 \\
+    python -m experiments.compare_ap grid --configs configs/a.yaml configs/b.yaml --seeds 0 1 \\
         --root output/grid --out output/grid/ap [--opts KEY VALUE ...]
 
-The CPU comparison of docs/results.md (tools/cpu_grid.sh runs it): every run under --root into
+The CPU comparison of docs/results.md (experiments/cpu_grid/run.sh runs it): every run under --root into
 OUT_DIR/cpu_grid.* and each part (the grid with the Mask R-CNN pair, the ablations, the sweeps)
 into OUT_DIR/cpu_grid_<part>.*:
 
-    python tools/compare_ap.py cpu-grid --root output/cpu_grid --out-dir docs/results
+    python -m experiments.compare_ap cpu-grid --root output/cpu_grid --out-dir docs/results
 
 Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per run,
 with its status and reason), PREFIX_groups.csv (one row per group: mean, std, min, max of every
 metric over seeds), PREFIX.png (AP against images per GPU) and, where the runs have them,
-PREFIX_curves.png (learning curves) and PREFIX_lr_sweep.png. The logic is frn_det.engine.compare
-and frn_det.engine.grid.
+PREFIX_curves.png (learning curves) and PREFIX_lr_sweep.png. Run from the checkout's root; the
+logic is experiments/compare/ (runs, stats, tables, plots, grid) and experiments/cpu_grid/report.py.
 """
 import argparse
 import sys
 
-from frn_det.engine.compare import load_run, write_all
-from frn_det.engine.grid import DEFAULT_TRAIN_NET, collect_cpu_grid, collect_grid, launch_grid
+from .compare.grid import collect_grid, launch_grid
+from .compare.report import write_all
+from .compare.runs import load_run
+from .cpu_grid.report import collect as collect_cpu_grid
+from .paths import TRAIN_NET
 
 
 def main(argv=None):
@@ -41,7 +43,7 @@ def main(argv=None):
     g.add_argument("--configs", nargs="+", required=True)
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     g.add_argument("--root", required=True, help="runs go to ROOT/<folder>_<config>/seed<k>")
-    g.add_argument("--train-net", default=DEFAULT_TRAIN_NET)
+    g.add_argument("--train-net", default=TRAIN_NET)
     g.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
     g.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per run (OMP_NUM_THREADS)")
@@ -53,7 +55,7 @@ def main(argv=None):
     for p in (c, g):
         p.add_argument("--out", required=True, help="output prefix: PREFIX.md/.csv/_groups.csv/.png")
     cg = sub.add_parser("cpu-grid", help="collect the CPU comparison of docs/results.md and each of its parts")
-    cg.add_argument("--root", default="output/cpu_grid", help="where tools/cpu_grid.sh puts the runs")
+    cg.add_argument("--root", default="output/cpu_grid", help="where experiments/cpu_grid/run.sh puts the runs")
     cg.add_argument("--out-dir", default="docs/results")
     args = ap.parse_args(argv)
 

@@ -1,17 +1,16 @@
-#!/usr/bin/env python
 """Benchmark the fused FRN op against the alternatives on R50-FPN feature shapes.
 
 What is measured (time, effective bandwidth, ratio to the op; the methods compared) is described
-in frn_det/layers/benchmark.py, which holds the logic.
+in benchmarks/op.py, which holds the logic.
 
 Examples::
 
-    python tools/benchmark_frn.py                       # CPU (and CUDA when present), default shapes
-    python tools/benchmark_frn.py --device cuda --dtype float32 float16 bfloat16 --layout both \\
+    python -m benchmarks.benchmark_frn                       # CPU (and CUDA when present), default shapes
+    python -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 bfloat16 --layout both \\
         --shapes all --copy-bandwidth               # what tools/gpu_check.sh runs
-    python tools/benchmark_frn.py --shapes target --iters 20
-    python tools/benchmark_frn.py --shapes 2x256x100x168,512x256x7x7 --layout channels_last
-    python tools/benchmark_frn.py --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
+    python -m benchmarks.benchmark_frn --shapes target --iters 20
+    python -m benchmarks.benchmark_frn --shapes 2x256x100x168,512x256x7x7 --layout channels_last
+    python -m benchmarks.benchmark_frn --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -21,7 +20,8 @@ import sys
 import torch
 
 from frn_det.layers import ops
-from frn_det.layers.benchmark import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, profile, run
+
+from .op import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, profile, run
 
 
 def main(argv=None):

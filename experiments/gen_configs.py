@@ -1,19 +1,23 @@
-#!/usr/bin/env python
-"""Generate the config grids: configs/coco/ (norms x images per GPU, from scratch) and the synthetic
-CPU comparison (configs/cpu_grid/, configs/cpu_grid_short/). The grids and their rules are
-frn_det/engine/config_grid.py.
+"""Generate the config grids: configs/coco/ (norms x images per GPU, from scratch;
+experiments/coco/configs.py) and the synthetic CPU comparison (configs/cpu_grid/,
+configs/cpu_grid_short/; experiments/cpu_grid/grid.yaml rendered by experiments/cpu_grid/configs.py).
+From the checkout's root:
 
-    python tools/gen_configs.py            # (re)write every generated config
-    python tools/gen_configs.py --check    # exit 1 if the committed files differ from the output
+    python -m experiments.gen_configs            # (re)write every generated config
+    python -m experiments.gen_configs --check    # exit 1 if the committed files differ from the output
 
 tests/test_configs.py checks that the committed YAMLs equal the generator's output, so edit the
-generator and re-run this instead of editing the YAMLs by hand.
+generator (or grid.yaml) and re-run this instead of editing the YAMLs by hand.
 """
 import argparse
 import os
 import sys
 
-from frn_det.engine.config_grid import TARGETS, diff, write
+from .coco import configs as coco
+from .cpu_grid import configs as cpu_grid
+from .generated import diff, write
+
+TARGETS = coco.TARGETS + cpu_grid.TARGETS
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
 :func:`profile` shows where a method's forward+backward time goes (torch.profiler): its kernels, or
 the host calls around them (a method can take far longer than its kernels on small maps).
 
-Used by tools/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
+Used by benchmarks/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
 import statistics
 import sys
@@ -21,8 +21,8 @@ import time
 import torch
 from torch import nn
 
-from . import ops
-from .filter_response_norm import frn, frn_reference
+from frn_det.layers import ops
+from frn_det.layers.filter_response_norm import frn, frn_reference
 
 # Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
 SHAPES = {
