@@ -8,6 +8,8 @@ kernels have their own paths (fused per plane or sample, or split into chunks / 
 """
 import torch
 
+from frn_det.layers import ops  # noqa: F401  (loads frn_det._C, which registers torch.ops.frn_det)
+
 # One shape per CUDA path; with channels_last every shape with C > 1 and H*W > 1 is the NHWC split path.
 CUDA_PATHS = {
     "warp_vec": (4, 16, 16, 16),  # L = 256: 16-byte loads in every dtype

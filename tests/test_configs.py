@@ -93,7 +93,8 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
         cfg = load_cfg(path)
         s = cfg.SOLVER
         assert cfg.MODEL.RESNETS.NORM == norm and cfg.MODEL.DEVICE == "cpu"
-        assert cfg.DATASETS.TRAIN == ("frn_synthetic_train",) and cfg.DATASETS.TEST == ("frn_synthetic_val",)
+        task = "frn_synthetic_clutter" if variant == "clutter" else "frn_synthetic"  # the study's task arm
+        assert cfg.DATASETS.TRAIN == (f"{task}_train",) and cfg.DATASETS.TEST == (f"{task}_val",)
         assert s.IMS_PER_BATCH == batch and s.REFERENCE_WORLD_SIZE == 1
         assert cfg.TEST.EVAL_PERIOD * 4 == s.MAX_ITER  # four points on the learning curve
         at_sweep_batch = variant.startswith("lr") and batch != 8

@@ -3,6 +3,7 @@
 
     python tools/make_synthetic_coco.py                      # the default dataset, default root
     python tools/make_synthetic_coco.py --root /tmp/shapes --num-train 50 --mask-format rle
+    python tools/make_synthetic_coco.py --root datasets/frn_synthetic_clutter --clutter 12 --texture 24   # the cluttered task
 
 Writes ROOT/{train,val}/*.png and ROOT/annotations/instances_{train,val}.json. The default ROOT
 is where `import frn_det` registers frn_synthetic_train / frn_synthetic_val: $FRN_DET_DATA, else

@@ -28,7 +28,7 @@ def settings():
 def _yaml_value(v):
     if isinstance(v, bool):
         return str(v)  # yacs reads True / False
-    return json.dumps(v) if isinstance(v, str) else str(v)
+    return json.dumps(v) if isinstance(v, (str, list)) else str(v)
 
 
 def config_lines(tree, indent=0):
@@ -48,8 +48,11 @@ def _fmt_steps(steps):
     return "(" + ", ".join(str(s) for s in steps) + ("," if len(steps) == 1 else "") + ")"
 
 
-def leaf(family, norm, batch, lr_per_image, variant="", note="", extra="", schedule="grid_schedule"):
-    """One leaf of configs/cpu_grid/<family>/: the schedule named ``schedule`` at ``batch``."""
+def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, schedule="grid_schedule"):
+    """One leaf of configs/cpu_grid/<family>/: the schedule named ``schedule`` at ``batch``, plus the
+    config tree ``extra`` (its SOLVER keys join the schedule's SOLVER block)."""
+    extra = dict(extra or {})
+    solver_extra = config_lines(extra.pop("SOLVER", {}), indent=1)
     spec = settings()[schedule]
     counts = {"MAX_ITER": spec["images_seen"], "WARMUP_ITERS": spec["warmup_images"],
               "EVAL_PERIOD": spec["eval_images"], "CHECKPOINT_PERIOD": spec["checkpoint_images"]}
@@ -65,7 +68,7 @@ def leaf(family, norm, batch, lr_per_image, variant="", note="", extra="", sched
 # {spec["images_seen"]} images seen; lr = {lr_per_image} per image x batch; warm-up over {spec["warmup_images"]} images;
 # lr x 0.1 after {" and ".join(map(str, spec["step_images"]))} images; evaluated every {spec["eval_images"]} images.
 _BASE_: "../../synthetic/{family}_{norm}.yaml"
-{extra}SOLVER:
+{config_lines(extra)}SOLVER:
   IMS_PER_BATCH: {batch}
   REFERENCE_WORLD_SIZE: 1  # {batch} image{"s" if batch > 1 else ""} per process on any process count
   BASE_LR: {_fmt_lr(lr)}
@@ -73,7 +76,7 @@ _BASE_: "../../synthetic/{family}_{norm}.yaml"
   STEPS: {steps}
   WARMUP_ITERS: {it["WARMUP_ITERS"]}
   CHECKPOINT_PERIOD: {it["CHECKPOINT_PERIOD"]}
-TEST:
+{solver_extra}TEST:
   EVAL_PERIOD: {it["EVAL_PERIOD"]}
 """
 
@@ -116,14 +119,25 @@ def render_grid():
     if best["FRN"] is not None:
         for name, arm in s["ablations"].items():
             out[f"{FAMILY}/FRN_{b}img_{name}.yaml"] = leaf(FAMILY, "FRN", b, best["FRN"], name, arm["note"],
-                                                           config_lines(arm["config"]))
+                                                           arm["config"])
     for norm in s["mask_norms"]:
         if best[norm] is not None:
             out[f"{MASK_FAMILY}/{norm}_{b}img.yaml"] = leaf(MASK_FAMILY, norm, b, best[norm])
-    for name, arm in s["study"].items():
-        out[f"{FAMILY}/{arm['norm']}_{b}img_{name}.yaml"] = leaf(FAMILY, arm["norm"], b, s["study_lr_per_image"], name,
-                                                                 arm["note"], config_lines(arm["config"]))
+    for rel, norm, name, lr, arm in study_arms():
+        out[rel] = leaf(FAMILY, norm, b, lr, name, arm["note"], arm["config"])
     return out
+
+
+def study_arms():
+    """[(leaf relative to configs/cpu_grid, norm, arm name, lr per image, arm settings)] of the study."""
+    s, b = settings(), settings()["sweep_batch"]
+    arms = []
+    for name, arm in s["study"].items():
+        for norm in arm.get("norms", [arm.get("norm")]):
+            lr = arm.get("lr_per_image", s["study_lr_per_image"])
+            arms.append((f"{FAMILY}/{norm}_{b}img_{name}.yaml", norm, name, s["best_lr_per_image"][norm] if lr == "best"
+                         else lr, arm))
+    return arms
 
 
 def render_short():
@@ -148,7 +162,7 @@ def parts():
                                        + [f"{FAMILY}/{n}_{big}img.yaml" for n in s["norms"]], (0,)),
         # the study's arms beside the FRN and GN runs they are paired with
         "cpu_grid_study": ([f"{FAMILY}/{n}_{b}img.yaml" for n in ("FRN", "GN")]
-                           + [f"{FAMILY}/{arm['norm']}_{b}img_{name}.yaml" for name, arm in s["study"].items()], None),
+                           + [rel for rel, *_ in study_arms()], None),
     }
 
 

@@ -6,7 +6,8 @@
 #   2. once best_lr_per_image (grid.yaml) is set and `python -m experiments.gen_configs` has written the grid:
 #      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, the learning-rate sweep at batch 8
 #      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
-#   3. the study of why FRN trails GN (study_plan.md): seed 0 of every arm, then seed 1;
+#   3. the study of why FRN trails GN (study_plan.md): seeds 0 then 1 of the first round (statistics,
+#      placement), then of the second (recipe, task);
 #   4. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
 #      each part on its own for the figures of docs/results.md: cpu_grid_norms (the grid and the
 #      Mask R-CNN pair), cpu_grid_ablations (FRN at batch 2 and its ablations), cpu_grid_sweep (the
@@ -51,7 +52,11 @@ shopt -u nullglob
 grid grid_seed1 1 "${GRID[@]}"
 grid ablations_seed1 1 "${MORE[@]}"
 grid grid_seed2 2 "${GRID[@]}"
-# The study's arms (generated from grid.yaml's `study`), in the order of study_plan.md.
+# The study's arms (generated from grid.yaml's `study`), in the order of study_plan.md: the
+# statistics 2x2 and placement hybrids first, then recipe and task.
 STUDY=("$R"/FRN_2img_{G32-centered,GN-fpn-head,G32,centered}.yaml "$R"/GN_2img_FRN-fpn-head.yaml)
+STUDY2=("$R"/{FRN,GN}_2img_clutter.yaml "$R"/{FRN,GN}_2img_zero-init.yaml "$R"/FRN_2img_clip-2xlr.yaml)
 grid study_seed0 0 "${STUDY[@]}"
 grid study_seed1 1 "${STUDY[@]}"
+grid study2_seed0 0 "${STUDY2[@]}"
+grid study2_seed1 1 "${STUDY2[@]}"

@@ -16,7 +16,11 @@ from . import synthetic
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_NAMES = {f"frn_synthetic_{split}": split for split in synthetic.SPLITS}
+# The registered synthetic datasets: name prefix -> (spec, folder beside the default root's). The
+# cluttered one has the same objects on a cluttered background (frn_det/data/synthetic.py).
+SYNTHETIC_DATASETS = {"frn_synthetic": (synthetic.SyntheticSpec(), ""),
+                      "frn_synthetic_clutter": (synthetic.CLUTTERED_SPEC, "_clutter")}
+SYNTHETIC_NAMES = {f"{prefix}_{split}": split for prefix in SYNTHETIC_DATASETS for split in synthetic.SPLITS}
 
 
 def default_synthetic_root():
@@ -95,12 +99,19 @@ def _synthetic_loader(name, root):
 
 
 def register_synthetic(root=None):
-    """(Re-)registers ``frn_synthetic_train`` / ``frn_synthetic_val`` at ``root`` (default above).
+    """(Re-)registers ``frn_synthetic_{train,val}`` at ``root`` (default above) and the cluttered
+    ``frn_synthetic_clutter_{train,val}`` at ``root`` + "_clutter".
 
     Nothing is read here: the data may be generated after registration.
     """
     root = root or default_synthetic_root()
-    for name, split in SYNTHETIC_NAMES.items():
+    for prefix, (_, suffix) in SYNTHETIC_DATASETS.items():
+        _register_synthetic(prefix, root + suffix)
+
+
+def _register_synthetic(prefix, root):
+    for split in synthetic.SPLITS:
+        name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -115,13 +126,13 @@ def register_synthetic(root=None):
 
 
 def ensure_synthetic(names, progress=True):
-    """Generates the default synthetic dataset (``SyntheticSpec()``) if one of ``names`` is a synthetic
-    split whose root does not hold it (missing, or generated with other settings or an older
-    generator). Call it on one process only (detectron2's main process); datasets generated with
-    other settings belong under another root ($FRN_DET_DATA)."""
-    roots = {MetadataCatalog.get(n).synthetic_root for n in names if n in SYNTHETIC_NAMES}
-    spec = synthetic.SyntheticSpec()
-    for root in roots:
+    """Generates a registered synthetic dataset (its spec in SYNTHETIC_DATASETS) if one of ``names`` is
+    one of its splits and its root does not hold it (missing, or generated with other settings or an
+    older generator). Call it on one process only (detectron2's main process); datasets generated
+    with other settings belong under another root ($FRN_DET_DATA)."""
+    wanted = {(MetadataCatalog.get(n).synthetic_root, n.rsplit("_", 1)[0]) for n in names if n in SYNTHETIC_NAMES}
+    for root, prefix in sorted(wanted):
+        spec = SYNTHETIC_DATASETS[prefix][0]
         if not synthetic.is_generated(root, spec):
             logger.info(f"Generating the synthetic dataset under {root} (first use, or its settings changed)")
             synthetic.generate(spec, root, progress=progress)

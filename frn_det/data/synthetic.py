@@ -7,6 +7,12 @@ Instances whose visible part is too small are dropped.
 
 Every image is drawn from its own generator seeded by ``(seed, split, index)``, so the output
 depends only on the arguments, not on the order or the number of images generated before it.
+
+The cluttered variant (``clutter`` > 0 and/or ``texture`` > 0) paints unlabelled distractors
+(strokes and irregular blobs) and high-frequency texture on the background, from a separate random
+stream: its objects, classes, sizes, places, colours and annotations are exactly those of the plain
+dataset with the same seed, so that a channel's energy comes from the scene, as in natural images,
+and not from the 1-4 objects alone; only what lies behind the objects differs.
 """
 import json
 import math
@@ -40,6 +46,10 @@ class SyntheticSpec:
             ring's, are filled since COCO polygons are unioned) or "rle" (exact masks; detectron2
             then needs INPUT.MASK_FORMAT bitmask).
         seed: the seed all images derive from.
+        clutter: unlabelled distractors painted behind the objects per image (strokes and
+            irregular blobs, 0 = none).
+        texture: amplitude (0-255 scale) of the high-frequency gratings added to the background
+            (0 = none).
 
     The defaults: 192 px images whose objects (24-80 px) match RetinaNet's P3-P5 anchors, so every
     feature map a detector uses is at least 6x6 (FRN normalises each plane by its own energy), with
@@ -58,6 +68,8 @@ class SyntheticSpec:
     inside: bool = True
     mask_format: str = "polygon"
     seed: int = 0
+    clutter: int = 0
+    texture: float = 0.0
 
     def __post_init__(self):
         if self.mask_format not in ("polygon", "rle"):
@@ -71,9 +83,15 @@ class SyntheticSpec:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 0 < self.max_occlusion <= 1:
             raise ValueError(f"max_occlusion must be in (0, 1], got {self.max_occlusion}")
+        if self.clutter < 0 or not 0 <= self.texture <= 255:
+            raise ValueError(f"need clutter >= 0 and 0 <= texture <= 255, got {self.clutter}, {self.texture}")
 
     def num_images(self, split):
         return {"train": self.num_train, "val": self.num_val}[split]
+
+
+# The cluttered variant of the default task (registered as frn_synthetic_clutter_{train,val}).
+CLUTTERED_SPEC = SyntheticSpec(clutter=12, texture=24.0)
 
 
 def _shape_polygon(cls, rng, extent):
@@ -129,6 +147,34 @@ def _background(rng, size):
     return smooth + rng.normal(0, rng.uniform(4, 16), size=(size, size, 3))
 
 
+def _clutter(rng, spec, img):
+    """Adds ``spec.texture`` gratings and ``spec.clutter`` distractors to a background, in place.
+
+    Distractors are strokes (polylines 1-4 px wide) and blobs with jagged outlines (12-20 vertices,
+    radii varying 2x), sized like the objects, in any colour: no class's outline.
+    """
+    size = spec.image_size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(3 if spec.texture else 0):
+        period, angle = rng.uniform(2.5, 8.0), rng.uniform(0, math.pi)
+        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period + rng.uniform(0, 2 * math.pi))
+        img += (spec.texture / 3) * wave[..., None] * rng.uniform(-1, 1, size=3)
+    for _ in range(spec.clutter):
+        layer = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(layer)
+        extent = math.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size)))
+        centre = rng.uniform(0, size, size=2)
+        if rng.uniform() < 0.5:
+            pts = centre + np.cumsum(rng.normal(0, extent / 3, size=(int(rng.integers(2, 6)), 2)), axis=0)
+            draw.line([tuple(p) for p in pts], fill=1, width=int(rng.integers(1, 5)))
+        else:
+            t = np.sort(rng.uniform(0, 2 * math.pi, size=int(rng.integers(12, 21))))
+            radii = extent / 2 * rng.uniform(0.5, 1.0, size=t.size)
+            draw.polygon([tuple(p) for p in centre + np.stack([radii * np.cos(t), radii * np.sin(t)], axis=1)], fill=1)
+        mask = np.asarray(layer, dtype=bool)
+        img[mask] = rng.uniform(0, 255, size=3) + rng.normal(0, rng.uniform(2, 12), size=(int(mask.sum()), 3))
+
+
 def _colour_far_from(rng, ref):
     """An object colour at least ~100 (L2 in RGB) away from the background colour under it."""
     for _ in range(20):
@@ -143,7 +189,10 @@ def render_image(spec, split, index):
     (category_id, visible bool mask, painted bool mask) in painting order."""
     rng = np.random.default_rng([spec.seed, _SPLIT_SEED[split], index])
     size = spec.image_size
-    img = _background(rng, size)
+    plain = _background(rng, size)  # object colours are chosen against it, so clutter changes no object
+    img = plain.copy()
+    if spec.clutter or spec.texture:
+        _clutter(np.random.default_rng([spec.seed, _SPLIT_SEED[split], index, 1]), spec, img)
     objects = []
     for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1)):
         for _ in range(20):
@@ -155,9 +204,10 @@ def render_image(spec, split, index):
             continue  # no placement hides little enough of the others
         if not mask.any():
             continue
-        colour = _colour_far_from(rng, img[mask].mean(axis=0))
+        colour = _colour_far_from(rng, plain[mask].mean(axis=0))
         texture = rng.normal(0, rng.uniform(2, 12), size=(int(mask.sum()), 3))
         img[mask] = colour + texture
+        plain[mask] = img[mask]
         # Occlusion: the new object hides whatever it covers of the earlier ones.
         objects = [(c, m & ~mask, full) for c, m, full in objects]
         objects.append((cat + 1, mask, mask))
@@ -242,9 +292,10 @@ def generate_split(spec, root, split, progress=True):
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
     }
     path = annotation_path(root, split)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two generating the same root must not share it
+    with open(tmp, "w") as f:
         json.dump(coco, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return path
 
 
