@@ -12,6 +12,8 @@ import pytest
 
 from experiments.paths import REPO
 
+pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
+
 RUN_LINE = re.compile(r"^\[\d+/\d+\] configs/cpu_grid/(\S+)\.yaml seed (\d+): would run", re.M)
 SWEEP = [f"retinanet_R18_FPN/{n}_2img_lr{lr}" for n in ("BN", "FRN", "GN") for lr in ("0.005", "0.01", "0.02")]
 GRID = [f"retinanet_R18_FPN/{n}_{b}img" for n in ("BN", "GN", "FRN") for b in (1, 2, 8)]

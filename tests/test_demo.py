@@ -45,6 +45,7 @@ TINY_RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", 
             "INPUT.MAX_SIZE_TEST", "64"]
 
 
+@pytest.mark.slow
 def test_norms_train_at_the_same_time_each_to_its_result(tmp_path):
     ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])  # as the demo generates it before training
     os.makedirs(tmp_path / "BN")  # a stale run: without --resume it is cleared, not appended to
@@ -56,6 +57,7 @@ def test_norms_train_at_the_same_time_each_to_its_result(tmp_path):
     assert [p["iteration"] for p in results["BN"]["curve"]] == [3] and results["BN"]["curve"][0]["bbox"] != 99.0
 
 
+@pytest.mark.slow
 def test_runs_that_fail_are_one_error_naming_each_log(tmp_path):
     """100 FPN channels do not split into GN's 32 groups: GN fails, BN trains on to the end."""
     ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])

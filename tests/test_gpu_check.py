@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

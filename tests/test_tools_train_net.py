@@ -16,6 +16,8 @@ from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
 from train_net_testing import dataset_args, run_opts
 
+pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 RETINANET = os.path.join(REPO, "configs", "synthetic", "retinanet_R18_FPN_{}.yaml")
