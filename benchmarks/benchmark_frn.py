@@ -11,6 +11,7 @@ Examples::
     python -m benchmarks.benchmark_frn --shapes target --iters 20
     python -m benchmarks.benchmark_frn --shapes 2x256x100x168,512x256x7x7 --layout channels_last
     python -m benchmarks.benchmark_frn --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
+    python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --threads 2 1 --iters 30
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -21,7 +22,8 @@ import torch
 
 from frn_det.layers import ops
 
-from .op import DTYPES, SHAPES, copy_bandwidth, format_table, parse_shapes, profile, run
+from .op import (DTYPES, SHAPES, copy_bandwidth, format_floor_table, format_table, memory_floor, parse_shapes,
+                 profile, run)
 
 
 def main(argv=None):
@@ -34,7 +36,8 @@ def main(argv=None):
                              "default: a per-device subset")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--layout", choices=["contiguous", "channels_last", "both"], default="contiguous")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[None],
+                        help="CPU threads; several: the whole benchmark once per count (default: torch's default)")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="min is the better estimate on a machine shared with other jobs")
     parser.add_argument("--copy-bandwidth", action="store_true",
@@ -42,31 +45,41 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
                              "forward+backward (wall time against kernel time, top events)")
+    parser.add_argument("--memory-floor", action="store_true",
+                        help="instead of comparing methods: the op against a copy / an add of the same tensors "
+                             "(the memory traffic it needs), as time ratios")
     args = parser.parse_args(argv)
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
         if args.device == "cuda":
             raise SystemExit("--device cuda: no CUDA device available")
         devices.remove("cuda")
     if not ops.is_available():
+        if args.memory_floor:
+            raise SystemExit(f"--memory-floor: frn_det._C is not built ({ops.load_error()})")
         print(f"note: frn_det._C is not built ({ops.load_error()}); the op is skipped", file=sys.stderr)
     layouts = {"contiguous": [False], "channels_last": [True], "both": [False, True]}[args.layout]
-    for device in devices:
-        try:
-            shapes = parse_shapes(args.shapes, device)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        copy_gbs = copy_bandwidth(device) if args.copy_bandwidth and not args.profile else None
-        for dtype_name in args.dtype:
-            for channels_last in layouts:
-                if args.profile:
-                    print("\n" + profile(device, DTYPES[dtype_name], shapes, args.iters, channels_last))
-                    continue
-                rows = run(device, DTYPES[dtype_name], shapes, args.iters, channels_last, args.stat)
-                print("\n" + format_table(rows, device, DTYPES[dtype_name], channels_last, args.iters, args.stat, copy_gbs))
+    for threads in args.threads:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for device in devices:
+            try:
+                shapes = parse_shapes(args.shapes, device)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+            copy_gbs = copy_bandwidth(device) if args.copy_bandwidth and not (args.profile or args.memory_floor) else None
+            for dtype_name in args.dtype:
+                dtype = DTYPES[dtype_name]
+                for channels_last in layouts:
+                    if args.profile:
+                        print("\n" + profile(device, dtype, shapes, args.iters, channels_last))
+                    elif args.memory_floor:
+                        rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat)
+                        print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat))
+                    else:
+                        rows = run(device, dtype, shapes, args.iters, channels_last, args.stat)
+                        print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs))
 
 
 if __name__ == "__main__":

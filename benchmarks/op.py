@@ -12,6 +12,8 @@ and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
 :func:`profile` shows where a method's forward+backward time goes (torch.profiler): its kernels, or
 the host calls around them (a method can take far longer than its kernels on small maps).
 
+:func:`memory_floor` times the op against the memory traffic it needs, in the same run.
+
 Used by benchmarks/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
 import statistics
@@ -178,6 +180,62 @@ def run(device, dtype, shapes, iters, channels_last, stat):
             rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
         print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
     return rows
+
+
+def memory_floor(device, dtype, shapes, iters, channels_last, stat):
+    """The op's forward, backward and forward+backward against the time of the memory traffic they
+    need, timed in the same run (every closure once per round, rounds interleaved).
+
+    Forward reads x and writes the output: its floor is a copy of x. Backward reads x and grad_out
+    and writes grad_x (its per-plane sums need no more traffic when taken in the same pass): its
+    floor is x + grad_out. Each floor runs into a preallocated output (the memory's own speed) and
+    into a fresh one, as the op writes (allocation and first-touch page faults included). The op
+    is called through the dispatcher without autograd, TLU on, grad_x computed.
+    Rows: (name, shape, pass, op s, floor s, fresh-output floor s)."""
+    reduce = statistics.median if stat == "median" else min
+    frn_op, backward_op = torch.ops.frn_det.frn.default, torch.ops.frn_det.frn_backward.default
+    rows = []
+    for name, shape in shapes:
+        x, grad_out = _inputs(shape, device, dtype, channels_last)
+        x = x.detach()
+        params = FRNFunctional(shape[1], None).to(device=device, dtype=dtype)
+        w, b, t = (p.detach() for p in (params.weight, params.bias, params.tau))
+        rstd = frn_op(x, w, b, t, 1e-6, None)[1]
+        out, grad_x = torch.empty_like(x), torch.empty_like(x)
+        passes = {
+            "forward": (lambda: frn_op(x, w, b, t, 1e-6, None), lambda: out.copy_(x), lambda: x.clone()),
+            "backward": (lambda: backward_op(grad_out, x, w, b, t, rstd, None, True),
+                         lambda: torch.add(x, grad_out, out=grad_x), lambda: torch.add(x, grad_out)),
+        }
+        passes["forward+backward"] = tuple(
+            (lambda f=f, g=g: (f(), g())) for f, g in zip(passes["forward"], passes["backward"]))
+        closures = [fn for fns in passes.values() for fn in fns]
+        for fn in closures * 2:  # warm-up
+            fn()
+        times = [[] for _ in closures]
+        for _ in range(iters):
+            for i, fn in enumerate(closures):
+                times[i].append(time_once(fn, device))
+        for k, kind in enumerate(passes):
+            op_s, floor_s, fresh_s = (reduce(times[3 * k + j]) for j in range(3))
+            rows.append((name, shape, kind, op_s, floor_s, fresh_s))
+        print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_floor_table(rows, device, dtype, channels_last, iters, stat):
+    """The markdown table of :func:`memory_floor`'s rows."""
+    lines = [f"### FRN op against its memory floor: {_setting(device, dtype, channels_last)}, {stat} of {iters} "
+             "interleaved runs", "",
+             "Floor: forward = copy of x, backward = x + grad_out; into a preallocated output, and into a fresh "
+             "one (as the op writes).", "",
+             "| shape | N,C,H,W | pass | op ms | floor ms | op / floor | fresh-output floor ms | op / fresh floor |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, shape, kind, op_s, floor_s, fresh_s in rows:
+        dims = "x".join(str(d) for d in shape)
+        lines.append(f"| {name} | {dims} | {kind} | {op_s * 1e3:.2f} | {floor_s * 1e3:.2f} | {op_s / floor_s:.2f} | "
+                     f"{fresh_s * 1e3:.2f} | {op_s / fresh_s:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "BatchNorm2d+ReLU"), row_limit=8):

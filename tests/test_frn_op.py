@@ -343,6 +343,20 @@ def test_parameters_on_another_device_are_rejected():
         torch.ops.frn_det.frn(x, w, b, t, 1e-6, torch.tensor(1e-4, device="meta"))
 
 
+def test_backends_without_kernels_get_the_ops_errors():
+    # A CUDA tensor in a CPU-only build, or another device, reaches frn.cpp's
+    # CompositeExplicitAutograd kernel; this machine has no such device, so the test calls it directly.
+    x, w, b, t, _ = _valid()
+    key = torch._C.DispatchKey.CompositeExplicitAutograd
+    with pytest.raises(ValueError, match=r"no kernels for cpu tensors \(CPU and CUDA only\)"):
+        torch.ops.frn_det.frn.default._op_dk(key, x, w, b, t, 1e-6, None)
+    with pytest.raises(ValueError, match="eps must be >= 0"):  # the checks come first
+        torch.ops.frn_det.frn.default._op_dk(key, x, w, b, t, -1.0, None)
+    _, rstd = _raw_op(x, w, b, t)
+    with pytest.raises(ValueError, match="no kernels for cpu tensors"):
+        torch.ops.frn_det.frn_backward.default._op_dk(key, torch.ones_like(x), x, w, b, t, rstd, None, True)
+
+
 def test_module_names_the_channel_mismatch():
     x, _, _, _, _ = _valid()
     with pytest.raises(ValueError, match=r"FilterResponseNorm2d\(5\) got an input with 3 channels"):

@@ -1,7 +1,7 @@
 // Schema of the fused FRN op (torch.ops.frn_det), the prologue every backend's entry points share
 // (argument checks, layout, accumulation type, parameter upcasts), and the Python module init that
-// makes `import frn_det._C` load this library (which runs the TORCH_LIBRARY registrations below
-// and in cpu/, cuda/).
+// makes `import frn_det._C` load this library (which runs the TORCH_LIBRARY registration below and
+// the TORCH_LIBRARY_IMPL registrations of cpu/, cuda/ and frn_autograd.cpp).
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -73,8 +73,36 @@ void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.device() == x.device(), "frn: ", name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-FrnArgs prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
+// The op's kernel for backends without their own (cpu/, cuda/ register those): CUDA tensors in a
+// build without CUDA kernels, and other devices. The checks run first, as on every backend.
+[[noreturn]] void no_kernels_for(const at::Tensor& x) {
+  TORCH_CHECK(x.device().type() != c10::DeviceType::CUDA,
+              "frn: frn_det._C was built without CUDA kernels (rebuild with FORCE_CUDA=1 and a CUDA toolkit)");
+  TORCH_CHECK_VALUE(false, "frn: no kernels for ", x.device().type(), " tensors (CPU and CUDA only)");
+}
+
+ForwardOut frn_without_kernels(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                               const std::optional<at::Tensor>& tau, double eps,
+                               const std::optional<at::Tensor>& eps_l) {
+  no_kernels_for(prepare_forward(x, weight, bias, tau, eps, eps_l).x);
+}
+
+BackwardOut frn_backward_without_kernels(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& bias, const std::optional<at::Tensor>& tau,
+                                         const at::Tensor& rstd, const std::optional<at::Tensor>& eps_l,
+                                         bool grad_input) {
+  no_kernels_for(prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input).x);
+}
+
+void set_test_limits(int64_t max_grid, bool force_int64) {
+  TORCH_CHECK_VALUE(max_grid >= 0, "_set_test_limits: max_grid must be >= 0 (0: no limit), got ", max_grid);
+  test_limits() = TestLimits{max_grid, force_int64};
+}
+
+} // namespace
+
+FrnArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
   TORCH_CHECK_VALUE(x.dim() == 4, "frn: x must be 4D (N, C, H, W), got ", x.dim(), "D with shape ", x.sizes());
   check_float("x", x);
   auto check_param = [&](const char* name, const at::Tensor& p) {
@@ -120,48 +148,10 @@ FrnArgs prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   return a;
 }
 
-
-struct Kernels {
-  ForwardKernel forward = nullptr;
-  BackwardKernel backward = nullptr;
-};
-
-Kernels& kernels_for(c10::DeviceType device) {
-  static Kernels cpu, cuda;
-  TORCH_CHECK_VALUE(
-      device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
-      "frn: no kernels for ", device, " tensors (CPU and CUDA only)");
-  return device == c10::DeviceType::CPU ? cpu : cuda;
-}
-
-const Kernels& built_kernels(const at::Tensor& x) {
-  const Kernels& k = kernels_for(x.device().type());
-  TORCH_CHECK(k.forward != nullptr, "frn: frn_det._C was built without ", x.device().type(),
-              " kernels (rebuild with FORCE_CUDA=1 and a CUDA toolkit)");
-  return k;
-}
-
-ForwardOut frn_forward(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    double eps,
-    const std::optional<at::Tensor>& eps_l) {
-  const FrnArgs a = prepare(x, weight, bias, tau, eps, eps_l);
-  return built_kernels(a.x).forward(a);
-}
-
-BackwardOut frn_backward(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const std::optional<at::Tensor>& tau,
-    const at::Tensor& rstd,
-    const std::optional<at::Tensor>& eps_l,
-    bool grad_input) {
-  FrnArgs a = prepare(x, weight, bias, tau, 0.0, eps_l);
+FrnArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
+                         const std::optional<at::Tensor>& eps_l, bool grad_input) {
+  FrnArgs a = prepare_forward(x, weight, bias, tau, 0.0, eps_l);
   TORCH_CHECK_VALUE(
       grad_out.sizes() == x.sizes(), "frn_backward: grad_out has shape ", grad_out.sizes(),
       " but x has shape ", x.sizes());
@@ -179,21 +169,7 @@ BackwardOut frn_backward(
   a.grad_out = to_layout(grad_out, a.layout);
   a.rstd = rstd.contiguous();
   a.grad_input = grad_input;
-  return built_kernels(a.x).backward(a);
-}
-
-void set_test_limits(int64_t max_grid, bool force_int64) {
-  TORCH_CHECK_VALUE(max_grid >= 0, "_set_test_limits: max_grid must be >= 0 (0: no limit), got ", max_grid);
-  test_limits() = TestLimits{max_grid, force_int64};
-}
-
-} // namespace
-
-bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKernel backward) {
-  Kernels& k = kernels_for(device);
-  k.forward = forward;
-  k.backward = backward;
-  return true;
+  return a;
 }
 
 TestLimits& test_limits() {
@@ -227,13 +203,11 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   m.def("_set_test_limits(int max_grid, bool force_int64) -> ()", &frn_det::set_test_limits);
 }
 
-// One entry point per function for both devices: the prologue, then the device's kernels.
-TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
-  m.impl("frn", &frn_det::frn_forward);
-  m.impl("frn_backward", &frn_det::frn_backward);
-}
-
-TORCH_LIBRARY_IMPL(frn_det, CUDA, m) {
-  m.impl("frn", &frn_det::frn_forward);
-  m.impl("frn_backward", &frn_det::frn_backward);
+// The backends' kernels register themselves in cpu/ and cuda/. The dispatcher uses a
+// CompositeExplicitAutograd kernel only for a backend that has none of its own, so this one gives
+// those backends the op's errors instead of the dispatcher's. (Meta takes the fake kernels that
+// ops.py registers for it directly.)
+TORCH_LIBRARY_IMPL(frn_det, CompositeExplicitAutograd, m) {
+  m.impl("frn", &frn_det::frn_without_kernels);
+  m.impl("frn_backward", &frn_det::frn_backward_without_kernels);
 }

@@ -2,7 +2,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/DeviceType.h>
 
 #include <optional>
 #include <tuple>
@@ -46,10 +45,11 @@ at::Tensor empty_cpu_output(const at::Tensor& x, Layout layout);
 // Returns x in the layout the kernels read (a no-op for contiguous or channels_last x).
 at::Tensor to_layout(const at::Tensor& x, Layout layout);
 
-// What every backend's kernels start from, made by the one prologue (frn.cpp: the entry points
-// frn_forward / frn_backward): the arguments checked (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, with the messages
-// of the Python validator frn_det/layers/validation.py), x and grad_out in the layout the kernels
-// read, the accumulation type, and the parameters converted to it.
+// What every backend's kernels start from, made by the one shared prologue (frn.cpp:
+// prepare_forward / prepare_backward, which each backend's op entry points call first): the
+// arguments checked (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, with the messages of the Python validator
+// frn_det/layers/validation.py), x and grad_out in the layout the kernels read, the accumulation
+// type, and the parameters converted to it.
 struct FrnArgs {
   Layout layout;
   at::Tensor x;
@@ -71,12 +71,14 @@ using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; /
 // grad_tau / grad_eps_l are empty (0,) tensors when tau / eps_l are absent.
 ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::Tensor gt, at::Tensor ge);
 
-// A backend's kernels, on the arguments the shared prologue prepared. Each backend (cpu/, cuda/)
-// registers its pair at load time; the op's one entry point per function (frn.cpp: prologue, then
-// the kernels of x's device type) is what the dispatcher calls for CPU and CUDA tensors.
-using ForwardKernel = ForwardOut (*)(const FrnArgs&);
-using BackwardKernel = BackwardOut (*)(const FrnArgs&);
-bool register_kernels(c10::DeviceType device, ForwardKernel forward, BackwardKernel backward);
+// The shared prologue of the ops' backend kernels (schemas in frn.cpp). Each backend (cpu/, cuda/)
+// registers its own entry points with TORCH_LIBRARY_IMPL(frn_det, CPU | CUDA, m); they call these
+// first, then run their kernels.
+FrnArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l);
+FrnArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
+                         const std::optional<at::Tensor>& eps_l, bool grad_input);
 
 // Limits the CUDA launchers obey, lowered by the tests through torch.ops.frn_det._set_test_limits
 // so that small tensors reach the paths only large ones take otherwise: grid-stride loops over

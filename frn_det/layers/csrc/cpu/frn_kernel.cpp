@@ -491,7 +491,9 @@ acc_t eps_eff_of(const FrnArgs& a) {
   return a.eps_l.defined() ? eps + std::abs(a.eps_l.item<acc_t>()) : eps;
 }
 
-ForwardOut frn_forward_cpu(const FrnArgs& a) {
+ForwardOut frn_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
+  const FrnArgs a = prepare_forward(x, weight, bias, tau, eps, eps_l);
   TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
   at::Tensor out = empty_cpu_output(a.x, a.layout);
   at::Tensor rstd = at::empty({a.N, a.C}, a.x.options().dtype(a.acc));
@@ -553,7 +555,10 @@ ParamGrads param_grads_cpu(const FrnArgs& a, const at::Tensor& A, const at::Tens
   return to_param_dtypes(a, gw, gb, gt, ge);
 }
 
-BackwardOut frn_backward_cpu(const FrnArgs& a) {
+BackwardOut frn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
+                             const std::optional<at::Tensor>& eps_l, bool grad_input) {
+  const FrnArgs a = prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
   TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
   const auto opts = a.x.options().dtype(a.acc);
   at::Tensor grad_x = a.grad_input ? empty_cpu_output(a.x, a.layout) : at::empty({0}, a.x.options());
@@ -578,7 +583,11 @@ BackwardOut frn_backward_cpu(const FrnArgs& a) {
   return {grad_x, gw, gb, gt, ge};
 }
 
-[[maybe_unused]] const bool kRegistered = register_kernels(c10::DeviceType::CPU, &frn_forward_cpu, &frn_backward_cpu);
-
 } // namespace
 } // namespace frn_det
+
+// This backend's kernels for the ops defined in frn.cpp.
+TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
+  m.impl("frn", TORCH_FN(frn_det::frn_forward_cpu));
+  m.impl("frn_backward", TORCH_FN(frn_det::frn_backward_cpu));
+}

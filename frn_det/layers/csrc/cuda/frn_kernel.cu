@@ -26,6 +26,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -654,7 +655,9 @@ Data<scalar_t> data_of(const FrnArgs& a, scalar_t* out, typename Acc<scalar_t>::
   return d;
 }
 
-ForwardOut frn_forward_cuda(const FrnArgs& a) {
+ForwardOut frn_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
+  const FrnArgs a = prepare_forward(x, weight, bias, tau, eps, eps_l);
   TORCH_INTERNAL_ASSERT(a.x.is_cuda());
   const c10::cuda::CUDAGuard guard(a.x.device());
   const int64_t P = a.N * a.C;
@@ -699,7 +702,10 @@ ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Ten
   return to_param_dtypes(a, gw, gb, gt, ge);
 }
 
-BackwardOut frn_backward_cuda(const FrnArgs& a) {
+BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
+                              const std::optional<at::Tensor>& eps_l, bool grad_input) {
+  const FrnArgs a = prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input);
   TORCH_INTERNAL_ASSERT(a.x.is_cuda());
   const c10::cuda::CUDAGuard guard(a.x.device());
   const int64_t P = a.N * a.C;
@@ -733,7 +739,11 @@ BackwardOut frn_backward_cuda(const FrnArgs& a) {
   return {grad_x, gw, gb, gt, ge};
 }
 
-[[maybe_unused]] const bool kRegistered = register_kernels(c10::DeviceType::CUDA, &frn_forward_cuda, &frn_backward_cuda);
-
 } // namespace
 } // namespace frn_det
+
+// This backend's kernels for the ops defined in frn.cpp.
+TORCH_LIBRARY_IMPL(frn_det, CUDA, m) {
+  m.impl("frn", TORCH_FN(frn_det::frn_forward_cuda));
+  m.impl("frn_backward", TORCH_FN(frn_det::frn_backward_cuda));
+}
