@@ -7,6 +7,10 @@ detectron2's tools/train_net.py conventions (--config-file, --num-gpus, --num-ma
   and the optimizer counts FRN parameters as norm parameters (frn_det.engine.Trainer);
 - `--dataset NAME JSON IMAGE_ROOT` (repeatable) registers a COCO-format dataset, polygon or RLE
   masks (RLE switches INPUT.MASK_FORMAT to bitmask for mask models);
+- before the first iteration (and before --eval-only evaluates), the heads' numbers of classes are
+  checked against the datasets' categories, and the image files per DATASETS.CHECK_IMAGES ("headers"
+  by default); `--check-data-only [MODE]` runs only these checks (MODE "decode" by default: every
+  pixel of every image) and exits;
 - the final evaluation is also written to OUTPUT_DIR/frn_det_result.json (docs/CONTRACTS.md);
 - `--num-gpus N MODEL.DEVICE cpu` trains with N CPU processes (gloo).
 
@@ -19,6 +23,8 @@ Examples:
     python tools/train_net.py --config-file configs/synthetic/mask_rcnn_R18_FPN_GN.yaml \\
         --dataset shapes_train data/train.json data/train --dataset shapes_val data/val.json data/val \\
         DATASETS.TRAIN '("shapes_train",)' DATASETS.TEST '("shapes_val",)'
+    python tools/train_net.py --config-file ... --dataset shapes_train data/train.json data/train \
+        DATASETS.TRAIN '("shapes_train",)' --check-data-only
 Real COCO: detectron2's coco_2017_train / coco_2017_val, found under $DETECTRON2_DATASETS/coco.
 """
 import time
@@ -27,6 +33,7 @@ import detectron2.utils.comm as comm
 from detectron2.evaluation import verify_results
 
 from frn_det.data import ensure_synthetic
+from frn_det.data.validation import CHECK_IMAGE_MODES
 from frn_det.engine import (
     ShapeCheckingCheckpointer,
     Trainer,
@@ -52,7 +59,14 @@ def main(args):
         ensure_synthetic(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     comm.synchronize()
 
+    if args.check_data_only:
+        report = Trainer.check_data(cfg, mode=args.check_data_only)
+        if comm.is_main_process():
+            checked = ", ".join(f"{r['images']} images of '{n}' in {r['seconds']:.1f} s" for n, r in report.items())
+            print(f"Data check passed (classes; images: {args.check_data_only}{': ' + checked if checked else ''})")
+        return {}
     if args.eval_only:
+        Trainer.check_data(cfg, train=False)
         model = Trainer.build_model(cfg)
         ShapeCheckingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
@@ -68,7 +82,17 @@ def main(args):
     return results
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--check-data-only", nargs="?", const="decode", default=None, choices=CHECK_IMAGE_MODES, metavar="MODE",
+        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and the "
+        "image files: MODE 'decode' (the default: every pixel), 'headers' or 'none'), then exit",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args)
