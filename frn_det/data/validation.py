@@ -190,8 +190,9 @@ def find_bad_images(dicts, mode="headers", num_workers=0, progress=True, desc="c
     if mode not in ("headers", "decode"):
         raise ValueError(f"mode must be 'headers' or 'decode', got {mode!r}")
     tasks = [(d["file_name"], _expected_size(d), mode == "decode") for d in dicts]
-    chunk = 16 if mode == "decode" else 64
-    workers = min(int(num_workers), -(-len(tasks) // chunk))
+    workers = min(int(num_workers), len(tasks))
+    # a few chunks per process, so that the bar moves and the processes finish together
+    chunk = max(1, min(16 if mode == "decode" else 64, len(tasks) // (4 * max(workers, 1))))
     bad = []
     with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, mininterval=0.5) as bar:
         if workers > 1:
