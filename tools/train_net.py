@@ -9,8 +9,8 @@ detectron2's tools/train_net.py conventions (--config-file, --num-gpus, --num-ma
   masks (RLE switches INPUT.MASK_FORMAT to bitmask for mask models);
 - before the first iteration (and before --eval-only evaluates), the heads' numbers of classes are
   checked against the datasets' categories, and the image files per DATASETS.CHECK_IMAGES ("headers"
-  by default); `--check-data-only [MODE]` runs only these checks (MODE "decode" by default: every
-  pixel of every image) and exits;
+  by default); `--check-data-only` runs only these checks (every pixel of every image, unless the
+  overrides set DATASETS.CHECK_IMAGES) and exits;
 - the final evaluation is also written to OUTPUT_DIR/frn_det_result.json (docs/CONTRACTS.md);
 - `--num-gpus N MODEL.DEVICE cpu` trains with N CPU processes (gloo).
 
@@ -33,7 +33,6 @@ import detectron2.utils.comm as comm
 from detectron2.evaluation import verify_results
 
 from frn_det.data import ensure_synthetic
-from frn_det.data.validation import CHECK_IMAGE_MODES
 from frn_det.engine import (
     ShapeCheckingCheckpointer,
     Trainer,
@@ -60,10 +59,7 @@ def main(args):
     comm.synchronize()
 
     if args.check_data_only:
-        report = Trainer.check_data(cfg, mode=args.check_data_only)
-        if comm.is_main_process():
-            checked = ", ".join(f"{r['images']} images of '{n}' in {r['seconds']:.1f} s" for n, r in report.items())
-            print(f"Data check passed (classes; images: {args.check_data_only}{': ' + checked if checked else ''})")
+        check_data_only(cfg, args)
         return {}
     if args.eval_only:
         Trainer.check_data(cfg, train=False)
@@ -85,11 +81,20 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser()
     parser.add_argument(
-        "--check-data-only", nargs="?", const="decode", default=None, choices=CHECK_IMAGE_MODES, metavar="MODE",
-        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and the "
-        "image files: MODE 'decode' (the default: every pixel), 'headers' or 'none'), then exit",
+        "--check-data-only", action="store_true",
+        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and every "
+        "image file with DATASETS.CHECK_IMAGES decode unless the overrides set another mode), then exit",
     )
     return parser
+
+
+def check_data_only(cfg, args):
+    # --check-data-only decodes every image unless the command line asks for another mode
+    mode = cfg.DATASETS.CHECK_IMAGES if "DATASETS.CHECK_IMAGES" in args.opts[::2] else "decode"
+    report = Trainer.check_data(cfg, mode=mode)
+    if comm.is_main_process():
+        checked = ", ".join(f"{r['images']} images of '{n}' in {r['seconds']:.1f} s" for n, r in report.items())
+        print(f"Data check passed (classes; images: {mode}{': ' + checked if checked else ''})")
 
 
 if __name__ == "__main__":
