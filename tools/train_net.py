@@ -23,8 +23,8 @@ Examples:
     python tools/train_net.py --config-file configs/synthetic/mask_rcnn_R18_FPN_GN.yaml \\
         --dataset shapes_train data/train.json data/train --dataset shapes_val data/val.json data/val \\
         DATASETS.TRAIN '("shapes_train",)' DATASETS.TEST '("shapes_val",)'
-    python tools/train_net.py --config-file ... --dataset shapes_train data/train.json data/train \
-        DATASETS.TRAIN '("shapes_train",)' --check-data-only
+    python tools/train_net.py --config-file ... --dataset shapes_train data/train.json data/train \\
+        --check-data-only DATASETS.TRAIN '("shapes_train",)'  # options before the KEY VALUE overrides
 Real COCO: detectron2's coco_2017_train / coco_2017_val, found under $DETECTRON2_DATASETS/coco.
 """
 import time
