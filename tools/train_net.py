@@ -7,6 +7,10 @@ detectron2's tools/train_net.py conventions (--config-file, --num-gpus, --num-ma
   and the optimizer counts FRN parameters as norm parameters (frn_det.engine.Trainer);
 - `--dataset NAME JSON IMAGE_ROOT` (repeatable) registers a COCO-format dataset, polygon or RLE
   masks (RLE switches INPUT.MASK_FORMAT to bitmask for mask models);
+- before the first iteration (and before --eval-only evaluates), the heads' numbers of classes are
+  checked against the datasets' categories, and the image files per DATASETS.CHECK_IMAGES ("headers"
+  by default); `--check-data-only` runs only these checks (every pixel of every image, unless the
+  overrides set DATASETS.CHECK_IMAGES) and exits;
 - the final evaluation is also written to OUTPUT_DIR/frn_det_result.json (docs/CONTRACTS.md);
 - `--num-gpus N MODEL.DEVICE cpu` trains with N CPU processes (gloo).
 
@@ -19,6 +23,8 @@ Examples:
     python tools/train_net.py --config-file configs/synthetic/mask_rcnn_R18_FPN_GN.yaml \\
         --dataset shapes_train data/train.json data/train --dataset shapes_val data/val.json data/val \\
         DATASETS.TRAIN '("shapes_train",)' DATASETS.TEST '("shapes_val",)'
+    python tools/train_net.py --config-file ... --dataset shapes_train data/train.json data/train \\
+        --check-data-only DATASETS.TRAIN '("shapes_train",)'  # options before the KEY VALUE overrides
 Real COCO: detectron2's coco_2017_train / coco_2017_val, found under $DETECTRON2_DATASETS/coco.
 """
 import time
@@ -52,7 +58,11 @@ def main(args):
         ensure_synthetic(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     comm.synchronize()
 
+    if args.check_data_only:
+        check_data_only(cfg, args)
+        return {}
     if args.eval_only:
+        Trainer.check_data(cfg, train=False)
         model = Trainer.build_model(cfg)
         ShapeCheckingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
@@ -68,7 +78,26 @@ def main(args):
     return results
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--check-data-only", action="store_true",
+        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and every "
+        "image file with DATASETS.CHECK_IMAGES decode unless the overrides set another mode), then exit",
+    )
+    return parser
+
+
+def check_data_only(cfg, args):
+    # --check-data-only decodes every image unless the command line asks for another mode
+    mode = cfg.DATASETS.CHECK_IMAGES if "DATASETS.CHECK_IMAGES" in args.opts[::2] else "decode"
+    report = Trainer.check_data(cfg, mode=mode)
+    if comm.is_main_process():
+        checked = ", ".join(f"{r['images']} images of '{n}' in {r['seconds']:.1f} s" for n, r in report.items())
+        print(f"Data check passed (classes; images: {mode}{': ' + checked if checked else ''})")
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args)

@@ -140,14 +140,19 @@ def is_resumable(cfg) -> bool:
     return cfg.SEED >= 0 and cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
 
 
-def build_resumable_train_loader(cfg):
+def build_resumable_train_loader(cfg, args=None):
     """detectron2's training loader for ``cfg`` with a :class:`ResumableTrainingSampler` (reachable
-    as the loader's ``resumable_sampler``); detectron2's own when the cfg cannot resume exactly."""
+    as the loader's ``resumable_sampler``); detectron2's own when the cfg cannot resume exactly.
+
+    ``args``: ``_train_loader_from_config(cfg)`` (the dataset, mapper and batch settings of
+    build_detection_train_loader), when the caller has it already; its sampler is used only by
+    detectron2's own loader."""
+    if args is None:
+        args = _train_loader_from_config(cfg)
     if not is_resumable(cfg):
         logger.warning(f"SEED {cfg.SEED} / DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run "
                        "will not be exact (needs SEED >= 0 and TrainingSampler)")
-        return build_detection_train_loader(cfg)
-    args = _train_loader_from_config(cfg)  # the dataset, mapper and batch settings of build_detection_train_loader
+        return build_detection_train_loader(**args)  # what build_detection_train_loader(cfg) builds
     dataset = PositionSeededDataset(DatasetFromList(args["dataset"], copy=False), args["mapper"], cfg.SEED)
     sampler = ResumableTrainingSampler(len(dataset), seed=cfg.SEED)
     loader = build_batch_data_loader(dataset, sampler, args["total_batch_size"],

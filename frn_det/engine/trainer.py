@@ -1,5 +1,6 @@
 """The trainer of frn-det runs: detectron2's DefaultTrainer with the FRN-aware optimizer, COCO
-evaluation, multi-process DDP on CPU, exact resume, and checkpoints checked against the model."""
+evaluation, multi-process DDP on CPU, exact resume, checkpoints checked against the model, and the
+data checked before the first iteration (frn_det.data.validation)."""
 import contextlib
 import functools
 import os
@@ -7,9 +8,12 @@ import weakref
 from unittest import mock
 
 import detectron2.utils.comm as comm
+from detectron2.data import DatasetMapper, build_detection_test_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, EvalHook, PeriodicCheckpointer, defaults
 from detectron2.evaluation import COCOEvaluator
 
+from ..data.validation import NameImageErrors, check_data
 from ..modeling import build_optimizer
 from .checkpoint import ShapeCheckingCheckpointer
 from .resumable import (
@@ -51,7 +55,28 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_resumable_train_loader(cfg)
+        """The (resumable) training loader, built after :meth:`check_data` passed on the training set
+        it loads; its mapper names the file and dataset of an image it cannot read."""
+        args = _train_loader_from_config(cfg)
+        cls.check_data(cfg, train_dicts=args["dataset"])
+        args["mapper"] = NameImageErrors(args["mapper"], cfg.DATASETS.TRAIN)
+        return build_resumable_train_loader(cfg, args)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, whose mapper names the file and dataset of an image it cannot read."""
+        mapper = NameImageErrors(DatasetMapper(cfg, False), [dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @staticmethod
+    def check_data(cfg, train=True, test=True, train_dicts=None, **kwargs):
+        """:func:`frn_det.data.validation.check_data` on every process: the heads' class counts on
+        each, the image files (DATASETS.CHECK_IMAGES) on the main process while the others wait.
+        Called by :meth:`build_train_loader`, so training starts only on data that passed."""
+        report = check_data(cfg, train=train, test=test, train_dicts=train_dicts, images=comm.is_main_process(),
+                            **kwargs)
+        comm.synchronize()  # a failed check ends the main process, and the launcher the others
+        return report
 
     def build_hooks(self):
         hooks = super().build_hooks()
