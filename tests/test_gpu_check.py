@@ -23,7 +23,7 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
     assert "DRY RUN (no GPU visible)" in text and "**FAILED**" not in text
     for step in ("build", "tests", "kernel paths on the CPU", "benchmark", "profile"):
         assert f"| {step}" in text
-    assert "passed" in text and "op calls" in text and "| op |" in text and "% columns are of that" in text
+    assert "tests collected" in text and "op calls" in text and "| op |" in text and "% columns are of that" in text
     # the profile names the op's own events and BatchNorm's, each under its wall time
     assert "fpn_p6 2x256x13x21, op: " in text and "fpn_p6 2x256x13x21, BatchNorm2d+ReLU: " in text
     assert "frn_det::frn_backward" in text and "aten::native_batch_norm" in text
