@@ -24,7 +24,7 @@ number of images. SOLVER.REFERENCE_WORLD_SIZE = 8 keeps i images per GPU on othe
 import os
 from fractions import Fraction
 
-from ..generated import HEADER
+from ..generated import HEADER, fmt_lr, fmt_steps
 from ..paths import CONFIGS
 
 OUT_DIR = os.path.join(CONFIGS, "coco")
@@ -111,14 +111,6 @@ def scaled_schedule(fam, images_per_gpu):
     }
 
 
-def _fmt_lr(x):
-    return repr(round(x, 10))
-
-
-def _fmt_steps(steps):
-    return "(" + ", ".join(str(s) for s in steps) + ("," if len(steps) == 1 else "") + ")"
-
-
 def scratch_base():
     return HEADER + f"""\
 # From-scratch protocol of the FRN paper (Singh & Krishnan 2020, COCO detection), shared by every
@@ -171,7 +163,7 @@ SOLVER:
   BASE_LR: {fam["base_lr"]}
   WEIGHT_DECAY: {fam["weight_decay"]}
   MAX_ITER: {fam["max_iter"]}
-  STEPS: {_fmt_steps(fam["steps"])}
+  STEPS: {fmt_steps(fam["steps"])}
   WARMUP_ITERS: {fam["warmup_iters"]}
   CHECKPOINT_PERIOD: {fam["checkpoint_period"]}
 """
@@ -200,9 +192,9 @@ def leaf(fam, norm, images_per_gpu):
     return text + f"""\
 SOLVER:  # Base.yaml's schedule x {f} (lr) and x {1 / f} (iterations)
   IMS_PER_BATCH: {b}
-  BASE_LR: {_fmt_lr(s["BASE_LR"])}
+  BASE_LR: {fmt_lr(s["BASE_LR"])}
   MAX_ITER: {s["MAX_ITER"]}
-  STEPS: {_fmt_steps(s["STEPS"])}
+  STEPS: {fmt_steps(s["STEPS"])}
   WARMUP_ITERS: {s["WARMUP_ITERS"]}
   CHECKPOINT_PERIOD: {s["CHECKPOINT_PERIOD"]}
 """
@@ -284,8 +276,8 @@ def readme():
         lines.append("|---|---|---|---|---|---|\n")
         for i in IMAGES_PER_GPU:
             sch = scaled_schedule(fam, i)
-            lines.append(f"| {i} | {sch['IMS_PER_BATCH']} | {_fmt_lr(sch['BASE_LR'])} | {sch['MAX_ITER']} | "
-                         f"{_fmt_steps(sch['STEPS'])} | {sch['WARMUP_ITERS']} |\n")
+            lines.append(f"| {i} | {sch['IMS_PER_BATCH']} | {fmt_lr(sch['BASE_LR'])} | {sch['MAX_ITER']} | "
+                         f"{fmt_steps(sch['STEPS'])} | {sch['WARMUP_ITERS']} |\n")
         lines.append("\n")
     return "".join(lines).rstrip("\n") + "\n"
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import yaml
 
-from ..generated import HEADER
+from ..generated import HEADER, fmt_lr, fmt_steps
 from ..paths import CONFIGS
 
 GRID_DIR = os.path.join(CONFIGS, "cpu_grid")
@@ -40,14 +40,6 @@ def config_lines(tree, indent=0):
     return out
 
 
-def _fmt_lr(x):
-    return repr(round(x, 10))
-
-
-def _fmt_steps(steps):
-    return "(" + ", ".join(str(s) for s in steps) + ("," if len(steps) == 1 else "") + ")"
-
-
 def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, schedule="grid_schedule"):
     """One leaf of configs/cpu_grid/<family>/: the schedule named ``schedule`` at ``batch``, plus the
     config tree ``extra`` (its SOLVER keys join the schedule's SOLVER block)."""
@@ -61,7 +53,7 @@ def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, sch
             raise ValueError(f"{key}: {n} images is not a multiple of the batch {batch}")
     it = {k: v // batch for k, v in counts.items()}
     lr = float(Fraction(lr_per_image) * batch)
-    steps = _fmt_steps(tuple(s // batch for s in spec["step_images"]))
+    steps = fmt_steps(tuple(s // batch for s in spec["step_images"]))
     what = f"\n# Variant {variant}: {note}." if variant else ""
     return HEADER + f"""\
 # CPU comparison (docs/results.md): {family}, {norm}, batch {batch} on one process.{what}
@@ -71,7 +63,7 @@ _BASE_: "../../synthetic/{family}_{norm}.yaml"
 {config_lines(extra)}SOLVER:
   IMS_PER_BATCH: {batch}
   REFERENCE_WORLD_SIZE: 1  # {batch} image{"s" if batch > 1 else ""} per process on any process count
-  BASE_LR: {_fmt_lr(lr)}
+  BASE_LR: {fmt_lr(lr)}
   MAX_ITER: {it["MAX_ITER"]}
   STEPS: {steps}
   WARMUP_ITERS: {it["WARMUP_ITERS"]}

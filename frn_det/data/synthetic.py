@@ -154,11 +154,12 @@ def _clutter(rng, spec, img):
     radii varying 2x), sized like the objects, in any colour: no class's outline.
     """
     size = spec.image_size
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    for _ in range(3 if spec.texture else 0):
-        period, angle = rng.uniform(2.5, 8.0), rng.uniform(0, math.pi)
-        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period + rng.uniform(0, 2 * math.pi))
-        img += (spec.texture / 3) * wave[..., None] * rng.uniform(-1, 1, size=3)
+    if spec.texture:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        for _ in range(3):
+            period, angle = rng.uniform(2.5, 8.0), rng.uniform(0, math.pi)
+            phase = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period + rng.uniform(0, 2 * math.pi)
+            img += (spec.texture / 3) * np.sin(phase)[..., None] * rng.uniform(-1, 1, size=3)
     for _ in range(spec.clutter):
         layer = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(layer)
