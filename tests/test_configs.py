@@ -257,3 +257,26 @@ def test_build_norm_in_every_place(fam, norm, ipg):
     # and no other kind of norm anywhere (CycleBatchNormList holds BN2d / SyncBN)
     kinds = {type(m) for m in model.modules() if isinstance(m, NORM_TYPES)}
     assert kinds == {backbone_norm}, kinds
+
+
+def test_grid_variants_run_at_every_batch_at_the_study_rate():
+    """A study arm promoted to the grid (grid.yaml's grid_variants) has a leaf at each of the grid's
+    batches, all at the arm's lr per image and with the arm's config lines, on the grid's schedule."""
+    from experiments.cpu_grid.configs import GRID_DIR, grid_variants, settings
+    variants = grid_variants()
+    assert {name for _, _, _, name, _, _ in variants} == set(settings()["grid_variants"])
+    for rel, norm, batch, name, lr, arm in variants:
+        cfg = load_cfg(os.path.join(GRID_DIR, rel))
+        grid_cell = load_cfg(os.path.join(GRID_DIR, f"retinanet_R18_FPN/{norm}_{batch}img.yaml"))
+        assert round(cfg.SOLVER.BASE_LR / batch, 12) == float(Fraction(lr))
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (grid_cell.SOLVER.MAX_ITER, grid_cell.SOLVER.STEPS)
+        assert_config_lines_hold(cfg, arm["config"])
+
+
+def assert_config_lines_hold(node, tree):
+    """Each line of the nested {KEY: value} ``tree`` holds in the config ``node``."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            assert_config_lines_hold(node[key], value)
+        else:
+            assert node[key] == (tuple(value) if isinstance(value, list) else value), key

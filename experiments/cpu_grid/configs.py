@@ -117,6 +117,8 @@ def render_grid():
             out[f"{MASK_FAMILY}/{norm}_{b}img.yaml"] = leaf(MASK_FAMILY, norm, b, best[norm])
     for rel, norm, name, lr, arm in study_arms():
         out[rel] = leaf(FAMILY, norm, b, lr, name, arm["note"], arm["config"])
+    for rel, norm, batch, name, lr, arm in grid_variants():
+        out.setdefault(rel, leaf(FAMILY, norm, batch, lr, name, arm["note"], arm["config"]))
     return out
 
 
@@ -130,6 +132,16 @@ def study_arms():
             arms.append((f"{FAMILY}/{norm}_{b}img_{name}.yaml", norm, name, s["best_lr_per_image"][norm] if lr == "best"
                          else lr, arm))
     return arms
+
+
+def grid_variants():
+    """[(leaf relative to configs/cpu_grid, norm, batch, arm name, lr per image, arm settings)]: each
+    study arm of grid.yaml's ``grid_variants`` at every batch of the grid (at the sweep's batch it is
+    the study arm's own leaf)."""
+    s = settings()
+    return [(f"{FAMILY}/{norm}_{batch}img_{name}.yaml", norm, batch, name, lr, arm)
+            for _, norm, name, lr, arm in study_arms() if name in s.get("grid_variants", [])
+            for batch in s["batches"]]
 
 
 def render_short():
@@ -155,6 +167,9 @@ def parts():
         # the study's arms beside the FRN and GN runs they are paired with
         "cpu_grid_study": ([f"{FAMILY}/{n}_{b}img.yaml" for n in ("FRN", "GN")]
                            + [rel for rel, *_ in study_arms()], None),
+        # the variants that closed the gap in the grid, beside the grid's FRN and GN cells
+        "cpu_grid_variants": ([f"{FAMILY}/{n}_{k}img.yaml" for n in ("FRN", "GN") for k in s["batches"]]
+                              + [rel for rel, *_ in grid_variants()], None),
     }
 
 
