@@ -22,8 +22,8 @@ import torch
 
 from frn_det.layers import ops
 
-from .op import (DTYPES, SHAPES, copy_bandwidth, format_floor_table, format_table, memory_floor, parse_shapes,
-                 profile, run)
+from .op import (DTYPES, SHAPES, copy_bandwidth, format_floor_table, format_table, make_methods, memory_floor,
+                 parse_shapes, profile, run)
 
 
 def main(argv=None):
@@ -42,6 +42,8 @@ def main(argv=None):
                         help="min is the better estimate on a machine shared with other jobs")
     parser.add_argument("--copy-bandwidth", action="store_true",
                         help="also measure a device copy and give bandwidth as %% of it")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="the methods to time (default: all; 'compiled reference' costs a compilation per shape)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
                              "forward+backward (wall time against kernel time, top events)")
@@ -49,6 +51,9 @@ def main(argv=None):
                         help="instead of comparing methods: the op against a copy / an add of the same tensors "
                              "(the memory traffic it needs), as time ratios")
     args = parser.parse_args(argv)
+    known = set(make_methods(8)) | {"op"}  # the op is a method even where frn_det._C is not built
+    if args.methods and set(args.methods) - known:
+        parser.error(f"--methods: unknown {sorted(set(args.methods) - known)}; known: {sorted(known)}")
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -78,7 +83,7 @@ def main(argv=None):
                         rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat)
                         print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat))
                     else:
-                        rows = run(device, dtype, shapes, args.iters, channels_last, args.stat)
+                        rows = run(device, dtype, shapes, args.iters, channels_last, args.stat, args.methods)
                         print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs))
 
 

@@ -1,49 +1,61 @@
-"""Seconds per training iteration (forward, backward, SGD step) of a stock detectron2 model with
-BN, GN, FRN (custom op) and FRN (reference) in all norm places, and the ratio of each to BN.
+"""Time per training iteration (forward, backward, SGD step, through detectron2's SimpleTrainer or
+AMPTrainer) of stock detectron2 models with BN, GN, FRN (custom op) and FRN (reference) in all norm
+places, and the ratio of each to BN at the same AMP setting; on CUDA also the memory a step takes.
 
-The variants run interleaved (one iteration of each per round) so that load on a shared machine
-hits them alike; the table gives the median over rounds after warm-up of the wall time and of the
-process CPU time (on a loaded machine with --threads 1, CPU time is the steadier measure of cost).
+The variants run interleaved (benchmarks/step.py); the table gives the median over rounds after
+warm-up of the wall time with its range, the median process CPU time (on a loaded machine with
+--threads 1 the steadier measure of cost) and, on CUDA, the largest step memory.
 
     python -m benchmarks.benchmark_step                      # RetinaNet R18-FPN, 2 images of 128x128, CPU
-    python -m benchmarks.benchmark_step --depth 50 --device cuda --size 512 SOLVER.IMS_PER_BATCH 4
+    python -m benchmarks.benchmark_step --models retinanet mask_rcnn --depth 50 --device cuda \\
+        --size 800 1333 --amp off on --json step.json        # the GPU check's run (tools/gpu_check.sh)
 """
 import argparse
+import json
 
 import torch
 
-from .step import VARIANTS, time_steps
+from .step import MODELS, VARIANTS, format_table, time_steps
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="COCO-Detection/retinanet_R_50_FPN_1x.yaml", help="model-zoo config")
+    parser.add_argument("--models", nargs="+", default=["retinanet"],
+                        help=f"model-zoo configs, or the short names {', '.join(MODELS)}")
     parser.add_argument("--depth", type=int, default=18, help="MODEL.RESNETS.DEPTH")
     parser.add_argument("--images", type=int, default=2, help="images per iteration")
-    parser.add_argument("--size", type=int, default=128, help="image height and width")
+    parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="PIXELS",
+                        help="image height [and width]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", nargs="+", choices=["off", "on"], default=["off"],
+                        help="AMP settings to time (on: AMPTrainer, CUDA only)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="timed rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", help="also write every result here, for docs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if len(args.size) > 2:
+        parser.error("--size takes a height and at most one width")
     if args.threads:
         torch.set_num_threads(args.threads)
-    median, skipped = time_steps(args.variants, args.config, args.depth, args.images, args.size, args.device,
-                                 args.warmup, args.iters, args.opts)
-    print(f"{args.config} R{args.depth}, {args.images} images of {args.size}x{args.size}, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.iters} iterations after {args.warmup} warm-up")
-    print(f"{'variant':<17}{'wall s':>9}{'x BN':>7}{'CPU s':>9}{'x BN':>7}")
-    for name in args.variants:
-        if name in skipped:
-            print(f"{name:<17}{'-':>9}{'-':>7}{'-':>9}{'-':>7}  skipped: {skipped[name]}")
-            continue
-        row = f"{name:<17}"
-        for k in (0, 1):
-            base = median["BN"][k] if "BN" in median else None
-            row += f"{median[name][k]:9.3f}" + (f"{median[name][k] / base:7.2f}" if base else f"{'-':>7}")
-        print(row)
+    size = (args.size[0], args.size[-1])
+    amp = [a == "on" for a in args.amp]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    report = []
+    for model in args.models:
+        results, skipped = time_steps(args.variants, model, args.depth, args.images, size, args.device,
+                                      args.warmup, args.iters, args.opts, amp)
+        print(f"\n{MODELS.get(model, model)} R{args.depth}, {args.images} images of {size[0]}x{size[1]}, "
+              f"{device_name}, median of {args.iters} iterations after {args.warmup} warm-up")
+        print(format_table(results, skipped, args.variants, amp), flush=True)
+        report += [{"model": model, "depth": args.depth, "images": args.images, "size": size, "device": device_name,
+                    "variant": name, "amp": use_amp, **results.get((name, use_amp), {}),
+                    "skipped": skipped.get((name, use_amp))} for name in args.variants for use_amp in amp]
+        if args.json:  # rewritten after each model, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,9 @@ def copy_bandwidth(device, nbytes=256 << 20, iters=10):
     return 2 * nbytes / min(time_once(lambda: dst.copy_(src), device) for _ in range(iters)) / 1e9
 
 
-def run(device, dtype, shapes, iters, channels_last, stat):
+def run(device, dtype, shapes, iters, channels_last, stat, methods=None):
+    """Rows of :func:`format_table`: every method of :func:`make_methods` (or those named in
+    ``methods``) on each shape."""
     reduce = statistics.median if stat == "median" else min
     rows = []
     for name, shape in shapes:
@@ -156,6 +158,8 @@ def run(device, dtype, shapes, iters, channels_last, stat):
         nbytes = x.numel() * x.element_size()
         closures, errors = {}, {}
         for method, factory in make_methods(shape[1]).items():
+            if methods is not None and method not in methods:
+                continue
             try:
                 module = factory().to(device=device, dtype=dtype).train()
                 fns = make_closures(module, x, grad_out)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from experiments.cpu_grid.configs import grid_variants
 from experiments.paths import REPO
 
 pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
@@ -19,10 +20,12 @@ SWEEP = [f"retinanet_R18_FPN/{n}_2img_lr{lr}" for n in ("BN", "FRN", "GN") for l
 GRID = [f"retinanet_R18_FPN/{n}_{b}img" for n in ("BN", "GN", "FRN") for b in (1, 2, 8)]
 MORE = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("RELU", "eps-all", "fpn-no-norm")] + \
        [f"mask_rcnn_R18_FPN/{n}_2img" for n in ("GN", "FRN")]
-STUDY = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("G32-centered", "GN-fpn-head", "G32", "centered")] + \
+STUDY = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("centered", "G32-centered", "GN-fpn-head", "G32")] + \
         ["retinanet_R18_FPN/GN_2img_FRN-fpn-head"]
 STUDY2 = [f"retinanet_R18_FPN/{n}_2img_{v}" for v in ("clutter", "zero-init") for n in ("FRN", "GN")] + \
          ["retinanet_R18_FPN/FRN_2img_clip-2xlr"]
+# the study arms promoted to the grid (grid.yaml's grid_variants) at every batch
+VARIANTS = [rel[:-len(".yaml")] for rel, *_ in grid_variants()]
 SWEEP8 = [f"retinanet_R18_FPN/{n}_8img_lr{lr}" for n, lr in (("BN", "0.04"), ("FRN", "0.01"), ("GN", "0.02"))]
 
 
@@ -56,13 +59,15 @@ def test_sweep_first_then_asks_for_the_best_rates(tmp_path, have):
 
 @pytest.mark.parametrize("sweep8", [[], SWEEP8], ids=["no_batch8_sweep", "batch8_sweep"])
 def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
-    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8 + STUDY + STUDY2))
+    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8 + STUDY + VARIANTS + STUDY2))
     expected = ([(leaf, "0") for leaf in sorted(SWEEP)]
                 + [(leaf, "0") for leaf in GRID] + [(leaf, "0") for leaf in MORE]
                 + [(leaf, "0") for leaf in sorted(sweep8)]
                 + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
                 + [(leaf, "2") for leaf in GRID]
                 + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY]
+                # (the batch-2 variant is a study arm: in a real run done by then, and skipped)
+                + [(leaf, s) for s in "012" for leaf in VARIANTS]
                 + [(leaf, "0") for leaf in STUDY2] + [(leaf, "1") for leaf in STUDY2])
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out
@@ -72,7 +77,7 @@ def test_each_part_is_collected_for_its_figures(tmp_path):
     """`python -m experiments.compare_ap cpu-grid` (the script's collect after each stage): every run into cpu_grid.*,
     and each part into its own files with exactly its runs and seeds; a run still training counts
     as not finished."""
-    leaves = SWEEP + GRID + MORE + SWEEP8 + STUDY + STUDY2
+    leaves = SWEEP + GRID + MORE + SWEEP8 + STUDY + STUDY2 + [v for v in VARIANTS if v not in STUDY]
     seeds = {leaf: (0,) if leaf in SWEEP + SWEEP8 else (0, 1) if leaf in MORE + STUDY + STUDY2 else (0, 1, 2)
              for leaf in leaves}
     root = tmp_path / "runs"
@@ -113,4 +118,5 @@ def test_each_part_is_collected_for_its_figures(tmp_path):
     assert collected("cpu_grid_sweep_batch8") == expected(SWEEP8 + [leaf for leaf in GRID if "8img" in leaf], 0)
     assert collected("cpu_grid_study") == expected(STUDY + STUDY2 + ["retinanet_R18_FPN/FRN_2img",
                                                                      "retinanet_R18_FPN/GN_2img"])
+    assert collected("cpu_grid_variants") == expected(VARIANTS + [leaf for leaf in GRID if "BN" not in leaf])
     assert "cpu_grid_norms: 30/31 runs finished" in p.stdout

@@ -1,101 +1,149 @@
 #!/usr/bin/env bash
-# Verify and benchmark frn-det's CUDA kernels on a GPU machine, in one command, into one report.
+# Verify and benchmark frn-det on a GPU machine, in one command, into one report.
 #
 # For a bare GPU machine with torch but no detectron2 and no package index (the project's device
-# machines: Python 3.12, torch 2.11, CUDA 13, timm, compute-sanitizer; ../shared/reference/
-# environment.md). Steps, each timed and recorded in the report:
-#   1. build frn_det._C in place against that torch (torch targets the visible GPU);
-#   2. the op and layer tests with FRN_DET_REQUIRE_CUDA=1 (a CUDA test that cannot run fails);
-#   3. compute-sanitizer memcheck (every dtype) and racecheck (fp32) over every CUDA kernel path
-#      (tests/kernel_paths.py exercise: each path, layout and option, capped grids, int64);
-#   4. python -m benchmarks.benchmark_frn on the R50-FPN shapes, fp32 / fp16 / bf16, NCHW and channels_last:
-#      op vs eager and compiled reference, timm's FilterResponseNormTlu2d, BatchNorm2d+ReLU,
-#      GroupNorm+ReLU; time, GB/s and % of a device copy measured in the same run;
-#   5. its --profile on a large and a small map: the op's and BatchNorm+ReLU's wall time against
-#      their kernel time, and torch.profiler's top events (where the op's time goes).
-# Without a GPU it is a dry run of the same steps on the CPU (CI runs it): the build is checked
-# (built already: reused), the tests run without the CUDA requirement, the path script runs on the
-# CPU without sanitizer, and the benchmark is a short CPU one.
+# machines: Python 3.12, torch 2.11, CUDA 13, numpy 2, compute-sanitizer; ../shared/reference/
+# environment.md). Steps, in the order that matters most if the call is cut short, each under its
+# own timeout; the report is rewritten after every step, so a cut run still reports what finished:
+#   1. install the wheels of .whl/ (tools/gpu_wheelhouse.sh: detectron2 and what only it needs) into
+#      a folder on PYTHONPATH, when they were carried; meanwhile the synthetic dataset is generated;
+#   2. build frn_det._C in place against that torch (torch targets the visible GPU);
+#   3. the op and layer tests with FRN_DET_REQUIRE_CUDA=1 (a CUDA test that cannot run fails);
+#   4. detectron2 training iterations (python -m benchmarks.benchmark_step): RetinaNet and Mask R-CNN
+#      R50-FPN, two 800x1333 images, BN / GN / FRN op / FRN reference, AMP off and on (detectron2's
+#      SimpleTrainer / AMPTrainer), interleaved; median, range, ratio to BN, step memory;
+#   5. a short real training: make demo's FRN RetinaNet (configs/synthetic/retinanet_R18_FPN_FRN.yaml,
+#      1900 iterations, then COCO evaluation) with tools/train_net.py on the GPU, AMP off and on at
+#      once, against the box AP make demo measured on the CPU (README);
+#   6. compute-sanitizer memcheck (every dtype) over every CUDA kernel path (tests/kernel_paths.py);
+#   7. python -m benchmarks.benchmark_frn on the R50-FPN shapes, fp32 and fp16, NCHW and channels_last:
+#      op, reference, BatchNorm2d+ReLU, GroupNorm+ReLU (no torch.compile: its compilations cost
+#      minutes); time, GB/s and % of a device copy in the same run; then its --memory-floor mode;
+#   8. compute-sanitizer racecheck (fp32) over the same paths; 9. the --profile of a large and a small map.
+# Without a GPU it is a dry run of the same steps on the CPU at tiny sizes (CI runs it): the built
+# extension is reused, the tests are collected, the paths run without sanitizer, the training
+# benchmark times R18 on 64x96 images (AMP is skipped: AMPTrainer needs CUDA), the short training
+# runs 4 iterations on a tiny dataset, and the op benchmark is a short CPU one.
 #
 #   tools/gpu_check.sh [REPORT]    REPORT defaults to $OUT/gpu_check.md when $OUT is set, else gpu_check.md
 #   PYTHON=python3.12 tools/gpu_check.sh
-# Exit status 1 when a step failed (the report says which). Plan: under 8 minutes (the full run on an
-# H200 on 2026-11-26, every step passing, took 5 min 45 s).
+# Exit status 1 when a step failed (the report says which). Plan on an H200: about 6.5 minutes
+# (estimated from the steps' times on 2026-11-26 and the CPU dry run; see docs/gpu.md), so that a
+# second try fits in a 15-minute lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 REPORT=${1:-${OUT:+$OUT/}gpu_check.md}
+STEP_JSON=$(dirname "$REPORT")/gpu_check_step.json
 LOGS=$(mktemp -d)
+mkdir -p "$(dirname "$REPORT")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 failed=0
 
-# step NAME LOG COMMAND...: runs the command into LOG, adds a summary row, records a failure.
-step() {
-  local name=$1 log=$2 start=$SECONDS rc
-  shift 2
-  echo "[gpu_check] $name" >&2
-  "$@" >"$LOGS/$log" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ]; then echo "| $name | ok | $((SECONDS - start)) s |" >>"$LOGS/summary"
-  else echo "| $name | **FAILED** (exit $rc, log below) | $((SECONDS - start)) s |" >>"$LOGS/summary"; failed=1; fi
-  return $rc
-}
-
 quiet() {  # a step's log without Python's and torch's warnings
-  grep -v -E 'Warning|warnings\.warn|^W[0-9]{4} ' "$LOGS/$1" || true
+  grep -v -E 'Warning|warnings\.warn|^W[0-9]{4} |yaml\.unsafe_load|import pkg_resources|_VF\.meshgrid' "$LOGS/$1" || true
 }
 
 tail_of() {  # tail_of LOG N: the last N lines of a step's log as a code block
   printf '```\n%s\n```\n' "$(quiet "$1" | tail -n "$2")"
 }
 
-: >"$LOGS/summary"
-if [ "$GPU" = 1 ]; then
-  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-  step "build (in place, CUDA)" build.log env FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
-  # With pytest-xdist (the device machines have it) a test that crashes the interpreter fails alone,
-  # instead of ending the run, and the tests take half the time.
-  xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
-  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:warnings \
-    $xdist tests/test_frn_op.py tests/test_frn_layer.py
-  if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck; do
-      dtypes="torch.float32, torch.float16, torch.bfloat16, torch.float64"
-      [ "$tool" = racecheck ] && dtypes="torch.float32,"
-      step "compute-sanitizer $tool" "$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-        "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cuda', ($dtypes)), 'op calls')"
-    done
-  else
-    echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1
-  fi
-  step "benchmark" bench.log "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 bfloat16 \
-    --layout both --shapes all --iters 10 --copy-bandwidth
-  step "profile" profile.log "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
-    --iters 10 --profile
-else
-  step "build (dry run: reuse the built extension, else build the CPU one)" build.log \
-    "$PY" -c "import frn_det.layers.ops as o, sys; sys.exit(0 if o.is_available() else 1)" \
-    || step "build (in place, CPU)" build.log "$PY" setup.py build_ext --inplace
-  # make test runs these files already: the dry run only checks that the GPU run's selection collects
-  step "tests (dry run: collected, not run)" tests.log "$PY" -m pytest -q -p no:cacheprovider -p no:warnings \
-    --collect-only tests/test_frn_op.py tests/test_frn_layer.py
-  step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log \
-    "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
-  step "benchmark (dry run: CPU, 2 shapes)" bench.log "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
-    --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth
-  step "profile (dry run: CPU, 1 shape)" profile.log "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
-    --shapes fpn_p6 --iters 2 --profile
-fi
+section() {  # section TITLE LOG [N]: the step's log (its last N lines as a code block), if it ran
+  [ -f "$LOGS/$2" ] || return 0
+  echo; echo "## $1"
+  if [ -n "${3:-}" ]; then tail_of "$2" "$3"; else quiet "$2" | grep -v -E '^  (done|profiled)|^USDT|^ERROR.*gpuGetDeviceCount'; fi
+}
 
-{
-  echo "# frn-det GPU check"
-  echo
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$([ "$GPU" = 1 ] || echo ', DRY RUN (no GPU visible)')"
-  echo
-  "$PY" - <<'PY'
+write_report() {
+  {
+    echo "# frn-det GPU check"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT$([ "$GPU" = 1 ] || echo ', DRY RUN (no GPU visible)')"
+    echo
+    cat "$LOGS/machine" 2>/dev/null
+    echo
+    echo "| step | result | time |"
+    echo "|---|---|---|"
+    cat "$LOGS/summary"
+    section "Wheels" wheels.log 12
+    section "Tests" tests.log 15
+    grep -q '^| build.*FAILED' "$LOGS/summary" && section "Build log (end)" build.log 30
+    section "Training step (detectron2)" step.log
+    section "Short training (tools/train_net.py)" train.log
+    section "memcheck" memcheck.log 8
+    section "Benchmark" bench.log
+    section "Memory floor" floor.log
+    section "racecheck" racecheck.log 8
+    section "Profile" profile.log
+  } >"$REPORT"
+}
+
+# step NAME LOG TIMEOUT_S COMMAND...: runs the command into LOG under a timeout, adds a summary row,
+# records a failure and rewrites the report.
+step() {
+  local name=$1 log=$2 limit=$3 start=$SECONDS rc
+  shift 3
+  echo "[gpu_check] $name" >&2
+  # through bash -c: a step can be one of this script's functions (exported below)
+  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" >"$LOGS/$log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "| $name | ok | $((SECONDS - start)) s |" >>"$LOGS/summary"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "| $name | **FAILED** (over its $limit s limit, log below) | $((SECONDS - start)) s |" >>"$LOGS/summary"; failed=1
+  else echo "| $name | **FAILED** (exit $rc, log below) | $((SECONDS - start)) s |" >>"$LOGS/summary"; failed=1; fi
+  write_report
+  return $rc
+}
+
+install_wheels() {  # the carried wheelhouse into a target folder (no index, no dependencies resolved)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" .whl/*.whl \
+    && ls .whl && "$PY" -c 'import detectron2, numpy; print("detectron2", detectron2.__version__, "from", detectron2.__file__, "with numpy", numpy.__version__)'
+}
+
+# short_training DATA DEVICE MAX_ITER RUN...: make demo's FRN RetinaNet on the dataset under DATA
+# (generated by the background job), each RUN (fp32, amp) at once; prints each run's box AP.
+short_training() {
+  local data=$1 device=$2 max_iter=$3 pids=() run
+  shift 3
+  until [ -e "$LOGS/data.done" ]; do sleep 1; done  # the background job's
+  [ "$(cat "$LOGS/data.done")" = 0 ] || { echo "dataset generation failed:"; cat "$LOGS/data.log"; return 1; }
+  for run in "$@"; do
+    "$PY" tools/train_net.py --config-file configs/synthetic/retinanet_R18_FPN_FRN.yaml \
+      --dataset gpu_check_train "$data/annotations/instances_train.json" "$data/train" \
+      --dataset gpu_check_val "$data/annotations/instances_val.json" "$data/val" \
+      DATASETS.TRAIN "('gpu_check_train',)" DATASETS.TEST "('gpu_check_val',)" MODEL.DEVICE "$device" \
+      SOLVER.AMP.ENABLED "$([ "$run" = amp ] && echo True || echo False)" OUTPUT_DIR "$LOGS/train_$run" \
+      $([ "$max_iter" = demo ] || echo "SOLVER.MAX_ITER $max_iter SOLVER.STEPS (2,3) SOLVER.WARMUP_ITERS 1 INPUT.MIN_SIZE_TRAIN (64,) INPUT.MAX_SIZE_TRAIN 64 INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 64 DATALOADER.NUM_WORKERS 0") \
+      >"$LOGS/train_$run.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0 i=0
+  for run in "$@"; do
+    wait "${pids[$i]}" || { rc=1; echo "run $run failed:"; quiet "train_$run.log" | tail -n 25; }
+    i=$((i + 1))
+  done
+  "$PY" - "$LOGS" "$@" <<'PY'
+import json, os, sys
+logs, runs = sys.argv[1], sys.argv[2:]
+print("| run | box AP | AP50 | AP75 | train+eval s |\n|---|---|---|---|---|")
+for run in runs:
+    path = os.path.join(logs, f"train_{run}", "frn_det_result.json")
+    if os.path.exists(path):
+        r = json.load(open(path))
+        ap = r["results"]["bbox"]
+        print(f"| FRN {'AMP (fp16)' if run == 'amp' else 'fp32'} | {ap['AP']:.1f} | {ap['AP50']:.1f} | {ap['AP75']:.1f} | {r['wall_time_s']:.0f} |")
+    else:
+        print(f"| FRN {run} | no result | | | |")
+PY
+  [ "$max_iter" = demo ] && echo && echo "make demo on the CPU (README, the same config, seed and dataset): FRN box AP 23.1 / AP50 35.4 / AP75 28.0"
+  return $rc
+}
+
+: >"$LOGS/summary"
+"$PY" - >"$LOGS/machine" 2>&1 <<'PY'
 import os, platform, shutil, subprocess, sysconfig, torch
-from frn_det.layers import build_info
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
 print(f"- device: {dev}" + (f" (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})" if torch.cuda.is_available() else ""))
 print(f"- python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
@@ -103,28 +151,70 @@ cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension builds with
 path = shutil.which(cxx)
 version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.partition("\n")[0] if path else "not found"
 print(f"- C++ compiler: {path or cxx} ({version}); Python's link flags: {sysconfig.get_config_var('LDSHARED')}")
-try:
-    print(f"- frn_det._C kernels: {build_info.cuda_archs()}")
-except FileNotFoundError as e:
-    print(f"- frn_det._C: {e}")
 PY
-  echo
-  echo "| step | result | time |"
-  echo "|---|---|---|"
-  cat "$LOGS/summary"
-  echo
-  echo "## Tests"
-  tail_of tests.log 15
-  for tool in memcheck racecheck; do
-    [ -f "$LOGS/$tool.log" ] && { echo; echo "## $tool"; tail_of "$tool.log" 8; }
-  done
-  [ -f "$LOGS/build.log" ] && grep -q . "$LOGS/build.log" && [ "$failed" = 1 ] && { echo; echo "## Build log (end)"; tail_of build.log 30; }
-  echo
-  echo "## Benchmark"
-  quiet bench.log | grep -v '^  done' || true
-  echo
-  echo "## Profile"
-  quiet profile.log | grep -v -E '^  profiled|^USDT|^ERROR.*gpuGetDeviceCount' || true
-} >"$REPORT"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=$(mktemp -d)
+  step "wheels (.whl, into a PYTHONPATH folder)" wheels.log 120 install_wheels "$SITE"
+  export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
+DATA=$LOGS/synthetic
+make_data() {  # the synthetic dataset under DATA (ARGS: its spec), then its exit status into data.done
+  "$PY" tools/make_synthetic_coco.py --root "$DATA" "$@" >"$LOGS/data.log" 2>&1
+  echo $? >"$LOGS/data.done"
+}
+paths() {  # paths TOOL DTYPES: every CUDA kernel path under compute-sanitizer TOOL
+  compute-sanitizer --tool "$1" --error-exitcode 1 "$PY" -c "import torch, sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cuda', ($2)), 'op calls')"
+}
+export PY LOGS
+export -f quiet install_wheels short_training paths
+if [ "$GPU" = 1 ]; then
+  # make demo's dataset, while the build and the tests run (about a minute of one CPU core)
+  make_data &
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  step "build (in place, CUDA)" build.log 240 env FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
+  # With pytest-xdist (the device machines have it) a test that crashes the interpreter fails alone,
+  # instead of ending the run, and the tests take a fraction of the time.
+  xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
+  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log 240 env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:warnings \
+    $xdist tests/test_frn_op.py tests/test_frn_layer.py
+  step "training step benchmark (R50-FPN, 2x800x1333, AMP off/on)" step.log 300 "$PY" -m benchmarks.benchmark_step \
+    --models retinanet mask_rcnn --depth 50 --size 800 1333 --device cuda --amp off on --warmup 3 --iters 8 --json "$STEP_JSON"
+  step "short training (FRN RetinaNet, make demo's schedule, fp32 and AMP)" train.log 300 short_training "$DATA" cuda demo fp32 amp
+  sanitizer=$(command -v compute-sanitizer || true)
+  [ -n "$sanitizer" ] || { echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1; }
+  [ -n "$sanitizer" ] && step "compute-sanitizer memcheck" memcheck.log 120 paths memcheck "torch.float32, torch.float16, torch.bfloat16, torch.float64"
+  step "op benchmark" bench.log 180 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 \
+    --layout both --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
+  step "op memory floor" floor.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 \
+    --shapes all --iters 10 --memory-floor
+  [ -n "$sanitizer" ] && step "compute-sanitizer racecheck" racecheck.log 120 paths racecheck "torch.float32,"
+  step "profile" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
+    --iters 10 --profile
+else
+  make_data --num-train 4 --num-val 2 --image-size 64 --min-size 8 --max-size 21 &
+  step "build (dry run: reuse the built extension, else build the CPU one)" build.log 60 \
+    "$PY" -c "import frn_det.layers.ops as o, sys; sys.exit(0 if o.is_available() else 1)" \
+    || step "build (in place, CPU)" build.log 900 "$PY" setup.py build_ext --inplace
+  # make test runs these files already: the dry run only checks that the GPU run's selection collects
+  step "tests (dry run: collected, not run)" tests.log 120 "$PY" -m pytest -q -p no:cacheprovider -p no:warnings \
+    --collect-only tests/test_frn_op.py tests/test_frn_layer.py
+  step "training step benchmark (dry run: R18, 2x64x96, CPU)" step.log 300 "$PY" -m benchmarks.benchmark_step \
+    --models retinanet mask_rcnn --depth 18 --size 64 96 --device cpu --amp off on --warmup 1 --iters 1 --json "$STEP_JSON" \
+    MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 MODEL.RPN.POST_NMS_TOPK_TRAIN 64 MODEL.ROI_BOX_HEAD.FC_DIM 64
+  step "short training (dry run: 4 iterations, tiny dataset, CPU)" train.log 300 short_training "$DATA" cpu 4 fp32
+  step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log 120 \
+    "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
+  step "op benchmark (dry run: CPU, 2 shapes)" bench.log 120 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
+    --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
+  step "op memory floor (dry run: CPU, 1 shape)" floor.log 60 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
+    --shapes fpn_p6 --iters 2 --memory-floor
+  step "profile (dry run: CPU, 1 shape)" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
+    --shapes fpn_p6 --iters 2 --profile
+fi
+wait
+"$PY" -c "from frn_det.layers import build_info; print(f'- frn_det._C kernels: {build_info.cuda_archs()}')" 2>&1 \
+  | grep -v -E 'Warning|warnings\.warn' >>"$LOGS/machine"
+write_report
 echo "[gpu_check] report: $REPORT" >&2
 exit $failed
