@@ -1,7 +1,8 @@
 """pytest set-up: the `cuda`, `multi_gpu` and `slow` markers; FRN_DET_REQUIRE_CUDA=1, which turns
 every skip of a CUDA test into a failure, so that a run on a GPU machine cannot pass by skipping (an
 old driver makes torch.cuda.is_available() False); the checkout's experiments/ and benchmarks/ on the
-path; generated datasets in a temporary cache (not ./datasets), set before frn_det registers them."""
+path; generated datasets in a temporary cache (not ./datasets), set before frn_det registers them;
+under make test's parallel workers, torch's CPU threads shared out between them."""
 import os
 import sys
 import tempfile
@@ -15,6 +16,9 @@ if REPO not in sys.path:
 os.environ.setdefault("FRN_DET_DATA", os.path.join(tempfile.gettempdir(), "frn_det_test_data", "frn_synthetic"))
 
 REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # make test's pytest-xdist workers
+if WORKERS > 1:  # the CPUs shared out between them (torch's default would give each all of them)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
 
 
 def pytest_configure(config):

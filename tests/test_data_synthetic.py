@@ -96,6 +96,30 @@ def test_rle_masks_are_the_visible_parts(rle_root):
     assert occluded > 0
 
 
+def test_processes_generating_one_root_take_turns(tmp_path):
+    """While one process holds the root's generation lock, another's generate() waits and then finds
+    the dataset made (no image rewritten under a reader)."""
+    import fcntl
+    import threading
+
+    from frn_det.data.synthetic import LOCK_FILE, is_generated
+
+    spec, root = SyntheticSpec(num_train=2, num_val=1, image_size=64, min_size=8, max_size=21, seed=5), tmp_path / "d"
+    root.mkdir()
+    with open(root / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=generate, args=(spec, str(root)), kwargs={"progress": False})
+        waiting.start()
+        waiting.join(timeout=2)
+        assert waiting.is_alive() and not is_generated(str(root), spec)  # it waits for the holder
+        (root / "train").mkdir()  # the holder is half way through
+        png = root / "train" / "000000.png"
+        png.write_bytes(b"written by the holder")
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and is_generated(str(root), spec)
+    assert png.read_bytes() != b"written by the holder"  # generated after the holder let go
+
+
 def test_sizes_span_min_to_max_size():
     spec = SyntheticSpec(num_train=60, image_size=96, min_size=8, max_size=32, inside=False, max_occlusion=1.0, seed=0)
     sides = [max(np.ptp(np.nonzero(m)[0]), np.ptp(np.nonzero(m)[1])) + 1

@@ -73,10 +73,10 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! imports frn_det._C; t
   echo "$stamp" >"$stamp_file"
 fi
 
-if ! imports "pytest, pytest_timeout, matplotlib, tqdm, pycocotools, cv2, hypothesis, onnx, onnxruntime, onnxscript"; then
+if ! imports "pytest, pytest_timeout, xdist, matplotlib, tqdm, pycocotools, cv2, hypothesis, onnx, onnxruntime, onnxscript"; then
   echo "[bootstrap] installing test and tool dependencies"
   # opencv: detectron2's Visualizer (make demo's pictures); onnx / onnxruntime: the export tests.
   # These versions install beside detectron2's numpy<2 (an unpinned opencv pulls numpy 2).
-  pip install pytest pytest-timeout matplotlib tqdm pycocotools hypothesis 'numpy<2' 'opencv-python-headless<4.11' \
+  pip install pytest pytest-timeout pytest-xdist matplotlib tqdm pycocotools hypothesis 'numpy<2' 'opencv-python-headless<4.11' \
     'onnx==1.23.*' 'onnxruntime==1.32.*' 'onnxscript==0.7.*'
 fi

@@ -14,6 +14,7 @@ stream: its objects, classes, sizes, places, colours and annotations are exactly
 dataset with the same seed, so that a channel's energy comes from the scene, as in natural images,
 and not from the 1-4 objects alone; only what lies behind the objects differs.
 """
+import fcntl
 import json
 import math
 import os
@@ -253,6 +254,9 @@ def _annotation(mask, category_id, ann_id, image_id, mask_format):
             "area": area, "bbox": [x, y, bw, bh], "iscrowd": 0}
 
 
+LOCK_FILE = ".generating.lock"
+
+
 def annotation_path(root, split):
     return os.path.join(root, "annotations", f"instances_{split}.json")
 
@@ -318,8 +322,14 @@ def is_generated(root, spec):
 
 
 def generate(spec, root, progress=True):
-    """Generates both splits under ``root`` unless they are already there with the same spec."""
+    """Generates both splits under ``root`` unless they are already there with the same spec.
+    Processes generating the same root at once take turns (a lock file in it), so that none reads
+    an image while another rewrites it: the later ones find the dataset made."""
     if not is_generated(root, spec):
-        for split in SPLITS:
-            generate_split(spec, root, split, progress=progress)
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, LOCK_FILE), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not is_generated(root, spec):
+                for split in SPLITS:
+                    generate_split(spec, root, split, progress=progress)
     return {split: annotation_path(root, split) for split in SPLITS}
