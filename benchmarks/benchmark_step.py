@@ -15,13 +15,13 @@ import json
 
 import torch
 
-from .step import MODELS, VARIANTS, format_table, time_steps
+from .step import DEFAULT_VARIANTS, MODELS, VARIANTS, format_table, time_steps
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["retinanet"],
-                        help=f"model-zoo configs, or the short names {', '.join(MODELS)}")
+                        help=f"config files, model-zoo configs, or the short names {', '.join(MODELS)}")
     parser.add_argument("--depth", type=int, default=18, help="MODEL.RESNETS.DEPTH")
     parser.add_argument("--images", type=int, default=2, help="images per iteration")
     parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="PIXELS",
@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="timed rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--json", help="also write every result here, for docs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
     args = parser.parse_args(argv)

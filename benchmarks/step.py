@@ -8,6 +8,7 @@ after the warm-up rounds each iteration's wall time (the device synchronised aro
 time and, on CUDA, the peak memory it allocated above what was allocated before it (activations and
 workspaces; the models' parameters and optimizer state are resident throughout) are kept."""
 import itertools
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,20 +23,25 @@ from frn_det.engine.config import load_cfg, norm_everywhere
 from frn_det.layers import ops
 from frn_det.modeling import build_optimizer
 
-# name -> (norm name, MODEL.FRN.IMPL)
-VARIANTS = {"BN": ("BN", None), "GN": ("GN", None), "FRN (op)": ("FRN", "op"), "FRN (reference)": ("FRN", "reference")}
+# name -> (norm name, MODEL.FRN.IMPL, more config lines); the defaults leave out the centred variant
+VARIANTS = {"BN": ("BN", None, ()), "GN": ("GN", None, ()), "FRN (op)": ("FRN", "op", ()),
+            "FRN (reference)": ("FRN", "reference", ()),
+            "FRN centred (reference)": ("FRN", "reference", ("MODEL.FRN.CENTERED", True))}
+DEFAULT_VARIANTS = ["BN", "GN", "FRN (op)", "FRN (reference)"]
 # short names of the detectron2 model-zoo configs the benchmark is usually run on
 MODELS = {"retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
           "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"}
 
 
 def make_cfg(config, depth, device, norm, impl, opts=()):
-    """The model-zoo ``config`` (or a short name of MODELS) from scratch, ``norm`` in every norm place."""
+    """``config`` (a config file, a model-zoo config or a short name of MODELS) from scratch, ``norm``
+    in every norm place."""
     overrides = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.RESNETS.DEPTH", depth]
     if depth in (18, 34):
         overrides += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
     overrides += norm_everywhere(norm) + (["MODEL.FRN.IMPL", impl] if impl else [])
-    return load_cfg(model_zoo.get_config_file(MODELS.get(config, config)), overrides + list(opts))
+    path = config if os.path.isfile(config) else model_zoo.get_config_file(MODELS.get(config, config))
+    return load_cfg(path, overrides + list(opts))
 
 
 def make_batch(n, height, width):
@@ -46,7 +52,7 @@ def make_batch(n, height, width):
     masks = torch.zeros(2, height, width, dtype=torch.bool)
     for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
         m[y0:y1, x0:x1] = True
-    inst = Instances((height, width), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 7]), gt_masks=BitMasks(masks))
+    inst = Instances((height, width), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 3]), gt_masks=BitMasks(masks))
     return [{"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g), "instances": inst,
              "height": height, "width": width} for _ in range(n)]
 
@@ -82,8 +88,8 @@ def time_steps(variants, config, depth, images, size, device, warmup, iters, opt
         if why := _why_not(name, use_amp, device):
             skipped[(name, use_amp)] = why
             continue
-        norm, impl = VARIANTS[name]
-        cfg = make_cfg(config, depth, device, norm, impl, opts)
+        norm, impl, lines = VARIANTS[name]
+        cfg = make_cfg(config, depth, device, norm, impl, [*lines, *opts])
         torch.manual_seed(0)
         model = build_model(cfg).train()
         trainer_class = AMPTrainer if use_amp else SimpleTrainer

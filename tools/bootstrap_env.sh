@@ -52,11 +52,12 @@ if [ -z "${FORCE_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then
     else CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
   fi
   export CUDA_HOME
-  # Without a GPU nothing tells torch which arch to build: SASS for Turing to Hopper (CUDA 13 has no
-  # sm_70) and PTX for the newest, so the build runs on users' GPUs, newer ones included. With a
-  # GPU, torch targets the visible card.
+  # Without a GPU nothing tells torch which arch to build: SASS for Turing, Ampere and Hopper (CUDA
+  # 13 has no sm_70; sm_80 code runs on every 8.x card, Ada included) and PTX for the newest, so the
+  # build runs on users' GPUs, newer ones included; three archs, not five, to keep the build short.
+  # With a GPU, torch targets the visible card.
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-7.5;8.0;8.6;8.9;9.0+PTX}
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-7.5;8.0;9.0+PTX}
   fi
 fi
 
