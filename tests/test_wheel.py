@@ -44,6 +44,10 @@ INSTALLED_CHECKS = textwrap.dedent("""
 """)
 
 
+# make test's workers (pytest-xdist --dist loadgroup) run these on one worker: one wheel build
+pytestmark = pytest.mark.xdist_group("wheel")
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(site folder the wheel is installed into, environment that imports frn_det from there)."""
