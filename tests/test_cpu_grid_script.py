@@ -65,9 +65,8 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
                 + [(leaf, "0") for leaf in sorted(sweep8)]
                 + [(leaf, "1") for leaf in GRID] + [(leaf, "1") for leaf in MORE]
                 + [(leaf, "2") for leaf in GRID]
-                + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY]
-                # (the batch-2 variant is a study arm: in a real run done by then, and skipped)
                 + [(leaf, s) for s in "012" for leaf in VARIANTS]
+                + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY]
                 + [(leaf, "0") for leaf in STUDY2] + [(leaf, "1") for leaf in STUDY2])
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out

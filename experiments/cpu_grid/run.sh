@@ -6,10 +6,10 @@
 #   2. once best_lr_per_image (grid.yaml) is set and `python -m experiments.gen_configs` has written the grid:
 #      seed 0 of every grid cell, FRN ablation and Mask R-CNN run, the learning-rate sweep at batch 8
 #      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
-#   3. the study of why FRN trails GN (study_plan.md): seeds 0 and 1 of the first round (statistics,
-#      placement), then grid.yaml's grid_variants (arms that closed the gap) at every batch with 3
-#      seeds, then seeds 0 and 1 of the second round (recipe, task); each stage one queue, so that
-#      both runs at a time stay busy;
+#   3. the study of why FRN trails GN (study_plan.md): grid.yaml's grid_variants (arms that closed
+#      the gap) at every batch with 3 seeds, seeds 0 and 1 of the first round (statistics,
+#      placement), then of the second round (recipe, task); each stage one queue, so that both runs
+#      at a time stay busy;
 #   4. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
 #      each part on its own for the figures of docs/results.md: cpu_grid_norms (the grid and the
 #      Mask R-CNN pair), cpu_grid_ablations (FRN at batch 2 and its ablations), cpu_grid_sweep (the
@@ -55,13 +55,14 @@ shopt -u nullglob
 grid grid_seed1 1 "${GRID[@]}"
 grid ablations_seed1 1 "${MORE[@]}"
 grid grid_seed2 2 "${GRID[@]}"
-# The study's arms (generated from grid.yaml's `study`): the statistics 2x2 and placement hybrids
-# first (study_plan.md), the arm that answers first in front; then the arms that closed the gap at
-# every batch of the grid (grid_variants; batch 2 is the study arm's own run); then recipe and task.
+# The study's arms (generated from grid.yaml's `study`): the arms that closed the gap at every batch
+# of the grid (grid_variants; batch 2 is the study arm's own run), then the statistics 2x2 and
+# placement hybrids (study_plan.md), then recipe and task.
 STUDY=("$R"/FRN_2img_{centered,G32-centered,GN-fpn-head,G32}.yaml "$R"/GN_2img_FRN-fpn-head.yaml)
 VARIANTS=($("$PY" -c 'from experiments.cpu_grid.configs import grid_variants; print(*(r for r, *_ in grid_variants()))'))
 VARIANTS=("${VARIANTS[@]/#/configs/cpu_grid/}")
 STUDY2=("$R"/{FRN,GN}_2img_clutter.yaml "$R"/{FRN,GN}_2img_zero-init.yaml "$R"/FRN_2img_clip-2xlr.yaml)
-grid study "0 1" "${STUDY[@]}"
+# `centered` met the rule with seeds 0 and 1 (2026-12-03): its grid comes before the other arms' seed 1
 [ ${#VARIANTS[@]} -gt 0 ] && grid variants "0 1 2" "${VARIANTS[@]}"
+grid study "0 1" "${STUDY[@]}"
 grid study2 "0 1" "${STUDY2[@]}"
