@@ -164,11 +164,14 @@ make_data() {  # the synthetic dataset under DATA (ARGS: its spec), then its exi
   "$PY" tools/make_synthetic_coco.py --root "$DATA" "$@" >"$LOGS/data.log" 2>&1
   echo $? >"$LOGS/data.done"
 }
+paths_code() {  # paths_code DEVICE DTYPES: Python that runs every kernel path (tests/kernel_paths.py)
+  echo "import torch, sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('$1', ($2)), 'op calls')"
+}
 paths() {  # paths TOOL DTYPES: every CUDA kernel path under compute-sanitizer TOOL
-  compute-sanitizer --tool "$1" --error-exitcode 1 "$PY" -c "import torch, sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cuda', ($2)), 'op calls')"
+  compute-sanitizer --tool "$1" --error-exitcode 1 "$PY" -c "$(paths_code cuda "$2")"
 }
 export PY LOGS
-export -f quiet install_wheels short_training paths
+export -f quiet install_wheels short_training paths_code paths
 if [ "$GPU" = 1 ]; then
   # make demo's dataset, while the build and the tests run (about a minute of one CPU core)
   make_data &
@@ -206,7 +209,7 @@ else
     MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 MODEL.RPN.POST_NMS_TOPK_TRAIN 64 MODEL.ROI_BOX_HEAD.FC_DIM 64
   step "short training (dry run: 4 iterations, tiny dataset, CPU)" train.log 300 short_training "$DATA" cpu 4 fp32
   step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log 120 \
-    "$PY" -c "import torch; import sys; sys.path.insert(0, 'tests'); from kernel_paths import exercise; print(exercise('cpu', (torch.float32,)), 'op calls')"
+    "$PY" -c "$(paths_code cpu "torch.float32,")"
   step "op benchmark (dry run: CPU, 2 shapes)" bench.log 120 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
     --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
   step "op memory floor (dry run: CPU, 1 shape)" floor.log 60 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \

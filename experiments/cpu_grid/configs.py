@@ -118,7 +118,8 @@ def render_grid():
     for rel, norm, name, lr, arm in study_arms():
         out[rel] = leaf(FAMILY, norm, b, lr, name, arm["note"], arm["config"])
     for rel, norm, batch, name, lr, arm in grid_variants():
-        out.setdefault(rel, leaf(FAMILY, norm, batch, lr, name, arm["note"], arm["config"]))
+        if rel not in out:  # at the sweep's batch the study arm's own leaf
+            out[rel] = leaf(FAMILY, norm, batch, lr, name, arm["note"], arm["config"])
     return out
 
 
