@@ -27,10 +27,6 @@ logic is experiments/compare/ (runs, stats, tables, plots, grid) and experiments
 import argparse
 import sys
 
-from .compare.grid import collect_grid, launch_grid
-from .compare.report import write_all
-from .compare.runs import load_run
-from .cpu_grid.report import collect as collect_cpu_grid
 from .paths import TRAIN_NET
 
 
@@ -59,13 +55,20 @@ def main(argv=None):
     cg.add_argument("--out-dir", default="docs/results")
     args = ap.parse_args(argv)
 
+    # Imported by mode: a dry run imports neither torch nor detectron2 (experiments.compare.grid).
     if args.mode == "cpu-grid":
+        from .cpu_grid.report import collect as collect_cpu_grid
+
         collect_cpu_grid(args.root, args.out_dir)
         return 0
     expected = None
     if args.mode == "collect":
+        from .compare.runs import load_run
+
         runs = [load_run(d) for d in args.run_dirs]
     else:
+        from .compare.grid import collect_grid, launch_grid
+
         if not args.no_launch:
             launch_grid(args.configs, args.seeds, args.root, args.opts, args.train_net,
                         dry_run=args.dry_run, timeout=args.timeout, jobs=args.jobs, threads=args.threads,
@@ -73,6 +76,8 @@ def main(argv=None):
         if args.dry_run:
             return 0
         runs, expected = collect_grid(args.configs, args.seeds, args.root)
+    from .compare.report import write_all
+
     write_all(runs, args.out, expected)
     n_bad = sum(r.status != "ok" for r in runs)
     print(f"{len(runs) - n_bad}/{len(runs)} runs ok; wrote {args.out}.md, .csv, _groups.csv, .png")

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from experiments.compare import grid
 from experiments.compare.plots import plot
 from experiments.compare.report import write_all
 from experiments.compare.runs import load_run
@@ -171,11 +172,22 @@ def test_grid_launch_resumable_and_failure_reported(tmp_path, monkeypatch):
     assert len(calls2) == 7 and "bad_frn_4.yaml 1" in calls2[-1]
 
 
-def test_dry_run_launches_nothing(tmp_path):
-    rc, out = compare_tool(["grid", "--configs", "c/a.yaml", "--seeds", "3", "--root", str(tmp_path / "r"),
-                            "--dry-run", "--out", str(tmp_path / "o")])
-    assert rc == 0 and not os.path.exists(tmp_path / "r")
-    assert "would run" in out and "SEED 3" in out and "--resume" in out
+def test_dry_run_launches_nothing_and_imports_neither_torch_nor_detectron2(tmp_path):
+    """experiments/cpu_grid/run.sh plans each stage through a dry run or skips: a moment each."""
+    write_run(str(tmp_path / "r" / "c_done" / "seed3"))
+    argv = ["grid", "--configs", "c/a.yaml", "c/done.yaml", "--seeds", "3", "--root", str(tmp_path / "r"),
+            "--dry-run", "--out", str(tmp_path / "o")]
+    code = ("import sys; from experiments.compare_ap import main; main(sys.argv[1:]); "
+            "print('imported:', sorted({'torch', 'detectron2', 'frn_det'} & set(sys.modules)))")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "r" / "c_a") and "imported: []" in p.stdout
+    assert "c/a.yaml seed 3: would run" in p.stdout and "SEED 3" in p.stdout and "--resume" in p.stdout
+    assert "c/done.yaml seed 3: done already, skipped" in p.stdout
+
+
+def test_the_grid_looks_for_the_result_file_train_net_writes():
+    assert grid.RESULT_FILE == RESULT_FILE
 
 
 def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):

@@ -1,6 +1,6 @@
 """frn_det.engine.demo: the table and the detections picture `make demo` writes (the pictured model
 is a freshly built one saved as the run's final weights), and the norms trained at the same time
-(a few iterations at 64 px)."""
+(a few iterations at 64 px on a tiny dataset)."""
 import json
 import os
 
@@ -10,9 +10,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from PIL import Image
+from train_net_testing import dataset_args
 
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import ensure_synthetic
+from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine.config import load_cfg
 from frn_det.engine.demo import LABEL_WIDTH, config_file, draw_detections, iterations_done, table, train_norms
 
@@ -39,30 +41,40 @@ def test_table_rows_per_norm():
     assert md.splitlines()[2] == "| FRN |  21.5 |  33.8 |  25.4 |  28.8 |   n/a | 1900 | 264 |"
 
 
-# The demo's dataset, at 64 px, for 3 iterations.
-TINY_RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
+# The demo's configs on a tiny synthetic dataset (its evaluation a moment, not the 500 images of
+# frn_synthetic_val), at 64 px, for 3 iterations.
+TINY_RUN = ["DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+            "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
             "INPUT.MAX_SIZE_TEST", "64"]
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """tools/train_net.py arguments registering tiny_{train,val} (6 and 3 images)."""
+    root = tmp_path_factory.mktemp("tiny")
+    generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, min_size=8, max_size=21, seed=3), root, progress=False)
+    return dataset_args(root)
+
+
 @pytest.mark.slow
-def test_norms_train_at_the_same_time_each_to_its_result(tmp_path):
-    ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])  # as the demo generates it before training
+def test_norms_train_at_the_same_time_each_to_its_result(tmp_path, tiny_data):
     os.makedirs(tmp_path / "BN")  # a stale run: without --resume it is cleared, not appended to
     (tmp_path / "BN" / "metrics.json").write_text(json.dumps({"iteration": 999, "bbox/AP": 99.0}) + "\n")
-    results = train_norms(["BN", "FRN"], str(tmp_path), resume=False, opts=TINY_RUN, train_net=TRAIN_NET, poll_s=0.2)
+    results = train_norms(["BN", "FRN"], str(tmp_path), resume=False, opts=TINY_RUN, train_net=TRAIN_NET, poll_s=0.2,
+                          train_args=tiny_data)
     assert {n: (r["norm"], r["max_iter"], r["ims_per_batch"]) for n, r in results.items()} == {
         "BN": ("BN", 3, 2), "FRN": ("FRN", 3, 2)}
+    assert all(r["test_datasets"] == ["tiny_val"] for r in results.values())  # train_args reached train_net
     assert all(3 <= iterations_done(str(tmp_path / n)) < 10 for n in results)
     assert [p["iteration"] for p in results["BN"]["curve"]] == [3] and results["BN"]["curve"][0]["bbox"] != 99.0
 
 
 @pytest.mark.slow
-def test_runs_that_fail_are_one_error_naming_each_log(tmp_path):
+def test_runs_that_fail_are_one_error_naming_each_log(tmp_path, tiny_data):
     """100 FPN channels do not split into GN's 32 groups: GN fails, BN trains on to the end."""
-    ensure_synthetic(["frn_synthetic_train", "frn_synthetic_val"])
     with pytest.raises(RuntimeError, match=r"1 of 2 runs failed \(GN\):\nGN \(exit 1\): .*GN.compare_ap_train.log") as e:
         train_norms(["BN", "GN"], str(tmp_path), resume=False, opts=[*TINY_RUN, "MODEL.FPN.OUT_CHANNELS", "100"],
-                    train_net=TRAIN_NET, poll_s=0.2)
+                    train_net=TRAIN_NET, poll_s=0.2, train_args=tiny_data)
     assert "divisible" in str(e.value)  # the end of GN's log says what went wrong
     assert iterations_done(str(tmp_path / "BN")) >= 3

@@ -7,13 +7,11 @@ import os
 import sys
 import threading
 
-from frn_det.data import ensure_synthetic
-from frn_det.engine.config import load_cfg
-from frn_det.engine.processes import run_logged, thread_env
-from frn_det.engine.results import RESULT_FILE
-
 from ..paths import REPO, TRAIN_NET
-from .runs import load_run
+
+# frn_det.engine.results.RESULT_FILE, spelled out: planning a grid (a dry run, the skips) imports
+# neither torch nor detectron2, so that it takes a moment (tests/test_compare_ap.py holds them equal).
+RESULT_FILE = "frn_det_result.json"
 
 
 def run_dir_for(root, config_file, seed):
@@ -44,15 +42,20 @@ def launch_grid(configs, seeds, root, opts=(), train_net=TRAIN_NET, python=sys.e
             log(f"{tag}: would run {' '.join(train_command(cfg, seed, rdir, opts, train_net, python))}")
         else:
             todo.append((tag, train_command(cfg, seed, rdir, opts, train_net, python), rdir))
-    if todo:  # generate a synthetic dataset once here, not in parallel runs
-        datasets = set()
-        for cfg_file in sorted({c for c, _, _ in plan}):
-            try:
-                cfg = load_cfg(cfg_file)
-            except Exception:  # noqa: BLE001 (the run fails on it and its reason says why)
-                continue
-            datasets.update(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
-        ensure_synthetic(sorted(datasets))
+    if not todo:
+        return plan
+    from frn_det.data import ensure_synthetic
+    from frn_det.engine.config import load_cfg
+    from frn_det.engine.processes import run_logged, thread_env
+
+    datasets = set()  # generate a synthetic dataset once here, not in parallel runs
+    for cfg_file in sorted({c for c, _, _ in plan}):
+        try:
+            cfg = load_cfg(cfg_file)
+        except Exception:  # noqa: BLE001 (the run fails on it and its reason says why)
+            continue
+        datasets.update(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    ensure_synthetic(sorted(datasets))
     env = thread_env(threads)
     lock = threading.Lock()
 
@@ -75,5 +78,7 @@ def launch_grid(configs, seeds, root, opts=(), train_net=TRAIN_NET, python=sys.e
 
 def collect_grid(configs, seeds, root):
     """(runs, expected): every planned run of the grid, loaded, and the number of seeds each group expects."""
+    from .runs import load_run
+
     runs = [load_run(run_dir_for(root, cfg, s), config_file=cfg, seed=s) for cfg in configs for s in seeds]
     return runs, {r.key(): len(seeds) for r in runs if r.key() is not None}

@@ -28,10 +28,11 @@ def config_file(norm):
     return get_config_file(CONFIG.format(norm))
 
 
-def train_norms(norms, output_dir, resume, opts, train_net, poll_s=5.0):
+def train_norms(norms, output_dir, resume, opts, train_net, poll_s=5.0, train_args=()):
     """Trains and evaluates every norm through ``train_net`` (tools/train_net.py) at the same time, the CPU cores shared
     out as intra-op threads (several small runs at once use 2 cores better than one after the other),
-    with a progress bar per run. Returns {norm: result}; runs that fail are reported as they end and
+    with a progress bar per run; ``train_args`` go to train_net before the config overrides (e.g.
+    ``--dataset NAME JSON IMAGE_ROOT`` to train on other data). Returns {norm: result}; runs that fail are reported as they end and
     then raised as one error naming each log. Without ``resume`` each run starts from an empty
     output_dir/<NORM>."""
     from tqdm import tqdm
@@ -46,7 +47,7 @@ def train_norms(norms, output_dir, resume, opts, train_net, poll_s=5.0):
             for i, norm in enumerate(norms)}
     failed, pending = {}, list(norms)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(norms)) as pool:
-        done = {norm: pool.submit(run_logged, _command(train_net, norm, rdir, resume, opts), rdir, env) for norm, rdir in runs.items()}
+        done = {norm: pool.submit(run_logged, _command(train_net, norm, rdir, resume, train_args, opts), rdir, env) for norm, rdir in runs.items()}
         while pending:
             time.sleep(poll_s)
             for norm in list(pending):
@@ -69,9 +70,9 @@ def train_norms(norms, output_dir, resume, opts, train_net, poll_s=5.0):
     return {norm: read_result(rdir) for norm, rdir in runs.items()}
 
 
-def _command(train_net, norm, run_dir, resume, opts):
-    return [sys.executable, train_net, "--config-file", config_file(norm),
-            *(["--resume"] if resume else []), "OUTPUT_DIR", run_dir, *opts]
+def _command(train_net, norm, run_dir, resume, train_args, opts):
+    return [sys.executable, train_net, "--config-file", config_file(norm), *(["--resume"] if resume else []),
+            *train_args, "OUTPUT_DIR", run_dir, *opts]
 
 
 def iterations_done(run_dir):
