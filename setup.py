@@ -43,6 +43,12 @@ def get_extensions():
     # copy's code with the process's libstdc++ data, and formatting a number in an error message
     # crashes (H200 check, docs/gpu.md). Hiding the copy keeps code and data together.
     extra_link_args = ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+    if torch.backends.openmp.is_available():
+        # ATen's parallel_for is a header template: without -fopenmp it compiles to a serial loop, and
+        # the CPU kernels would run on one thread whatever torch.set_num_threads says. Linked by
+        # soname (libgomp.so.1), the process uses the OpenMP runtime torch has already loaded.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
 
     use_cuda = (torch.cuda.is_available() and CUDA_HOME is not None) or os.environ.get("FORCE_CUDA", "0") == "1"
     if use_cuda:

@@ -242,6 +242,19 @@ def test_results_do_not_depend_on_thread_count():
         torch.testing.assert_close(a, b_, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="Linux builds with OpenMP only (torch elsewhere: its own thread pool)")
+def test_cpu_kernels_run_their_parallel_loops_on_torchs_threads():
+    """ATen's parallel_for compiles to a serial loop unless the extension is built with -fopenmp
+    (setup.py); built so, the library calls into the OpenMP runtime that torch loaded."""
+    import frn_det._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+    maps = [line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line]
+    assert len(set(maps)) == 1, f"two OpenMP runtimes in the process: {sorted(set(maps))}"
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_tie_rule_gradient_goes_to_y(channels_last):
     # y = x * a + bias == tau exactly where x == 0 (bias == tau): those gradients go to y (bias).
