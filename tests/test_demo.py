@@ -13,7 +13,7 @@ from PIL import Image
 from train_net_testing import dataset_args
 
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
-from frn_det.data import ensure_synthetic
+from frn_det.data import register_synthetic
 from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine.config import load_cfg
 from frn_det.engine.demo import LABEL_WIDTH, config_file, draw_detections, iterations_done, table, train_norms
@@ -22,12 +22,18 @@ TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def test_detections_picture_names_the_norm(tmp_path):
-    ensure_synthetic(["frn_synthetic_val"])
-    torch.manual_seed(0)
-    model = build_model(load_cfg(config_file("FRN")))
-    os.makedirs(tmp_path / "FRN")
-    DetectionCheckpointer(model, save_dir=str(tmp_path / "FRN")).save("model_final")
-    path = draw_detections("FRN", str(tmp_path), num_images=2, min_score=1.1)  # no box drawn
+    """On frn_synthetic_val registered at a root holding only its first 2 images (a moment to generate)."""
+    root = str(tmp_path / "frn_synthetic")
+    generate(SyntheticSpec(num_train=1, num_val=2), root, progress=False)
+    register_synthetic(root)
+    try:
+        torch.manual_seed(0)
+        model = build_model(load_cfg(config_file("FRN")))
+        os.makedirs(tmp_path / "FRN")
+        DetectionCheckpointer(model, save_dir=str(tmp_path / "FRN")).save("model_final")
+        path = draw_detections("FRN", str(tmp_path), num_images=2, min_score=1.1)  # no box drawn
+    finally:
+        register_synthetic()
     picture = np.asarray(Image.open(path).convert("L"))
     assert path == str(tmp_path / "detections_FRN.png")
     assert picture.shape == (2 * 192, LABEL_WIDTH + 2 * 2 * 192)  # label strip + 2 images at the Visualizer's scale 2

@@ -9,11 +9,11 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
+from PIL import Image
 
 from frn_det.engine import load_cfg
-from frn_det.engine.export import export_and_check, features_onnx_check
+from frn_det.engine.export import export_and_check, features_onnx_check, sample_image
 from frn_det.layers import TLU, FilterResponseNorm2d, ops
 from frn_det.layers.onnx_export import translation_table
 
@@ -59,15 +59,17 @@ def test_onnx_export_uses_standard_operators_and_matches(tmp_path, impl, dynamo)
     torch.testing.assert_close(torch.from_numpy(got), m(x).detach(), atol=1e-5, rtol=1e-4)
 
 
+def _first_val_image_rgb():
+    """frn_synthetic_val's first image (RGB), rendered without generating the set."""
+    from frn_det.data.synthetic import SyntheticSpec, render_image
+
+    return render_image(SyntheticSpec(), "val", 0)[0]
+
+
 @pytest.fixture(scope="module")
 def val_image():
-    import frn_det.data  # noqa: F401  (registers the synthetic datasets)
-    from frn_det.data import ensure_synthetic
-    from detectron2.data import detection_utils
-
-    ensure_synthetic(["frn_synthetic_val"])
-    path = DatasetCatalog.get("frn_synthetic_val")[0]["file_name"]
-    return torch.as_tensor(detection_utils.read_image(path, format="BGR").astype("float32").transpose(2, 0, 1))
+    """That image as detectron2 reads it: BGR, CHW float."""
+    return torch.as_tensor(_first_val_image_rgb()[:, :, ::-1].astype("float32").transpose(2, 0, 1).copy())
 
 
 def _model(family):
@@ -104,12 +106,30 @@ def test_torch_export_of_an_frn_backbone_equals_eager():
 
 
 def test_export_model_tool_checks_and_says_so(tmp_path):
+    image = tmp_path / "val_000000.png"
+    Image.fromarray(_first_val_image_rgb()).save(image)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), "--config-file",
-                           CONFIG.format("retinanet"), "--format", "onnx", "--output", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO)
+                           CONFIG.format("retinanet"), "--format", "onnx", "--sample-image", str(image),
+                           "--output", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "matches PyTorch" in proc.stdout and os.path.isfile(tmp_path / "model.onnx")
+    assert f"on {image} it matches PyTorch" in proc.stdout and os.path.isfile(tmp_path / "model.onnx")
     bad = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_model.py"), "--config-file",
                           CONFIG.format("retinanet"), "--format", "onnx", "--export-method", "scripting",
-                          "--output", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+                          "--sample-image", str(image), "--output", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "scripting produces TorchScript only" in bad.stderr
+
+
+def test_sample_image_defaults_to_the_first_image_of_the_first_test_set(tmp_path, val_image):
+    """Without --sample-image: the first test dataset's first image, read in the config's format."""
+    from detectron2.data.datasets import register_coco_instances
+
+    from frn_det.data.synthetic import SyntheticSpec, generate
+
+    root = tmp_path / "data"
+    generate(SyntheticSpec(num_train=1, num_val=2), str(root), progress=False)
+    register_coco_instances("export_sample_val", {}, str(root / "annotations" / "instances_val.json"), str(root / "val"))
+    cfg = load_cfg(CONFIG.format("retinanet"), ["DATASETS.TEST", "('export_sample_val',)"])
+    image, path = sample_image(cfg)
+    assert os.path.basename(path) == "000000.png" and path.startswith(str(root))
+    assert torch.equal(image, val_image)  # the same first val image as the default set's, BGR
+

@@ -15,22 +15,11 @@ import argparse
 import json
 import sys
 
-import torch
-from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from frn_det.data import ensure_synthetic
 from frn_det.engine import ShapeCheckingCheckpointer, load_run_cfg
-from frn_det.engine.export import export_and_check
-
-
-def sample_image(cfg, path):
-    if path is None:
-        ensure_synthetic(cfg.DATASETS.TEST)
-        path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
-    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
-    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), path
+from frn_det.engine.export import export_and_check, sample_image
 
 
 def main(argv=None):

@@ -18,6 +18,20 @@ from detectron2.utils.testing import convert_scripted_instances
 ONNX_OPSET = {"RetinaNet": 11, "GeneralizedRCNN": 16}
 
 
+def sample_image(cfg, path=None):
+    """(CHW float image in cfg.INPUT.FORMAT, its path) to trace and check with: ``path``, else the
+    first image of the config's first test dataset (a synthetic one generated on first use)."""
+    from detectron2.data import DatasetCatalog, detection_utils
+
+    from ..data import ensure_synthetic
+
+    if path is None:
+        ensure_synthetic(cfg.DATASETS.TEST)
+        path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
+    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), path
+
+
 def _inference_fn(model):
     if isinstance(model, GeneralizedRCNN):
         def inference(model, inputs):  # ROI masks, not pasted: what detectron2's export does
