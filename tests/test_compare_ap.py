@@ -241,7 +241,9 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
     runs += [_grid_run(tmp_path, "FRN", 2, 0, ap, f"lr{lr:g}", lr) for lr, ap in ((0.005, 25.0), (0.02, 28.0))]
     runs.append(_grid_run(tmp_path, "FRN", 2, 0, 31.0, "RELU"))
     pairs = paired_differences(runs, "FRN", "GN")
-    assert list(pairs) == [("retinanet_R18_FPN", 2)]  # variants are not paired with the base runs
+    assert list(pairs) == [("retinanet_R18_FPN", 2)]  # the base runs only: variants are their own labels
+    relu = paired_differences(runs, "FRN RELU", "FRN")[("retinanet_R18_FPN", 2)]
+    assert relu["seeds"] == [0] and relu["diffs"] == [1.0]
     p = pairs[("retinanet_R18_FPN", 2)]
     assert p["seeds"] == [0, 1] and p["diffs"] == [-1.0, 1.0] and p["stats"]["mean"] == 0.0  # GN seed 2: no pair
     runs.append(_grid_run(tmp_path, "FRN", 8, 0, 20.0, "lr0.02", 0.02))  # base_lr is per batch: its own sweep
@@ -255,6 +257,9 @@ def test_paired_differences_sweep_curves_and_run_table(tmp_path):
     assert "Paired differences FRN - GN" in md and "| retinanet_R18_FPN | 2 | 0 1 | -1.00, +1.00 | +0.00 ± 1.41 |" in md
     assert "| FRN batch 2 | 0.005: 25.00, 0.01: 30.00, 0.02: 28.00 |" in md and "| FRN batch 8 | 0.02: 20.00 |" in md
     assert "| FRN RELU |" in md
+    # a study arm against the runs it is paired with; a learning-rate sweep point is not an arm
+    assert "Paired differences FRN RELU - FRN" in md and "| retinanet_R18_FPN | 2 | 0 | +1.00 | +1.00 ± 0.00 |" in md
+    assert "Paired differences FRN RELU - GN" in md and "FRN lr0.005 -" not in md
     rows = list(csv.DictReader(open(prefix + ".csv")))
     assert list(rows[0]) == list(RUN_COLUMNS)
     relu = next(r for r in rows if r["variant"] == "RELU")

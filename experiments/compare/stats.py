@@ -57,11 +57,12 @@ def aggregate(runs):
 
 def paired_differences(runs, a="FRN", b="GN", task="bbox"):
     """{(family, images per GPU): {"seeds": [...], "diffs": [...], "stats": summary}} of AP(a) - AP(b)
-    over the seeds where both base-variant runs finished (same seed: same initialisation and data order)."""
+    over the seeds where both finished (same seed: same initialisation and data order); ``a`` and
+    ``b`` are group labels: a norm ("FRN": its base runs) or a norm and variant ("FRN centered")."""
     by = {}
     for r in runs:
-        if r.status == "ok" and not r.variant:
-            by[(r.family, r.result["images_per_gpu"], r.result["norm"], r.seed)] = r.metric(task, "AP")
+        if r.status == "ok":
+            by[(r.family, r.result["images_per_gpu"], r.key()[1], r.seed)] = r.metric(task, "AP")
     out = OrderedDict()
     for fam, ipg in sorted({(k[0], k[1]) for k in by}):
         seeds = sorted(s for (f, i, n, s) in by if (f, i, n) == (fam, ipg, a) and (fam, ipg, b, s) in by)
@@ -69,6 +70,15 @@ def paired_differences(runs, a="FRN", b="GN", task="bbox"):
             diffs = [by[(fam, ipg, a, s)] - by[(fam, ipg, b, s)] for s in seeds]
             out[(fam, ipg)] = {"seeds": seeds, "diffs": diffs, "stats": summary(diffs)}
     return out
+
+
+def paired_comparisons(runs, task="bbox"):
+    """[(a, b, paired_differences(runs, a, b))] with pairs: FRN against GN and BN, then every variant
+    but a learning-rate sweep's against FRN and GN (a study arm against the runs it is paired with)."""
+    variants = sorted({r.key()[1] for r in runs if r.status == "ok" and r.variant and not r.variant.startswith("lr")})
+    wanted = [("FRN", "GN"), ("FRN", "BN")] + [(v, base) for v in variants for base in ("FRN", "GN")]
+    found = [(a, b, paired_differences(runs, a, b, task)) for a, b in wanted]
+    return [(a, b, pairs) for a, b, pairs in found if pairs]
 
 
 def lr_sweep(runs, task="bbox"):

@@ -6,7 +6,7 @@ import math
 from frn_det.engine.results import COCO_METRICS as METRICS
 from frn_det.engine.results import TASKS
 
-from .stats import lr_sweep, none_ok_label, paired_differences
+from .stats import lr_sweep, none_ok_label, paired_comparisons
 
 
 def _fmt(x, nd=2):
@@ -95,15 +95,13 @@ def markdown(groups, runs, expected=None):
     lines.append("")
     lines.append("Mean ± sample std over seeds (0 with one seed); APs are detectron2's percentages; "
                  "n/a: undefined in every run (COCO gives no APs/APm/APl without objects of that size).")
-    for other in ("GN", "BN"):
-        pairs = paired_differences(runs, "FRN", other)
-        if pairs:
-            lines += ["", f"Paired differences FRN - {other} (box AP, same seed = same initialisation and data order):", "",
-                      "| family | img/GPU | seeds | per seed | mean ± std |", "|---|---|---|---|---|"]
-            for (fam, ipg), p in pairs.items():
-                per = ", ".join(f"{d:+.2f}" for d in p["diffs"])
-                lines.append(f"| {fam} | {ipg} | {' '.join(map(str, p['seeds']))} | {per} | "
-                             f"{p['stats']['mean']:+.2f} ± {_fmt(p['stats']['std'])} |")
+    for a, b, pairs in paired_comparisons(runs):
+        lines += ["", f"Paired differences {a} - {b} (box AP, same seed = same initialisation and data order):", "",
+                  "| family | img/GPU | seeds | per seed | mean ± std |", "|---|---|---|---|---|"]
+        for (fam, ipg), p in pairs.items():
+            per = ", ".join(f"{d:+.2f}" for d in p["diffs"])
+            lines.append(f"| {fam} | {ipg} | {' '.join(map(str, p['seeds']))} | {per} | "
+                         f"{p['stats']['mean']:+.2f} ± {_fmt(p['stats']['std'])} |")
     sweep = lr_sweep(runs)
     if sweep:
         lines += ["", "Learning-rate sweep (box AP; mean over the seeds run):", "", "| norm | base_lr: AP |",
