@@ -10,7 +10,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from PIL import Image
-from train_net_testing import dataset_args
+from train_net_testing import dataset_args, tiny_dataset
 
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import register_synthetic
@@ -59,8 +59,7 @@ TINY_RUN = ["DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)
 def tiny_data(tmp_path_factory):
     """tools/train_net.py arguments registering tiny_{train,val} (6 and 3 images)."""
     root = tmp_path_factory.mktemp("tiny")
-    generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, min_size=8, max_size=21, seed=3), root, progress=False)
-    return dataset_args(root)
+    return dataset_args(tiny_dataset(root, num_train=6, num_val=3, seed=3))
 
 
 @pytest.mark.slow

@@ -75,10 +75,9 @@ def test_gpu_wheelhouse_installs_detectron2_without_an_index(tmp_path):
         shutil.rmtree(compiled)
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(WHEELHOUSE_IMPORTS)
-    from frn_det.data.synthetic import SyntheticSpec, generate
-    from train_net_testing import dataset_args, run_opts
+    from train_net_testing import dataset_args, run_opts, tiny_dataset
     data = str(tmp_path / "data")
-    generate(SyntheticSpec(num_train=4, num_val=2, image_size=64, min_size=8, max_size=21, seed=1), data, progress=False)
+    tiny_dataset(data)
     check = "import detectron2, fvcore, hydra, antlr4; print('from', detectron2.__file__)"
     env = dict(os.environ, WHEEL_SITE=str(site), PYTHONPATH=os.pathsep.join([str(guard), str(site), REPO]),
                OMP_NUM_THREADS="1")

@@ -13,10 +13,10 @@ from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from train_net_testing import tiny_dataset
 
 import frn_det  # noqa: F401
 from frn_det.data import register_coco_dataset
-from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine import load_cfg
 from frn_det.engine.lazy import lazy_result, load_lazy_cfg, train
 from frn_det.layers import FilterResponseNorm2d
@@ -55,7 +55,7 @@ def test_lazy_config_builds_the_model_of_its_yacs_twin(name):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("lazy_data"))
-    generate(SyntheticSpec(num_train=4, num_val=2, image_size=64, min_size=8, max_size=21, seed=2), root, progress=False)
+    tiny_dataset(root, seed=2)
     names = {}
     for split in ("train", "val"):
         names[split] = f"lazy_tiny_{split}"

@@ -12,9 +12,8 @@ import sys
 import pytest
 
 import frn_det  # noqa: F401
-from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
-from train_net_testing import dataset_args, run_opts
+from train_net_testing import dataset_args, run_opts, tiny_dataset
 
 pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
 
@@ -32,8 +31,7 @@ def data(tmp_path_factory):
     roots = {}
     for fmt in ("polygon", "rle"):
         root = str(tmp_path_factory.mktemp(fmt))
-        generate(SyntheticSpec(num_train=6, num_val=3, image_size=64, min_size=8, max_size=21, mask_format=fmt, seed=1),
-                 root, progress=False)
+        tiny_dataset(root, num_train=6, num_val=3, mask_format=fmt)
         roots[fmt] = root
     return roots
 

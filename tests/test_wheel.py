@@ -9,8 +9,7 @@ import textwrap
 
 import pytest
 
-from frn_det.data.synthetic import SyntheticSpec, generate
-from train_net_testing import dataset_args, run_opts
+from train_net_testing import dataset_args, run_opts, tiny_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", ".cache", "build", "dist", "output", "datasets", "docs",
@@ -81,7 +80,7 @@ def test_installed_wheel_imports_and_builds_from_shipped_configs(installed, tmp_
 def test_train_net_with_a_shipped_config_from_the_installed_wheel(installed, tmp_path):
     site, env = installed
     root = str(tmp_path / "data")
-    generate(SyntheticSpec(num_train=4, num_val=2, image_size=64, min_size=8, max_size=21, seed=1), root, progress=False)
+    tiny_dataset(root)
     cfg = os.path.join(site, "frn_det", "configs", "synthetic", "retinanet_R18_FPN_FRN.yaml")
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", cfg,

@@ -2,6 +2,15 @@
 tests that train in a subprocess."""
 import os
 
+from frn_det.data.synthetic import SyntheticSpec, generate
+
+
+def tiny_dataset(root, num_train=4, num_val=2, seed=1, **spec):
+    """A synthetic COCO dataset of 64x64 images under ``root`` (objects 8-21 px); returns ``root``."""
+    generate(SyntheticSpec(num_train=num_train, num_val=num_val, image_size=64, min_size=8, max_size=21, seed=seed,
+                           **spec), str(root), progress=False)
+    return str(root)
+
 
 def dataset_args(root, prefix="tiny"):
     return [
