@@ -8,7 +8,8 @@
 #      (seed 0, when generated), then seed 1 of all, then seed 2 of the grid;
 #   3. the study of why FRN trails GN (study_plan.md): grid.yaml's grid_variants (arms that closed
 #      the gap) at every batch with 3 seeds, seeds 0 and 1 of the first round (statistics,
-#      placement), then of the second round (recipe, task); each stage one queue, so that both runs
+#      placement), then of the second round (recipe, task), then seed 2 of the arms whose seeds straddle the
+#      decision rule; each stage one queue, so that both runs
 #      at a time stay busy;
 #   4. after each stage, every run so far collected into docs/results/cpu_grid.{md,csv,png,...}, and
 #      each part on its own for the figures of docs/results.md: cpu_grid_norms (the grid and the
@@ -66,3 +67,5 @@ STUDY2=("$R"/{FRN,GN}_2img_clutter.yaml "$R"/{FRN,GN}_2img_zero-init.yaml "$R"/F
 [ ${#VARIANTS[@]} -gt 0 ] && grid variants "0 1 2" "${VARIANTS[@]}"
 grid study "0 1" "${STUDY[@]}"
 grid study2 "0 1" "${STUDY2[@]}"
+# GN-fpn-head's seeds straddle the rule's +3 AP against FRN (+5.1 / +0.5): seed 2 decides (study_plan.md)
+grid study_seed2 2 "$R"/FRN_2img_GN-fpn-head.yaml
