@@ -189,12 +189,20 @@ def _colour_far_from(rng, ref):
 def render_image(spec, split, index):
     """Returns (uint8 image (H, W, 3), objects) for one image, objects a list of
     (category_id, visible bool mask, painted bool mask) in painting order."""
+    img, _, objects = render_scene(spec, split, index)
+    return img, objects
+
+
+def render_scene(spec, split, index):
+    """:func:`render_image` as (image, background, objects): ``background`` (uint8) is what lies behind
+    the objects (with its clutter), so that an object can be shown on it alone."""
     rng = np.random.default_rng([spec.seed, _SPLIT_SEED[split], index])
     size = spec.image_size
     plain = _background(rng, size)  # object colours are chosen against it, so clutter changes no object
     img = plain.copy()
     if spec.clutter or spec.texture:
         _clutter(np.random.default_rng([spec.seed, _SPLIT_SEED[split], index, 1]), spec, img)
+    background = np.clip(img, 0, 255).astype(np.uint8)
     objects = []
     for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1)):
         for _ in range(20):
@@ -214,7 +222,7 @@ def render_image(spec, split, index):
         objects = [(c, m & ~mask, full) for c, m, full in objects]
         objects.append((cat + 1, mask, mask))
     img = np.clip(img, 0, 255).astype(np.uint8)
-    return img, [o for o in objects if o[1].sum() >= spec.min_visible_area]
+    return img, background, [o for o in objects if o[1].sum() >= spec.min_visible_area]
 
 
 def _mask_to_polygons(mask):
@@ -306,6 +314,18 @@ def generate_split(spec, root, split, progress=True):
 
 def _generator_info(spec, split):
     return {"version": GENERATOR_VERSION, "split": split, **spec.__dict__}
+
+
+def spec_of(json_file):
+    """(spec, split) that generated the annotation file ``json_file``, so that its images can be drawn
+    again; ValueError naming the file if this generator's current version did not write it."""
+    with open(json_file) as f:
+        gen = dict(json.load(f).get("info", {}).get("generator") or {})
+    version, split = gen.pop("version", None), gen.pop("split", None)
+    if version != GENERATOR_VERSION or split not in SPLITS:
+        raise ValueError(f"{json_file} was not written by this synthetic generator (version {GENERATOR_VERSION}): "
+                         f"its info.generator has version {version!r}, split {split!r}")
+    return SyntheticSpec(**gen), split
 
 
 def is_generated(root, spec):

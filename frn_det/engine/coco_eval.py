@@ -152,8 +152,6 @@ def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
     that no such detection covers ("missed"). A per-object diagnostic: one detection may cover two
     objects, unlike AP's one-to-one matching.
     """
-    from pycocotools import mask as mask_util
-
     cat_ids = gt.getCatIds()
     col = {c: j for j, c in enumerate(cat_ids)}
     counts = np.zeros((len(cat_ids), len(cat_ids) + 1), dtype=np.int64)
@@ -162,17 +160,28 @@ def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
         if not objects:
             continue
         dets = [d for d in dt.loadAnns(dt.getAnnIds(imgIds=img)) if d["score"] >= score_thresh]
-        best = np.full(len(objects), -1)
-        if dets:
-            iou = mask_util.iou([d["bbox"] for d in dets], [a["bbox"] for a in objects], [0] * len(objects))
-            scores = np.array([d["score"] for d in dets])
-            for i, a in enumerate(objects):
-                hits = np.flatnonzero(iou[:, i] >= iou_thresh)
-                if hits.size:
-                    best[i] = col[dets[hits[np.argmax(scores[hits])]]["category_id"]]
-        for a, j in zip(objects, best):
-            counts[col[a["category_id"]], j if j >= 0 else len(cat_ids)] += 1
+        best = best_detections([d["bbox"] for d in dets], [d["score"] for d in dets], [a["bbox"] for a in objects],
+                               iou_thresh)
+        for a, k in zip(objects, best):
+            counts[col[a["category_id"]], col[dets[k]["category_id"]] if k >= 0 else len(cat_ids)] += 1
     return [gt.cats[c]["name"] for c in cat_ids], counts
+
+
+def best_detections(det_boxes, scores, gt_boxes, iou_thresh=0.5):
+    """For each ground-truth box (COCO xywh), the index of the highest-scoring detection box whose IoU
+    with it is >= ``iou_thresh``, -1 where none is: what the object is "detected as"."""
+    from pycocotools import mask as mask_util
+
+    best = np.full(len(gt_boxes), -1)
+    if len(det_boxes) and len(gt_boxes):
+        iou = mask_util.iou(np.asarray(det_boxes, dtype=np.float64), np.asarray(gt_boxes, dtype=np.float64),
+                            [0] * len(gt_boxes))
+        scores = np.asarray(scores)
+        for i in range(len(gt_boxes)):
+            hits = np.flatnonzero(iou[:, i] >= iou_thresh)
+            if hits.size:
+                best[i] = hits[np.argmax(scores[hits])]
+    return best
 
 
 def error_analysis(gt_path, results_path, iou_type="bbox", score_thresh=0.3):
