@@ -256,11 +256,11 @@ def plot(layer_rows, records, path):
         ax = axes[0][3]
         if records:
             edges = share_bins([r for r in records if r.model == records[0].model])
-            for label in dict.fromkeys(r.model for r in records):
+            for i, label in enumerate(labels):  # the model's colour of the other panels; dashed: alone
                 rs = [r for r in records if r.model == label]
                 for where, style in (("in_image", "-"), ("alone", "--")):
                     ax.plot(range(4), [accuracy([r for r in rs if np.searchsorted(edges, r.share) == b], where) for b in range(4)],
-                            style, marker="o", label=f"{label} {where.replace('_', ' ')}")
+                            style, color=f"C{i}", marker="o", label=f"{label} {where.replace('_', ' ')}")
             ax.set_xticks(range(4), ["1st", "2nd", "3rd", "4th"])
             ax.legend(fontsize=7)
         ax.set_title("objects named right (%) by share of the image", fontsize=9)
