@@ -67,7 +67,8 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
                 + [(leaf, "2") for leaf in GRID]
                 + [(leaf, s) for s in "012" for leaf in VARIANTS]
                 + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY]
-                + [(leaf, "0") for leaf in STUDY2] + [(leaf, "1") for leaf in STUDY2])
+                + [(leaf, "0") for leaf in STUDY2] + [(leaf, "1") for leaf in STUDY2]
+                + [("retinanet_R18_FPN/FRN_2img_GN-fpn-head", "2")])  # the arm whose seeds straddle the rule
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out
 
