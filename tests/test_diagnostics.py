@@ -140,3 +140,13 @@ def test_tool_end_to_end_on_a_tiny_model(tmp_path):
 def test_missing_run_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml does not exist"):
         diagnostics.load_predictor(str(tmp_path))
+
+
+def test_a_test_set_that_is_not_synthetic_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    run_dir, _ = _run_dir(tmp_path / "run")
+    cfg = diagnostics.load_predictor(run_dir).cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ("coco_2017_val",)
+    with pytest.raises(ValueError, match="'coco_2017_val' is not one of the registered synthetic sets.*--val-json"):
+        diagnostics.test_set_annotations(cfg)

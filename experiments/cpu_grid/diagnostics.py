@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from frn_det.data import ensure_synthetic
+from frn_det.data.register import SYNTHETIC_NAMES
 from frn_det.data.synthetic import CLASSES, render_scene, spec_of
 from frn_det.engine import load_cfg
 from frn_det.engine.coco_eval import best_detections
@@ -134,11 +135,14 @@ def load_predictor(run_dir):
     return DefaultPredictor(load_cfg(os.path.join(run_dir, "config.yaml"), ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu"]))
 
 
-def test_annotations(cfg):
+def test_set_annotations(cfg):
     """The annotation file of a config's first test set (a registered synthetic set, generated if missing)."""
     from detectron2.data import MetadataCatalog
 
     name = cfg.DATASETS.TEST[0]
+    if name not in SYNTHETIC_NAMES:
+        raise ValueError(f"DATASETS.TEST[0] {name!r} is not one of the registered synthetic sets {sorted(SYNTHETIC_NAMES)}: "
+                         "pass --val-json with the annotation file of a synthetic test set")
     ensure_synthetic([name])
     return MetadataCatalog.get(name).json_file
 
@@ -146,7 +150,7 @@ def test_annotations(cfg):
 def diagnose(run_dir, label, num_images, val_json=None):
     """(layer rows, [ObjectRecord]) of one finished run on its test set's first ``num_images`` images."""
     predictor = load_predictor(run_dir)
-    spec, split = spec_of(val_json or test_annotations(predictor.cfg))
+    spec, split = spec_of(val_json or test_set_annotations(predictor.cfg))
     stats = NormInputStats(predictor.model)
     bgr = predictor.input_format == "BGR"
     records = []
