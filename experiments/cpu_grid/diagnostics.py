@@ -181,6 +181,12 @@ def share_bins(records):
     return np.percentile([r.share for r in records], [25, 50, 75])
 
 
+def by_share_quartile(records, edges):
+    """``records`` split into the four quartiles of image share that ``edges`` (share_bins) bound."""
+    quartile = [int(np.searchsorted(edges, r.share, side="left")) for r in records]
+    return [[r for r, q in zip(records, quartile) if q == b] for b in range(4)]
+
+
 def accuracy(records, where):
     return 100.0 * np.mean([getattr(r, where) == r.category for r in records]) if records else float("nan")
 
@@ -227,7 +233,7 @@ def summary_tables(layer_rows, records):
     for label in labels:
         for what, keep in (("rectangles", lambda r: r.category == "rectangle"), ("all classes", lambda r: True)):
             rs = [r for r in records if r.model == label and keep(r)]
-            cells = [_in_alone([r for r in rs if b == np.searchsorted(edges, r.share, side="left")]) for b in range(4)]
+            cells = [_in_alone(q) for q in by_share_quartile(rs, edges)]
             lines.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -263,7 +269,7 @@ def plot(layer_rows, records, path):
             for i, label in enumerate(labels):  # the model's colour of the other panels; dashed: alone
                 rs = [r for r in records if r.model == label]
                 for where, style in (("in_image", "-"), ("alone", "--")):
-                    ax.plot(range(4), [accuracy([r for r in rs if np.searchsorted(edges, r.share) == b], where) for b in range(4)],
+                    ax.plot(range(4), [accuracy(q, where) for q in by_share_quartile(rs, edges)],
                             style, color=f"C{i}", marker="o", label=f"{label} {where.replace('_', ' ')}")
             ax.set_xticks(range(4), ["1st", "2nd", "3rd", "4th"])
             ax.legend(fontsize=7)
