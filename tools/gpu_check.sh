@@ -5,8 +5,9 @@
 # machines: Python 3.12, torch 2.11, CUDA 13, numpy 2, compute-sanitizer; ../shared/reference/
 # environment.md). Steps, in the order that matters most if the call is cut short, each under its
 # own timeout; the report is rewritten after every step, so a cut run still reports what finished:
-#   1. install the wheels of .whl/ (tools/gpu_wheelhouse.sh: detectron2 and what only it needs) into
-#      a folder on PYTHONPATH, when they were carried; meanwhile the synthetic dataset is generated;
+#   1. install the wheels of $WHEELHOUSE (default .whl/; tools/gpu_wheelhouse.sh: detectron2 and what
+#      only it needs) into a folder on PYTHONPATH, when they were carried; then, in the background
+#      while the next steps run, make demo's synthetic dataset is generated;
 #   2. build frn_det._C in place against that torch (torch targets the visible GPU);
 #   3. the op and layer tests with FRN_DET_REQUIRE_CUDA=1 (a CUDA test that cannot run fails);
 #   4. detectron2 training iterations (python -m benchmarks.benchmark_step): RetinaNet and Mask R-CNN
@@ -36,6 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+WHEELHOUSE=${WHEELHOUSE:-.whl}
 REPORT=${1:-${OUT:+$OUT/}gpu_check.md}
 STEP_JSON=$(dirname "$REPORT")/gpu_check_step.json
 LOGS=$(mktemp -d)
@@ -45,8 +47,8 @@ GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 failed=0
 
-quiet() {  # a step's log without Python's and torch's warnings
-  grep -v -E 'Warning|warnings\.warn|^W[0-9]{4} |yaml\.unsafe_load|import pkg_resources|_VF\.meshgrid' "$LOGS/$1" || true
+quiet() {  # a step's log without Python's and torch's warnings (each with its indented source line)
+  awk '/Warning|^W[0-9][0-9][0-9][0-9] / { warned = 1; next } warned && /^  / { warned = 0; next } { warned = 0; print }' "$LOGS/$1"
 }
 
 tail_of() {  # tail_of LOG N: the last N lines of a step's log as a code block
@@ -103,8 +105,8 @@ step() {
 }
 
 install_wheels() {  # the carried wheelhouse into a target folder (no index, no dependencies resolved)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" .whl/*.whl \
-    && ls .whl && "$PY" -c 'import detectron2, numpy; print("detectron2", detectron2.__version__, "from", detectron2.__file__, "with numpy", numpy.__version__)'
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "$WHEELHOUSE"/*.whl \
+    && ls "$WHEELHOUSE" && PYTHONPATH="$PYTHONPATH:$1" "$PY" -c 'import detectron2, numpy; print("detectron2", detectron2.__version__, "from", detectron2.__file__, "with numpy", numpy.__version__)'
 }
 
 # short_training DATA DEVICE MAX_ITER RUN...: make demo's FRN RetinaNet on the dataset under DATA
@@ -169,11 +171,11 @@ paths_code() {  # paths_code DEVICE DTYPES: Python that runs every kernel path (
 paths() {  # paths TOOL DTYPES: every CUDA kernel path under compute-sanitizer TOOL
   compute-sanitizer --tool "$1" --error-exitcode 1 "$PY" -c "$(paths_code cuda "$2")"
 }
-export PY LOGS
+export PY LOGS WHEELHOUSE
 export -f quiet install_wheels short_training paths_code paths  # before the first step: steps run in bash -c
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then
   SITE=$(mktemp -d)
-  step "wheels (.whl, into a PYTHONPATH folder)" wheels.log 120 install_wheels "$SITE"
+  step "wheels (into a PYTHONPATH folder)" wheels.log 120 install_wheels "$SITE"
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 if [ "$GPU" = 1 ]; then

@@ -448,11 +448,18 @@ __global__ void frn_apply_kernel(Data<scalar_t> d, index_t numel, index_t C, ind
   }
 }
 
-// ---- parameter gradients: one thread per channel sums over the batch in order ------------------
+// ---- parameter gradients: per channel, sums over the batch in a fixed order ------------------
+
+// A block takes kParamTile channels (threadIdx.x: coalesced rows) with kParamRows threads per
+// channel, thread y summing the rows n = y, y + kParamRows, ...; the rows' partial sums then add in
+// a fixed tree. (One thread per channel walking all N rows was latency-bound: 0.3 ms for the
+// backward of a 512-RoI batch on an H200, 12x its memory floor.)
+constexpr int kParamTile = 32, kParamRows = 16;
+static_assert((kParamRows & (kParamRows - 1)) == 0, "frn_param_grads_kernel's tree needs power-of-two rows");
 
 // gw = sum_n A * rstd, gb = sum_n B, gt = sum_n T; eps_part[c] = sum_n -0.5 * gamma * A * rstd^3.
 template <typename acc_t>
-__global__ void frn_param_grads_kernel(
+__global__ void __launch_bounds__(kParamTile * kParamRows) frn_param_grads_kernel(
     const acc_t* __restrict__ A,
     const acc_t* __restrict__ B,
     const acc_t* __restrict__ T,
@@ -464,22 +471,45 @@ __global__ void frn_param_grads_kernel(
     acc_t* __restrict__ eps_part,
     int64_t N,
     int64_t C) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  __shared__ acc_t smem[4][kParamRows][kParamTile];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kParamTile; c0 < C;
+       c0 += static_cast<int64_t>(gridDim.x) * kParamTile) {
+    const int64_t c = c0 + tx;
     acc_t sw = 0, sb = 0, st = 0, se = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t q = n * C + c;
-      // A == 0 (an empty plane, or no gradient): no contribution, also where rstd is inf (eps 0)
-      const acc_t ar = A[q] == acc_t(0) ? acc_t(0) : A[q] * rstd[q];
-      sw += ar;
-      sb += B[q];
-      st += T[q];
-      se += acc_t(-0.5) * w[c] * ar * rstd[q] * rstd[q];
+    if (c < C) {
+      const acc_t wc = w[c];
+      for (int64_t n = ty; n < N; n += kParamRows) {
+        const int64_t q = n * C + c;
+        // A == 0 (an empty plane, or no gradient): no contribution, also where rstd is inf (eps 0)
+        const acc_t ar = A[q] == acc_t(0) ? acc_t(0) : A[q] * rstd[q];
+        sw += ar;
+        sb += B[q];
+        st += T[q];
+        se += acc_t(-0.5) * wc * ar * rstd[q] * rstd[q];
+      }
     }
-    gw[c] = sw;
-    gb[c] = sb;
-    gt[c] = st;
-    eps_part[c] = se;
+    smem[0][ty][tx] = sw;
+    smem[1][ty][tx] = sb;
+    smem[2][ty][tx] = st;
+    smem[3][ty][tx] = se;
+    __syncthreads();
+    for (int stride = kParamRows / 2; stride > 0; stride >>= 1) {
+      if (ty < stride) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          smem[k][ty][tx] += smem[k][ty + stride][tx];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && c < C) {
+      gw[c] = smem[0][0][tx];
+      gb[c] = smem[1][0][tx];
+      gt[c] = smem[2][0][tx];
+      eps_part[c] = smem[3][0][tx];
+    }
+    __syncthreads();  // the next tile reuses smem
   }
 }
 
@@ -687,7 +717,8 @@ ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Ten
   at::Tensor gw = at::empty({a.C}, opts), gb = at::empty({a.C}, opts), gt = at::empty({a.C}, opts);
   at::Tensor eps_part = at::empty({a.C}, opts), ge = at::zeros({}, opts);
   AT_DISPATCH_FLOATING_TYPES(a.acc, "frn_param_grads_cuda", [&] {
-    frn_param_grads_kernel<scalar_t><<<elementwise_grid(a.C), kBlock, 0, stream>>>(
+    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((a.C + kParamTile - 1) / kParamTile, grid_cap()));
+    frn_param_grads_kernel<scalar_t><<<grid, dim3(kParamTile, kParamRows), 0, stream>>>(
         A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
         a.rstd.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(),
         gb.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>(), eps_part.mutable_data_ptr<scalar_t>(),
