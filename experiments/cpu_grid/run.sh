@@ -67,6 +67,6 @@ STUDY2=("$R"/{FRN,GN}_2img_clutter.yaml "$R"/{FRN,GN}_2img_zero-init.yaml "$R"/F
 [ ${#VARIANTS[@]} -gt 0 ] && grid variants "0 1 2" "${VARIANTS[@]}"
 grid study "0 1" "${STUDY[@]}"
 grid study2 "0 1" "${STUDY2[@]}"
-# Seeds that straddle the rule get seed 2 (study_plan.md): GN-fpn-head against FRN (+5.1 / +0.5, rule
-# +3), and the cluttered task's FRN - GN gap (-7.6 / +9.3, rule -3; 2026-12-04)
+# Seed 2 where two seeds leave the reading open (study_plan.md): GN-fpn-head against FRN straddles the
+# rule (+5.1 / +0.5, rule +3); the cluttered task's FRN - GN gap disagrees in sign (-7.6 / +9.3)
 grid study_seed2 2 "$R"/FRN_2img_GN-fpn-head.yaml "$R"/{FRN,GN}_2img_clutter.yaml
