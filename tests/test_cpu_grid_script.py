@@ -68,7 +68,7 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
                 + [(leaf, s) for s in "012" for leaf in VARIANTS]
                 + [(leaf, "0") for leaf in STUDY] + [(leaf, "1") for leaf in STUDY]
                 + [(leaf, "0") for leaf in STUDY2] + [(leaf, "1") for leaf in STUDY2]
-                # the arms whose seeds straddle the rule
+                # the arms whose two seeds leave the reading open
                 + [(f"retinanet_R18_FPN/{leaf}", "2") for leaf in ("FRN_2img_GN-fpn-head", "FRN_2img_clutter",
                                                                      "GN_2img_clutter")])
     assert RUN_LINE.findall(out) == expected
