@@ -12,6 +12,7 @@ Examples::
     python -m benchmarks.benchmark_frn --shapes 2x256x100x168,512x256x7x7 --layout channels_last
     python -m benchmarks.benchmark_frn --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
     python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --threads 2 1 --iters 30
+    python -m benchmarks.benchmark_frn --device cuda --dtype float16 bfloat16 --amp --memory-floor --kernel-time
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -50,7 +51,17 @@ def main(argv=None):
     parser.add_argument("--memory-floor", action="store_true",
                         help="instead of comparing methods: the op against a copy / an add of the same tensors "
                              "(the memory traffic it needs), as time ratios")
+    parser.add_argument("--amp", action="store_true",
+                        help="as AMP trains: fp32 parameters, x in --dtype (float16 / bfloat16), every method under "
+                             "torch.autocast")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="CUDA: time a CUDA graph replay of 20 calls (the device's work, without the host's "
+                             "per-call cost) instead of one call")
     args = parser.parse_args(argv)
+    if args.amp and set(args.dtype) - {"float16", "bfloat16"}:
+        parser.error("--amp: --dtype must be float16 and/or bfloat16 (the activations' dtype under autocast)")
+    if args.kernel_time and (args.device != "cuda" or args.profile):
+        parser.error("--kernel-time: needs --device cuda (CUDA graphs) and is a timing mode, not --profile's")
     known = set(make_methods(8)) | {"op"}  # the op is a method even where frn_det._C is not built
     if args.methods and set(args.methods) - known:
         parser.error(f"--methods: unknown {sorted(set(args.methods) - known)}; known: {sorted(known)}")
@@ -78,13 +89,17 @@ def main(argv=None):
                 dtype = DTYPES[dtype_name]
                 for channels_last in layouts:
                     if args.profile:
-                        print("\n" + profile(device, dtype, shapes, args.iters, channels_last))
+                        print("\n" + profile(device, dtype, shapes, args.iters, channels_last, amp=args.amp))
                     elif args.memory_floor:
-                        rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat)
-                        print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat))
+                        rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat, args.amp,
+                                            args.kernel_time)
+                        print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat,
+                                                        args.amp, args.kernel_time))
                     else:
-                        rows = run(device, dtype, shapes, args.iters, channels_last, args.stat, args.methods)
-                        print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs))
+                        rows = run(device, dtype, shapes, args.iters, channels_last, args.stat, args.methods,
+                                   args.amp, args.kernel_time)
+                        print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs,
+                                                  args.amp, args.kernel_time))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ the host calls around them (a method can take far longer than its kernels on sma
 
 :func:`memory_floor` times the op against the memory traffic it needs, in the same run.
 
+Two settings apply to both: ``amp`` keeps the parameters in fp32 while x has the benchmark's dtype,
+and runs every method under ``torch.autocast`` (how AMP training calls a norm: BatchNorm takes fp16
+input with fp32 parameters, autocast runs GroupNorm in fp32); ``kernel_time`` (CUDA) times a CUDA
+graph replay of 20 calls instead of one call, so that the host's per-call cost is out of the time.
+
 Used by benchmarks/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
 import statistics
@@ -110,6 +115,9 @@ def _inputs(shape, device, dtype, channels_last):
     return x, torch.randn_like(x)
 
 
+KERNEL_TIME_REPS = 20  # calls per CUDA graph in kernel-time mode
+
+
 def time_once(fn, device):
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -123,19 +131,56 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
-def make_closures(module, x, grad_out):
+def graph_timer(fn, reps=KERNEL_TIME_REPS):
+    """A function that times ``fn``'s device work alone: ``reps`` calls captured into one CUDA graph,
+    each timing one replay divided by ``reps``."""
+    side = torch.cuda.Stream()  # capture needs its warm-up on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return lambda: time_once(graph.replay, "cuda") / reps
+
+
+def make_timer(fn, device, kernel_time):
+    """A function that returns one timing of ``fn`` in seconds: a call, or (kernel_time) its device work."""
+    if kernel_time:
+        if device != "cuda":
+            raise ValueError("kernel time is CUDA's (a CUDA graph replay): on the CPU, time per call")
+        return graph_timer(fn)
+    return lambda: time_once(fn, device)
+
+
+def make_closures(module, x, grad_out, amp=False):
+    """fwd and fwd_bwd of ``module`` on x; with ``amp`` under torch.autocast in x's dtype."""
     params = [p for p in module.parameters() if p.requires_grad]
+    autocast = lambda: torch.autocast(x.device.type, dtype=x.dtype, enabled=amp)  # noqa: E731
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             module(x)
+
+    grads = {grad_out.dtype: grad_out}  # grad_out in the output's dtype (autocast runs GroupNorm in fp32)
 
     def fwd_bwd():
         # autograd.grad instead of .backward(): no gradient accumulation in the timing.
-        out = module(x)
-        torch.autograd.grad(out, [x, *params], grad_out)
+        with autocast():
+            out = module(x)
+        if out.dtype not in grads:
+            grads[out.dtype] = grad_out.to(out.dtype)
+        torch.autograd.grad(out, [x, *params], grads[out.dtype])
 
     return fwd, fwd_bwd
+
+
+def _check_amp(amp, dtype):
+    if amp and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"amp: the activations' dtype must be float16 or bfloat16, not {dtype}")
 
 
 def copy_bandwidth(device, nbytes=256 << 20, iters=10):
@@ -147,9 +192,10 @@ def copy_bandwidth(device, nbytes=256 << 20, iters=10):
     return 2 * nbytes / min(time_once(lambda: dst.copy_(src), device) for _ in range(iters)) / 1e9
 
 
-def run(device, dtype, shapes, iters, channels_last, stat, methods=None):
+def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=False, kernel_time=False):
     """Rows of :func:`format_table`: every method of :func:`make_methods` (or those named in
     ``methods``) on each shape."""
+    _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
     rows = []
     for name, shape in shapes:
@@ -161,19 +207,19 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None):
             if methods is not None and method not in methods:
                 continue
             try:
-                module = factory().to(device=device, dtype=dtype).train()
-                fns = make_closures(module, x, grad_out)
+                module = factory().to(device=device, dtype=None if amp else dtype).train()
+                fns = make_closures(module, x, grad_out, amp)
                 for fn in fns * 2:  # warm-up (and compilation)
                     fn()
-                closures[method] = fns
+                closures[method] = [make_timer(fn, device, kernel_time) for fn in fns]
             except Exception as e:  # report, keep benchmarking the other methods
                 errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
         # Methods take turns in every round, so that load from other processes hits them alike.
         times = {m: ([], []) for m in closures}
         for _ in range(iters):
             for kind in (0, 1):
-                for method, fns in closures.items():
-                    times[method][kind].append(time_once(fns[kind], device))
+                for method, timers in closures.items():
+                    times[method][kind].append(timers[kind]())
         op = (reduce(times["op"][0]), reduce(times["op"][1])) if "op" in times else None
         for method in list(closures) + list(errors):
             if method in errors:
@@ -186,7 +232,7 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None):
     return rows
 
 
-def memory_floor(device, dtype, shapes, iters, channels_last, stat):
+def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, kernel_time=False):
     """The op's forward, backward and forward+backward against the time of the memory traffic they
     need, timed in the same run (every closure once per round, rounds interleaved).
 
@@ -196,13 +242,14 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat):
     into a fresh one, as the op writes (allocation and first-touch page faults included). The op
     is called through the dispatcher without autograd, TLU on, grad_x computed.
     Rows: (name, shape, pass, op s, floor s, fresh-output floor s)."""
+    _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
     frn_op, backward_op = torch.ops.frn_det.frn.default, torch.ops.frn_det.frn_backward.default
     rows = []
     for name, shape in shapes:
         x, grad_out = _inputs(shape, device, dtype, channels_last)
         x = x.detach()
-        params = FRNFunctional(shape[1], None).to(device=device, dtype=dtype)
+        params = FRNFunctional(shape[1], None).to(device=device, dtype=None if amp else dtype)
         w, b, t = (p.detach() for p in (params.weight, params.bias, params.tau))
         rstd = frn_op(x, w, b, t, 1e-6, None)[1]
         out, grad_x = torch.empty_like(x), torch.empty_like(x)
@@ -216,10 +263,11 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat):
         closures = [fn for fns in passes.values() for fn in fns]
         for fn in closures * 2:  # warm-up
             fn()
+        timers = [make_timer(fn, device, kernel_time) for fn in closures]
         times = [[] for _ in closures]
         for _ in range(iters):
-            for i, fn in enumerate(closures):
-                times[i].append(time_once(fn, device))
+            for i, timer in enumerate(timers):
+                times[i].append(timer())
         for k, kind in enumerate(passes):
             op_s, floor_s, fresh_s = (reduce(times[3 * k + j]) for j in range(3))
             rows.append((name, shape, kind, op_s, floor_s, fresh_s))
@@ -227,28 +275,31 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat):
     return rows
 
 
-def format_floor_table(rows, device, dtype, channels_last, iters, stat):
+def format_floor_table(rows, device, dtype, channels_last, iters, stat, amp=False, kernel_time=False):
     """The markdown table of :func:`memory_floor`'s rows."""
-    lines = [f"### FRN op against its memory floor: {_setting(device, dtype, channels_last)}, {stat} of {iters} "
-             "interleaved runs", "",
+    lines = [f"### FRN op against its memory floor: {_setting(device, dtype, channels_last, amp, kernel_time)}, "
+             f"{stat} of {iters} interleaved runs", "",
              "Floor: forward = copy of x, backward = x + grad_out; into a preallocated output, and into a fresh "
-             "one (as the op writes).", "",
-             "| shape | N,C,H,W | pass | op ms | floor ms | op / floor | fresh-output floor ms | op / fresh floor |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "one (as the op writes). % of floor: floor time / op time.", "",
+             "| shape | N,C,H,W | pass | op ms | floor ms | op / floor | % of floor | fresh-output floor ms "
+             "| op / fresh floor |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, shape, kind, op_s, floor_s, fresh_s in rows:
         dims = "x".join(str(d) for d in shape)
-        lines.append(f"| {name} | {dims} | {kind} | {op_s * 1e3:.2f} | {floor_s * 1e3:.2f} | {op_s / floor_s:.2f} | "
-                     f"{fresh_s * 1e3:.2f} | {op_s / fresh_s:.2f} |")
+        lines.append(f"| {name} | {dims} | {kind} | {op_s * 1e3:.3f} | {floor_s * 1e3:.3f} | {op_s / floor_s:.2f} | "
+                     f"{100 * floor_s / op_s:.0f} | {fresh_s * 1e3:.3f} | {op_s / fresh_s:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "BatchNorm2d+ReLU"), row_limit=8):
+def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "BatchNorm2d+ReLU"), row_limit=8,
+            amp=False):
     """Markdown: for each shape and method, the wall time of one forward+backward against the time in
     device kernels (CUDA), and torch.profiler's top events by self time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    _check_amp(amp, dtype)
     on_cuda = device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
@@ -262,7 +313,8 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
             if method not in factories:
                 sections.append(f"#### {name} {dims}, {method}: unavailable\n")
                 continue
-            _, fwd_bwd = make_closures(factories[method]().to(device=device, dtype=dtype).train(), x, grad_out)
+            module = factories[method]().to(device=device, dtype=None if amp else dtype).train()
+            _, fwd_bwd = make_closures(module, x, grad_out, amp)
             for _ in range(3):
                 fwd_bwd()
             sync()
@@ -282,19 +334,22 @@ def profile(device, dtype, shapes, iters, channels_last=False, methods=("op", "B
             table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
             sections.append(f"{head}\n\n```\n{table.strip()}\n```\n")
         print(f"  profiled {name} {tuple(shape)}", file=sys.stderr, flush=True)
-    return f"### FRN profile: {_setting(device, dtype, channels_last)}, {iters} iterations\n\n" + "\n".join(sections)
+    return f"### FRN profile: {_setting(device, dtype, channels_last, amp)}, {iters} iterations\n\n" + "\n".join(sections)
 
 
-def _setting(device, dtype, channels_last):
-    """The "<device>, <dtype>, <layout>" part of a section title."""
+def _setting(device, dtype, channels_last, amp=False, kernel_time=False):
+    """The "<device>, <dtype>, <layout>[, timing]" part of a section title."""
     dev = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = "channels_last" if channels_last else "contiguous"
-    return f"{dev}, {str(dtype).replace('torch.', '')}, {layout}"
+    dtypes = str(dtype).replace("torch.", "") + (" with fp32 parameters (AMP: autocast)" if amp else "")
+    timing = f", kernel time (CUDA graphs of {KERNEL_TIME_REPS} calls)" if kernel_time else ""
+    return f"{dev}, {dtypes}, {layout}{timing}"
 
 
-def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None):
+def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None, amp=False, kernel_time=False):
     """The markdown table of :func:`run`'s rows; with ``copy_gbs``, bandwidth also as % of the copy."""
-    lines = [f"### FRN benchmark: {_setting(device, dtype, channels_last)}, {stat} of {iters} interleaved runs",
+    lines = [f"### FRN benchmark: {_setting(device, dtype, channels_last, amp, kernel_time)}, {stat} of {iters} "
+             "interleaved runs",
              ""]
     if copy_gbs:
         lines += [f"Device copy in the same run: {copy_gbs:.0f} GB/s (read + written); % columns are of that.", ""]

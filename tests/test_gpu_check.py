@@ -34,7 +34,11 @@ def test_gpu_check_dry_run_writes_the_report(tmp_path):
     assert {(r["model"], r["variant"]) for r in step_results if r["median_s"] > 0} == {
         (m, v) for m in ("retinanet", "mask_rcnn") for v in ("BN", "GN", "FRN (op)", "FRN (reference)")}
     assert "| FRN fp32 |" in text and "no result" not in text  # the short training trained and evaluated
-    assert "| op / floor |" in text
+    assert "| op / floor | % of floor |" in text
+    # fp32, then fp16 and bf16 as AMP runs them, in the op benchmark (2 layouts) and the floor (1)
+    amp = ", {} with fp32 parameters (AMP: autocast)"
+    assert text.count(amp.format("bfloat16")) == 3 and text.count(amp.format("float16")) == 3
+    assert "| op benchmark (kernel time) | skipped: CUDA graphs need a GPU |" in text
     assert "tests collected" in text and "op calls" in text and "| op |" in text and "% columns are of that" in text
     # the profile names the op's own events and BatchNorm's, each under its wall time
     assert "fpn_p6 2x256x13x21, op: " in text and "fpn_p6 2x256x13x21, BatchNorm2d+ReLU: " in text

@@ -18,21 +18,25 @@
 #      1900 iterations, then COCO evaluation) with tools/train_net.py on the GPU, AMP off and on at
 #      once, against the box AP make demo measured on the CPU (README);
 #   6. compute-sanitizer memcheck (every dtype) over every CUDA kernel path (tests/kernel_paths.py);
-#   7. python -m benchmarks.benchmark_frn on the R50-FPN shapes, fp32 and fp16, NCHW and channels_last:
-#      op, reference, BatchNorm2d+ReLU, GroupNorm+ReLU (no torch.compile: its compilations cost
-#      minutes); time, GB/s and % of a device copy in the same run; then its --memory-floor mode;
+#   7. python -m benchmarks.benchmark_frn on the R50-FPN shapes, NCHW and channels_last, in fp32 and
+#      in fp16 and bf16 as AMP runs them (--amp: fp32 parameters, autocast): op, reference,
+#      BatchNorm2d+ReLU, GroupNorm+ReLU per call (no torch.compile: its compilations cost minutes),
+#      time, GB/s and % of a device copy in the same run; then op, BN and GN in kernel time (CUDA
+#      graph replays: the host out of it); then the op against its memory floor in kernel time;
 #   8. compute-sanitizer racecheck (fp32) over the same paths; 9. the --profile of a large and a small map.
 # Without a GPU it is a dry run of the same steps on the CPU at tiny sizes (CI runs it): the built
 # extension is reused, the tests are collected, the paths run without sanitizer, the training
 # benchmark times R18 on 64x96 images (AMP is skipped: AMPTrainer needs CUDA), the short training
-# runs 4 iterations on a tiny dataset, and the op benchmark is a short CPU one.
+# runs 4 iterations on a tiny dataset, and the op benchmarks are short CPU ones (per call: kernel
+# time needs CUDA graphs).
 #
 #   tools/gpu_check.sh [REPORT]    REPORT defaults to $OUT/gpu_check.md when $OUT is set, else gpu_check.md
 #   PYTHON=python3.12 tools/gpu_check.sh
-#   GPU_CHECK_SKIP="tests memcheck bench floor racecheck profile" tools/gpu_check.sh   # a second try of
+#   GPU_CHECK_SKIP="tests memcheck bench kbench floor racecheck profile" tools/gpu_check.sh   # a second try of
 #     what failed, within the lease: steps named by their log (tests, step, train, memcheck, bench, ...)
-# Exit status 1 when a step failed (the report says which). Plan on an H200: about 6.5 minutes
-# (estimated from the steps' times on 2026-11-26 and the CPU dry run; see docs/gpu.md), so that a
+# Exit status 1 when a step failed (the report says which). Plan on an H200: about 8.5 minutes for
+# every step (estimated from the steps' times on 2026-12-04, docs/gpu.md, plus the kernel-time steps,
+# not yet run), about 5 with GPU_CHECK_SKIP="step train" (the kernel issue's steps alone), so that a
 # second try fits in a 15-minute lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +82,8 @@ write_report() {
     section "Training step (detectron2)" step.log
     section "Short training (tools/train_net.py)" train.log
     section "memcheck" memcheck.log 8
-    section "Benchmark" bench.log
+    section "Benchmark (per call)" bench.log
+    section "Benchmark (kernel time)" kbench.log
     section "Memory floor" floor.log
     section "racecheck" racecheck.log 8
     section "Profile" profile.log
@@ -171,8 +176,11 @@ paths_code() {  # paths_code DEVICE DTYPES: Python that runs every kernel path (
 paths() {  # paths TOOL DTYPES: every CUDA kernel path under compute-sanitizer TOOL
   compute-sanitizer --tool "$1" --error-exitcode 1 "$PY" -c "$(paths_code cuda "$2")"
 }
+fp32_and_amp() {  # fp32_and_amp ARGS...: benchmark_frn in fp32, then in fp16 and bf16 as AMP runs them
+  "$PY" -m benchmarks.benchmark_frn --dtype float32 "$@" && "$PY" -m benchmarks.benchmark_frn --dtype float16 bfloat16 --amp "$@"
+}
 export PY LOGS WHEELHOUSE
-export -f quiet install_wheels short_training paths_code paths  # before the first step: steps run in bash -c
+export -f quiet install_wheels short_training paths_code paths fp32_and_amp  # before the first step: steps run in bash -c
 if ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then
   SITE=$(mktemp -d)
   step "wheels (into a PYTHONPATH folder)" wheels.log 120 install_wheels "$SITE"
@@ -195,10 +203,12 @@ if [ "$GPU" = 1 ]; then
   sanitizer=$(command -v compute-sanitizer || true)
   [ -n "$sanitizer" ] || { echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1; }
   [ -n "$sanitizer" ] && step "compute-sanitizer memcheck" memcheck.log 120 paths memcheck "torch.float32, torch.float16, torch.bfloat16, torch.float64"
-  step "op benchmark" bench.log 180 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 \
-    --layout both --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
-  step "op memory floor" floor.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 float16 \
-    --shapes all --iters 10 --memory-floor
+  step "op benchmark (per call; fp32, AMP fp16 / bf16)" bench.log 180 fp32_and_amp --device cuda --layout both \
+    --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
+  step "op benchmark (kernel time; fp32, AMP fp16 / bf16)" kbench.log 240 fp32_and_amp --device cuda --layout both \
+    --shapes all --iters 10 --kernel-time --methods op BatchNorm2d+ReLU GroupNorm32+ReLU
+  step "op memory floor (kernel time; fp32, AMP fp16 / bf16)" floor.log 180 fp32_and_amp --device cuda --layout both \
+    --shapes all --iters 10 --kernel-time --memory-floor
   [ -n "$sanitizer" ] && step "compute-sanitizer racecheck" racecheck.log 120 paths racecheck "torch.float32,"
   step "profile" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
     --iters 10 --profile
@@ -216,9 +226,10 @@ else
   step "short training (dry run: 4 iterations, tiny dataset, CPU)" train.log 300 short_training "$DATA" cpu 4 fp32
   step "kernel paths on the CPU (dry run: no sanitizer)" memcheck.log 120 \
     "$PY" -c "$(paths_code cpu "torch.float32,")"
-  step "op benchmark (dry run: CPU, 2 shapes)" bench.log 120 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
-    --layout both --shapes fpn_p6,box_head --iters 2 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
-  step "op memory floor (dry run: CPU, 1 shape)" floor.log 60 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
+  step "op benchmark (dry run: CPU, 2 shapes, fp32 and AMP)" bench.log 120 fp32_and_amp --device cpu --layout both \
+    --shapes fpn_p6,box_head --iters 2 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
+  echo "| op benchmark (kernel time) | skipped: CUDA graphs need a GPU | |" >>"$LOGS/summary"
+  step "op memory floor (dry run: CPU, 1 shape, fp32 and AMP, per call)" floor.log 60 fp32_and_amp --device cpu \
     --shapes fpn_p6 --iters 2 --memory-floor
   step "profile (dry run: CPU, 1 shape)" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cpu --dtype float32 \
     --shapes fpn_p6 --iters 2 --profile

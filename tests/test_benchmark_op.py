@@ -1,0 +1,46 @@
+"""benchmarks/op.py: the AMP setting (fp32 parameters, x in fp16/bf16, autocast) and the memory-floor
+table, on the CPU; kernel time (CUDA graphs) is CUDA's and says so elsewhere."""
+import pytest
+import torch
+
+from benchmarks import op as bench
+from frn_det.layers import ops
+
+SHAPE = [("tiny", (2, 32, 5, 7))]
+
+
+def test_amp_keeps_fp32_parameters_and_gives_each_gradient_its_dtype(monkeypatch):
+    module = bench.make_methods(32)["reference"]().train()  # fp32 parameters, as --amp leaves them
+    x, grad_out = bench._inputs(SHAPE[0][1], "cpu", torch.bfloat16, False)
+    captured, grad = [], torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a: captured.append([g.dtype for g in grad(*a)]))
+    bench.make_closures(module, x, grad_out, amp=True)[1]()
+    assert captured == [[torch.bfloat16, torch.float32, torch.float32, torch.float32]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_method_runs_under_amp(dtype):
+    methods = ["reference", "BatchNorm2d+ReLU", "GroupNorm32+ReLU"] + (["op"] if ops.is_available() else [])
+    rows = bench.run("cpu", dtype, SHAPE, 1, False, "min", methods=methods, amp=True)
+    assert sorted(r[2] for r in rows) == sorted(methods)
+    assert all(len(r) == 8 and r[3] > 0 and r[5] > 0 for r in rows), rows  # timed, not an error row
+
+
+@pytest.mark.skipif(not ops.is_available(), reason="frn_det._C is not built")
+def test_memory_floor_under_amp_and_its_table():
+    rows = bench.memory_floor("cpu", torch.bfloat16, SHAPE, 1, False, "min", amp=True)
+    assert [r[2] for r in rows] == ["forward", "backward", "forward+backward"]
+    assert all(r[3] > 0 and r[4] > 0 and r[5] > 0 for r in rows)
+    table = bench.format_floor_table(rows, "cpu", torch.bfloat16, False, 1, "min", amp=True)
+    assert "bfloat16 with fp32 parameters (AMP: autocast)" in table
+    name, shape, kind, op_s, floor_s, fresh_s = rows[2]
+    assert f"| {op_s / floor_s:.2f} | {100 * floor_s / op_s:.0f} |" in table
+
+
+def test_amp_needs_a_half_dtype_and_kernel_time_needs_cuda():
+    with pytest.raises(ValueError, match="float16 or bfloat16, not torch.float32"):
+        bench.run("cpu", torch.float32, SHAPE, 1, False, "min", amp=True)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        bench.memory_floor("cpu", torch.float64, SHAPE, 1, False, "min", amp=True)
+    with pytest.raises(ValueError, match="CUDA graph"):
+        bench.make_timer(lambda: None, "cpu", kernel_time=True)
