@@ -26,7 +26,7 @@ from frn_det.modeling import build_optimizer
 # name -> (norm name, MODEL.FRN.IMPL, more config lines); the defaults leave out the centred variant
 VARIANTS = {"BN": ("BN", None, ()), "GN": ("GN", None, ()), "FRN (op)": ("FRN", "op", ()),
             "FRN (reference)": ("FRN", "reference", ()),
-            "FRN centred (reference)": ("FRN", "reference", ("MODEL.FRN.CENTERED", True))}
+            "FRN centred": ("FRN", "auto", ("MODEL.FRN.CENTERED", True))}
 DEFAULT_VARIANTS = ["BN", "GN", "FRN (op)", "FRN (reference)"]
 # short names of the detectron2 model-zoo configs the benchmark is usually run on
 MODELS = {"retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",

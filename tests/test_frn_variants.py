@@ -53,12 +53,13 @@ def test_grouped_centred_variant_is_groupnorm_then_affine_then_tlu():
 
 
 @pytest.mark.parametrize("num_groups,centered", VARIANTS)
-def test_variant_gradcheck(num_groups, centered):
-    x, w, b, t, e = make_inputs((2, 6, 2, 3), learned_eps=True)
+@pytest.mark.parametrize("learned_eps", [True, False])  # centred with a fixed eps: GroupNorm's kernel
+def test_variant_gradcheck(num_groups, centered, learned_eps):
+    x, w, b, t, e = make_inputs((2, 6, 2, 3), learned_eps=learned_eps)
     with torch.no_grad():  # keep inputs away from the TLU's kink, where finite differences disagree
         t -= 3.0
-    torch.autograd.gradcheck(lambda *a: frn(*a[:4], 1e-3, a[4], num_groups=num_groups, centered=centered),
-                             (x, w, b, t, e))
+    inputs = (x, w, b, t) + ((e,) if learned_eps else ())
+    torch.autograd.gradcheck(lambda *a: frn(*a[:4], 1e-3, *a[4:], num_groups=num_groups, centered=centered), inputs)
 
 
 @pytest.mark.parametrize("num_groups,centered", VARIANTS)
@@ -108,10 +109,11 @@ def test_the_paper_frn_is_unchanged_and_variants_resolve_to_the_reference():
 
 
 @pytest.mark.parametrize("num_groups,centered", VARIANTS)
-def test_variant_layers_script_trace_and_export_to_onnx(tmp_path, num_groups, centered):
+@pytest.mark.parametrize("learned_eps", [True, False])
+def test_variant_layers_script_trace_and_export_to_onnx(tmp_path, num_groups, centered, learned_eps):
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3),
-                            FilterResponseNorm2d(6, learned_eps=True, num_groups=num_groups, centered=centered)).eval()
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), FilterResponseNorm2d(
+        6, learned_eps=learned_eps, num_groups=num_groups, centered=centered)).eval()
     with torch.no_grad():
         m[1].tau.uniform_(-0.3, 0.3)
     x = torch.randn(2, 3, 9, 11)

@@ -15,7 +15,9 @@ without them the function is the paper's FRN:
   ``y = weight * (x - mu) / sqrt(var + eps_eff) + bias`` with the biased variance, as GroupNorm
   (G groups) and InstanceNorm (per channel) do; the TLU follows as placed.
 
-The fused op computes the paper's FRN only; the variants run in the reference implementation.
+The fused op computes the paper's FRN only; the variants run in the reference implementation,
+where a centred variant with a fixed eps takes its statistics from torch's GroupNorm kernel (C
+groups: per channel), as fast as GroupNorm itself, and with a learned eps from plain ops.
 
 Gradient tie rule: where ``y == tau`` the TLU passes the gradient to ``y`` (the paper's
 convention), never to ``tau``. A NaN ``y`` stays NaN through the TLU (as through torch.maximum and
@@ -38,6 +40,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import ops
 from .validation import check_frn_args
@@ -92,6 +95,9 @@ def _frn_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: Op
     else:
         n, c, h, w = xa.shape
         groups = c if num_groups == 0 else num_groups
+        if centered and eps_l is None and h * w > 0:  # GroupNorm's own kernel: the same formula, one fused op
+            y = F.group_norm(xa, groups, weight.to(acc), bias.to(acc), eps)
+            return (tlu(y, tau.to(acc).view(1, -1, 1, 1)) if tau is not None else y).to(x.dtype)
         xg = xa.reshape(n, groups, (c // groups) * h * w)
         count = max(xg.shape[2], 1)
         if centered:
