@@ -84,7 +84,7 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
     """configs/cpu_grid*: every run sees the same images, with warm-up, decays and evaluations at the same
     image counts; each norm's grid runs share one lr per image (the sweep's best), the sweep spans 4x;
     the batch-8 sweep runs the grid's schedule at fractions of the linear-rule rate."""
-    schedules, lr_per_image, sweep, sweep8 = {}, {}, {}, {}
+    schedules, lr_per_image, sweep, sweep8, clutter2x = {}, {}, {}, {}, {}
     paths = sorted(glob.glob(os.path.join(REPO, "configs", grid, "*", "*.yaml")))
     assert paths
     for path in paths:
@@ -93,7 +93,7 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
         cfg = load_cfg(path)
         s = cfg.SOLVER
         assert cfg.MODEL.RESNETS.NORM == norm and cfg.MODEL.DEVICE == "cpu"
-        task = "frn_synthetic_clutter" if variant == "clutter" else "frn_synthetic"  # the study's task arm
+        task = "frn_synthetic_clutter" if variant.startswith("clutter") else "frn_synthetic"  # the study's task arms
         assert cfg.DATASETS.TRAIN == (f"{task}_train",) and cfg.DATASETS.TEST == (f"{task}_val",)
         assert s.IMS_PER_BATCH == batch and s.REFERENCE_WORLD_SIZE == 1
         assert cfg.TEST.EVAL_PERIOD * 4 == s.MAX_ITER  # four points on the learning curve
@@ -107,12 +107,16 @@ def test_cpu_grid_same_images_seen_and_linear_rule(grid):
             sweep8.setdefault(norm, set()).add(per_image)
         elif not variant and "retinanet" in path:
             lr_per_image.setdefault(norm, set()).add(per_image)
+        elif variant == "clutter-2xlr":
+            clutter2x[norm] = per_image
     assert all(len(v) == 1 for v in schedules.values()), schedules
     if "grid" in schedules:  # the grid trains as the sweep did (warm-up, decays), then longer at the last rate
         (grid_images, *grid_rest), = schedules["grid"]
         (sweep_images, *sweep_rest), = schedules["sweep"]
         assert grid_rest[:2] == sweep_rest[:2] and grid_images >= sweep_images
     assert all(len(v) == 1 for v in lr_per_image.values()), lr_per_image
+    for norm, lr in clutter2x.items():  # twice the norm's grid rate
+        assert {lr / 2} == lr_per_image[norm]
     assert set(sweep) == {"BN", "GN", "FRN"}
     for norm, lrs in sweep.items():
         assert len(lrs) >= 3 and max(lrs) / min(lrs) >= 4

@@ -129,10 +129,17 @@ def study_arms():
     arms = []
     for name, arm in s["study"].items():
         for norm in arm.get("norms", [arm.get("norm")]):
-            lr = arm.get("lr_per_image", s["study_lr_per_image"])
-            arms.append((f"{FAMILY}/{norm}_{b}img_{name}.yaml", norm, name, s["best_lr_per_image"][norm] if lr == "best"
-                         else lr, arm))
+            lr = _arm_lr(arm.get("lr_per_image", s["study_lr_per_image"]), s["best_lr_per_image"][norm])
+            arms.append((f"{FAMILY}/{norm}_{b}img_{name}.yaml", norm, name, lr, arm))
     return arms
+
+
+def _arm_lr(spec, best):
+    """An arm's lr per image: a fraction, "best" (the norm's grid rate) or "K*best" (K times it)."""
+    factor, _, tail = spec.rpartition("*")
+    if tail != "best":
+        return spec
+    return f"{float(Fraction(factor) * Fraction(best)):g}" if factor else best
 
 
 def grid_variants():

@@ -70,3 +70,6 @@ grid study2 "0 1" "${STUDY2[@]}"
 # Seed 2 where two seeds leave the reading open (study_plan.md): GN-fpn-head against FRN straddles the
 # rule (+5.1 / +0.5, rule +3); the cluttered task's FRN - GN gap disagrees in sign (-7.6 / +9.3)
 grid study_seed2 2 "$R"/FRN_2img_GN-fpn-head.yaml "$R"/{FRN,GN}_2img_clutter.yaml
+# The cluttered task at twice each norm's grid rate (study_plan.md): with the grid's rates its runs
+# still rose steeply up to the first decay
+grid study_clutter_lr 0 "$R"/{FRN,GN}_2img_clutter-2xlr.yaml
