@@ -41,22 +41,21 @@ def main(argv=None):
                         help="CPU threads; several: the whole benchmark once per count (default: torch's default)")
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="min is the better estimate on a machine shared with other jobs")
-    parser.add_argument("--copy-bandwidth", action="store_true",
-                        help="also measure a device copy and give bandwidth as %% of it")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="the methods to time (default: all; 'compiled reference' costs a compilation per shape)")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
-                             "forward+backward (wall time against kernel time, top events)")
-    parser.add_argument("--memory-floor", action="store_true",
-                        help="instead of comparing methods: the op against a copy / an add of the same tensors "
-                             "(the memory traffic it needs), as time ratios")
-    parser.add_argument("--amp", action="store_true",
-                        help="as AMP trains: fp32 parameters, x in --dtype (float16 / bfloat16), every method under "
-                             "torch.autocast")
-    parser.add_argument("--kernel-time", action="store_true",
-                        help="CUDA: time a CUDA graph replay of 20 calls (the device's work, without the host's "
-                             "per-call cost) instead of one call")
+    switches = {
+        "--copy-bandwidth": "also measure a device copy and give bandwidth as %% of it",
+        "--profile": "instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
+                     "forward+backward (wall time against kernel time, top events)",
+        "--memory-floor": "instead of comparing methods: the op against a copy / an add of the same tensors "
+                          "(the memory traffic it needs), as time ratios",
+        "--amp": "as AMP trains: fp32 parameters, x in --dtype (float16 / bfloat16), every method under "
+                 "torch.autocast",
+        "--kernel-time": "CUDA: time a CUDA graph replay of 20 calls (the device's work, without the host's "
+                         "per-call cost) instead of one call",
+    }
+    for flag, text in switches.items():
+        parser.add_argument(flag, action="store_true", help=text)
     args = parser.parse_args(argv)
     if args.amp and set(args.dtype) - {"float16", "bfloat16"}:
         parser.error("--amp: --dtype must be float16 and/or bfloat16 (the activations' dtype under autocast)")
