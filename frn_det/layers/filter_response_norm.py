@@ -87,29 +87,37 @@ def _frn_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau: Op
     ``num_groups`` 0 is one statistic per channel."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc)  # upcast before squaring: fp16 x^2 overflows for |x| >= 256
+    if centered and eps_l is None and x.shape[2] * x.shape[3] > 0:
+        # GroupNorm's own kernel (C groups: per channel) computes the same formula, affine included
+        y = F.group_norm(xa, num_groups if num_groups else x.shape[1], weight.to(acc), bias.to(acc), eps)
+    else:
+        y = _normalized(x, xa, eps, eps_l, num_groups, centered) * weight.to(acc).view(1, -1, 1, 1) \
+            + bias.to(acc).view(1, -1, 1, 1)
+    if tau is not None:
+        y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
+    return y.to(x.dtype)
+
+
+def _normalized(x: torch.Tensor, xa: torch.Tensor, eps: float, eps_l: Optional[torch.Tensor], num_groups: int,
+                centered: bool) -> torch.Tensor:
+    """x (upcast: xa) divided by the root of its plane's (or group's) mean square plus eps, its mean
+    subtracted first when centred; in x's memory format."""
     if num_groups == 0 and not centered:
         # sum / L rather than mean: an empty plane (H*W = 0) has nu2 = 0, as in the kernels, so its
         # (absent) output has finite, zero gradients
         nu2 = xa.square().sum(dim=(2, 3), keepdim=True) / max(x.shape[2] * x.shape[3], 1)
-        xn = xa * _rstd(nu2, eps, eps_l)
-    else:
-        n, c, h, w = xa.shape
-        groups = c if num_groups == 0 else num_groups
-        if centered and eps_l is None and h * w > 0:  # GroupNorm's own kernel: the same formula, one fused op
-            y = F.group_norm(xa, groups, weight.to(acc), bias.to(acc), eps)
-            return (tlu(y, tau.to(acc).view(1, -1, 1, 1)) if tau is not None else y).to(x.dtype)
-        xg = xa.reshape(n, groups, (c // groups) * h * w)
-        count = max(xg.shape[2], 1)
-        if centered:
-            xg = xg - xg.sum(dim=2, keepdim=True) / count
-        nu2 = xg.square().sum(dim=2, keepdim=True) / count
-        xn = (xg * _rstd(nu2, eps, eps_l)).reshape(n, c, h, w)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            xn = xn.contiguous(memory_format=torch.channels_last)
-    y = xn * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
-    if tau is not None:
-        y = tlu(y, tau.to(acc).view(1, -1, 1, 1))
-    return y.to(x.dtype)
+        return xa * _rstd(nu2, eps, eps_l)
+    n, c, h, w = xa.shape
+    groups = c if num_groups == 0 else num_groups
+    xg = xa.reshape(n, groups, (c // groups) * h * w)
+    count = max(xg.shape[2], 1)
+    if centered:
+        xg = xg - xg.sum(dim=2, keepdim=True) / count
+    nu2 = xg.square().sum(dim=2, keepdim=True) / count
+    xn = (xg * _rstd(nu2, eps, eps_l)).reshape(n, c, h, w)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        xn = xn.contiguous(memory_format=torch.channels_last)
+    return xn
 
 
 def _check_variant(channels: int, num_groups: Optional[int]) -> int:
