@@ -1,11 +1,16 @@
 """The op's kernel paths as shapes that reach them, for the tests (tests/test_frn_op.py keeps the
 table of path -> test) and for tools/gpu_check.sh, which runs every path under compute-sanitizer.
 
-The CUDA launcher picks a path from the shape and layout (frn_det/layers/csrc/cuda/frn_kernel.cu):
-a warp per plane up to 1024 elements, a block per plane when there are at least 2 x SMs planes,
-else the split path; channels_last input (C > 1, H*W > 1) always takes the split path. The CPU
-kernels have their own paths (fused per plane or sample, or split into chunks / row blocks).
+The CUDA launcher picks a path from the shape and layout (frn_det/layers/csrc/cuda/frn_kernel.cu,
+plan_of; torch.ops.frn_det._cuda_plan names it): a warp per plane up to 1024 elements, a block per
+plane when there are at least 2 x SMs planes, else the split path; channels_last input (C > 1,
+H*W > 1) always takes the split path. With resident planes on (ops.cuda_resident_planes), NCHW
+planes above 1024 elements that fit on chip take the resident kernel instead: one block per plane,
+or a cluster of K blocks on sm_90+. The CPU kernels have their own paths (fused per plane or
+sample, or split into chunks / row blocks).
 """
+import contextlib
+
 import torch
 
 from frn_det.layers import ops  # noqa: F401  (loads frn_det._C, which registers torch.ops.frn_det)
@@ -24,6 +29,30 @@ CUDA_PATHS = {
     "empty_channels": (2, 0, 3, 3),
 }
 
+# Shapes for the resident kernels (NCHW, resident planes on), and their plans on sm_90 (H100 / H200:
+# 228 KB shared memory per SM, 227 KB per block) by dtype, forward / backward. Elsewhere the cluster
+# shapes take one block per plane where it fits (sm_80 / sm_86 / sm_89 / sm_75), else the split path.
+RESIDENT_PATHS = {
+    "resident_vec": (2, 4, 40, 48),  # L = 1920: one block per plane, 16-byte loads
+    "resident_scalar": (2, 4, 25, 41),  # L = 1025: one block per plane, scalar loads
+    "resident_cluster": (1, 2, 200, 336),  # a P2 plane: clusters of 2-8 blocks
+    "resident_max": (1, 2, 400, 672),  # the stem's plane: 8 blocks of up to 227 KB, or too large
+}
+R1 = ("resident:1", "resident:1")
+RESIDENT_PLANS_SM90 = {
+    "resident_vec": {"float32": R1, "float16": R1, "bfloat16": R1, "float64": R1},
+    "resident_scalar": {"float32": R1, "float16": R1, "bfloat16": R1, "float64": R1},
+    "resident_cluster": {"float32": ("resident:4", "resident:8"), "float16": ("resident:2", "resident:4"),
+                         "bfloat16": ("resident:2", "resident:4"), "float64": ("resident:8", "resident:8")},
+    "resident_max": {"float32": ("resident:8", "split"), "float16": ("resident:8", "resident:8"),
+                     "bfloat16": ("resident:8", "resident:8"), "float64": ("split", "split")},
+}
+
+
+def kernel_setting(path):
+    """The kernel options a path of CUDA_PATHS / RESIDENT_PATHS runs under (a context manager)."""
+    return ops.cuda_resident_planes(True) if path in RESIDENT_PATHS else contextlib.nullcontext()
+
 
 def set_test_limits(max_grid=0, force_int64=False):
     """Cap every CUDA grid dimension at ``max_grid`` (0: no cap) and/or force the 64-bit index
@@ -33,17 +62,19 @@ def set_test_limits(max_grid=0, force_int64=False):
 
 def exercise(device="cuda", dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
     """Forward and backward (with and without grad_x) of the op on every path, layout, dtype and
-    option, including the capped-grid and int64 variants; returns how many calls it made."""
+    option, including the capped-grid and int64 variants; returns how many calls it made. The
+    resident paths run in NCHW only (channels_last input never takes them)."""
     calls = 0
     limits = ((0, False), (1, False), (2, False), (0, True))
     for max_grid, force_int64 in limits:
         set_test_limits(max_grid, force_int64)
         try:
-            for shape in CUDA_PATHS.values():
-                for dtype in dtypes:
-                    for channels_last in (False, True):
-                        for tlu, learned_eps in ((True, False), (False, True)):
-                            calls += _fwd_bwd(shape, dtype, channels_last, tlu, learned_eps, device)
+            for path, shape in {**CUDA_PATHS, **RESIDENT_PATHS}.items():
+                with kernel_setting(path):
+                    for dtype in dtypes:
+                        for channels_last in (False,) if path in RESIDENT_PATHS else (False, True):
+                            for tlu, learned_eps in ((True, False), (False, True)):
+                                calls += _fwd_bwd(shape, dtype, channels_last, tlu, learned_eps, device)
         finally:
             set_test_limits(0, False)
     return calls

@@ -25,6 +25,12 @@ test compares forward and all gradients with the float64 reference unless it say
 | batch independence | every path | test_cuda_batch_independence |
 | bitwise run-to-run determinism | every path | test_cuda_runs_are_bitwise_identical |
 | non-default stream, second GPU | | test_cuda_non_default_stream, test_cuda_second_device |
+| resident planes (opt-in: ops.cuda_resident_planes), one block per plane, 16-byte / scalar loads | frn_resident_kernel<T, 16/size or 1, 1 or 3, false> | [resident_vec-*], [resident_scalar-*] and every test parametrized by path; test_cuda_misaligned_and_strided_views |
+| resident planes in a thread-block cluster (sm_90+), the largest shares, planes too large (split) | frn_resident_kernel<T, .., true> | [resident_cluster-*], [resident_max-*]; test_cuda_resident_plans (which path each shape and dtype takes) |
+| resident grid-stride loops (several planes per cluster) | | test_cuda_grid_stride_loops |
+
+Tests parametrized by `path` run the RESIDENT_PATHS shapes with resident planes on (the autouse
+fixture below), the CUDA_PATHS shapes with the default setting.
 """
 import os
 import sys
@@ -36,7 +42,7 @@ import torch
 
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
-from kernel_paths import CUDA_PATHS
+from kernel_paths import CUDA_PATHS, RESIDENT_PATHS, RESIDENT_PLANS_SM90, kernel_setting
 from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all,
                          run_with_grads)
 
@@ -478,11 +484,76 @@ def test_layer_resolves_its_implementation_once_when_built(monkeypatch):
     assert frn_module.FilterResponseNorm2d(3, impl="auto").impl == "op"  # the extension is built
 
 
+# ---- kernel options ----------------------------------------------------------------------------
+
+
+def _resident_setting():
+    current = torch.ops.frn_det._set_cuda_resident(False)
+    torch.ops.frn_det._set_cuda_resident(current)
+    return current
+
+
+def test_resident_planes_setting_is_scoped_and_restored():
+    default = os.environ.get("FRN_DET_CUDA_RESIDENT") == "1"  # off unless the environment says 1
+    torch.ops.frn_det._set_cuda_resident(False)
+    with ops.cuda_resident_planes():
+        assert _resident_setting() is True
+        with ops.cuda_resident_planes(False):
+            assert _resident_setting() is False
+        assert _resident_setting() is True
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.cuda_resident_planes(True):
+            raise RuntimeError("inside")
+    assert _resident_setting() is False
+    torch.ops.frn_det._set_cuda_resident(default)
+
+
+@pytest.mark.parametrize("env,expected", [("1", True), ("0", False), (None, False)])
+def test_resident_planes_from_the_environment(env, expected):
+    import subprocess
+
+    environ = {k: v for k, v in os.environ.items() if k != "FRN_DET_CUDA_RESIDENT"}
+    if env is not None:
+        environ["FRN_DET_CUDA_RESIDENT"] = env
+    code = "import torch; from frn_det.layers import ops; print(torch.ops.frn_det._set_cuda_resident(False))"
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_resident_planes_leave_the_cpu_kernels_alone():
+    args = make_inputs((2, 4, 40, 48), dtype=torch.float32, learned_eps=True, requires_grad=False)
+    g = torch.randn(2, 4, 40, 48)
+    default = _op_out_and_grads(*args, g)
+    with ops.cuda_resident_planes():
+        resident = _op_out_and_grads(*args, g)
+    for a, b in zip(default, resident):
+        assert torch.equal(a, b)
+
+
+def test_cuda_plan_of_a_cpu_tensor_is_a_clear_error():
+    with pytest.raises(ValueError, match="_cuda_plan: x must be a CUDA tensor.*got a cpu tensor"):
+        torch.ops.frn_det._cuda_plan(torch.zeros(1, 2, 3, 4), False)
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 
 CUDA_TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 1e-2),
             torch.bfloat16: (6e-2, 3e-2)}
 cuda = pytest.mark.cuda
+KERNEL_PATHS = {**CUDA_PATHS, **RESIDENT_PATHS}
+
+
+@pytest.fixture(autouse=True)
+def _path_setting(request):
+    """A test parametrized by a `path` runs under that path's kernel setting (resident planes on for
+    RESIDENT_PATHS)."""
+    callspec = getattr(request.node, "callspec", None)
+    path = callspec.params.get("path") if callspec else None
+    if path in RESIDENT_PATHS:
+        with kernel_setting(path):
+            yield
+    else:
+        yield
 
 
 def _cuda_args(shape, dtype=torch.float32, channels_last=False, **kw):
@@ -499,9 +570,9 @@ def _op_out_and_grads(x, w, b, t, e, g):
 @cuda
 @pytest.mark.parametrize("dtype", list(CUDA_TOL), ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("path", list(CUDA_PATHS))
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_cuda_paths_match_float64_reference(path, channels_last, dtype):
-    shape = CUDA_PATHS[path]
+    shape = KERNEL_PATHS[path]
     atol, rtol = CUDA_TOL[dtype]
     for tlu, learned_eps in ((True, False), (False, True), (True, True)):
         args = _cuda_args(shape, dtype, channels_last, tlu=tlu, learned_eps=learned_eps)
@@ -518,13 +589,16 @@ def test_cuda_grid_stride_loops(channels_last, max_grid):
     # block (and per warp), the split path's stats and finalize kernels over planes / samples, the
     # parameter-gradient kernel over channels. No sum depends on the grid: results are bitwise those
     # of the uncapped launch.
-    for path in ("warp_vec", "warp_scalar", "warp_partial", "block_vec", "block_scalar", "split_nchw"):
-        args = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
+    # With resident planes, each cluster loops over several planes.
+    for path in ("warp_vec", "warp_scalar", "warp_partial", "block_vec", "block_scalar", "split_nchw",
+                 "resident_vec", "resident_scalar", "resident_cluster"):
+        args = _cuda_args(KERNEL_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
         g = torch.randn_like(args[0])
-        uncapped = _op_out_and_grads(*args, g)
-        with cuda_test_limits(max_grid=max_grid):
-            capped = _op_out_and_grads(*args, g)
-            assert_matches_reference(*[a.clone().requires_grad_() for a in args], atol=2e-4, rtol=2e-4)
+        with kernel_setting(path):
+            uncapped = _op_out_and_grads(*args, g)
+            with cuda_test_limits(max_grid=max_grid):
+                capped = _op_out_and_grads(*args, g)
+                assert_matches_reference(*[a.clone().requires_grad_() for a in args], atol=2e-4, rtol=2e-4)
         for a, b in zip(uncapped, capped):
             assert torch.equal(a, b)
 
@@ -540,9 +614,9 @@ def test_cuda_int64_apply_kernels(channels_last):
 
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("path", list(CUDA_PATHS))
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_cuda_backward_without_grad_input(path, channels_last):
-    x, w, b, t, e = _cuda_args(CUDA_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
+    x, w, b, t, e = _cuda_args(KERNEL_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
     _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
     g = torch.randn_like(x)
     full = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
@@ -556,39 +630,43 @@ def test_cuda_backward_without_grad_input(path, channels_last):
 def test_cuda_misaligned_and_strided_views():
     # Views whose data pointer is not 16-byte aligned, or that are not dense, take the scalar loads
     # (after the copy to a dense layout, for strided ones).
-    for path in ("warp_vec", "block_vec"):
-        shape = CUDA_PATHS[path]
-        numel = shape[0] * shape[1] * shape[2] * shape[3]
-        for dtype in (torch.float32, torch.float16):
-            base = torch.randn(numel + 1, device="cuda", dtype=dtype)
-            x = base[1:].view(shape)
-            assert x.data_ptr() % 16 != 0
-            _, w, b, t, e = _cuda_args(shape, dtype, learned_eps=True)
-            assert_matches_reference(x.detach().requires_grad_(), w, b, t, e, *CUDA_TOL[dtype])
-        wide = torch.randn(shape[0], shape[1] * 2, shape[2], shape[3], device="cuda")[:, ::2]
-        _, w, b, t, _ = _cuda_args(shape, torch.float32)
-        assert_matches_reference(wide.detach().requires_grad_(), w, b, t, None, 2e-4, 2e-4)
-        # an aligned x with a misaligned grad_out: the backward falls back to scalar loads
-        x, w, b, t, e = _cuda_args(shape, torch.float32, learned_eps=True, requires_grad=False)
-        _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
-        g = torch.randn(numel + 1, device="cuda")[1:].view(shape)
-        assert g.data_ptr() % 16 != 0
-        got = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
-        # The scalar loads sum in another order than the 16-byte ones: equal to rounding, not bitwise.
-        ref_args = [a.to("cpu", torch.float64).requires_grad_() for a in (x, w, b, t, e)]
-        _, expected = run_with_grads(frn_reference, *ref_args, g.to("cpu", torch.float64))
-        assert_grads_close((x, w, b, t, e), got, expected, *CUDA_TOL[torch.float32])
+    for path in ("warp_vec", "block_vec", "resident_vec", "resident_cluster"):
+        with kernel_setting(path):
+            _misaligned_and_strided(KERNEL_PATHS[path])
+
+
+def _misaligned_and_strided(shape):
+    numel = shape[0] * shape[1] * shape[2] * shape[3]
+    for dtype in (torch.float32, torch.float16):
+        base = torch.randn(numel + 1, device="cuda", dtype=dtype)
+        x = base[1:].view(shape)
+        assert x.data_ptr() % 16 != 0
+        _, w, b, t, e = _cuda_args(shape, dtype, learned_eps=True)
+        assert_matches_reference(x.detach().requires_grad_(), w, b, t, e, *CUDA_TOL[dtype])
+    wide = torch.randn(shape[0], shape[1] * 2, shape[2], shape[3], device="cuda")[:, ::2]
+    _, w, b, t, _ = _cuda_args(shape, torch.float32)
+    assert_matches_reference(wide.detach().requires_grad_(), w, b, t, None, 2e-4, 2e-4)
+    # an aligned x with a misaligned grad_out: the backward falls back to scalar loads
+    x, w, b, t, e = _cuda_args(shape, torch.float32, learned_eps=True, requires_grad=False)
+    _, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, e)
+    g = torch.randn(numel + 1, device="cuda")[1:].view(shape)
+    assert g.data_ptr() % 16 != 0
+    got = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, e, True)
+    # The scalar loads sum in another order than the 16-byte ones: equal to rounding, not bitwise.
+    ref_args = [a.to("cpu", torch.float64).requires_grad_() for a in (x, w, b, t, e)]
+    _, expected = run_with_grads(frn_reference, *ref_args, g.to("cpu", torch.float64))
+    assert_grads_close((x, w, b, t, e), got, expected, *CUDA_TOL[torch.float32])
 
 
 def _nonempty_paths():
-    return [p for p, s in CUDA_PATHS.items() if s[0] * s[1] * s[2] * s[3] > 0]
+    return [p for p, s in KERNEL_PATHS.items() if s[0] * s[1] * s[2] * s[3] > 0]
 
 
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("path", _nonempty_paths())
 def test_cuda_nan_stays_in_its_plane(path, channels_last):
-    shape = CUDA_PATHS[path]
+    shape = KERNEL_PATHS[path]
     x, w, b, t, _ = _cuda_args(shape, torch.float32, channels_last, requires_grad=False)
     g = torch.randn(shape, device="cuda")
     bad = x.clone()
@@ -601,10 +679,19 @@ def test_cuda_nan_stays_in_its_plane(path, channels_last):
     assert torch.isnan(grads_bad[0][0, 0]).any() and torch.isnan(grads_bad[1][0])  # and so do the gradients
 
 
+# Shapes of the tie-rule and TLU-mask tests, by path; "resident" runs with resident planes on.
+TIE_SHAPES = {"warp": (2, 2, 3, 17), "block": (2, 140, 3, 400), "split": (1, 2, 40, 102), "resident": (1, 2, 200, 336)}
+
+
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 2, 3, 17), (2, 140, 3, 400), (1, 2, 40, 102)], ids=["warp", "block", "split"])
-def test_cuda_tie_rule(shape, channels_last):
+@pytest.mark.parametrize("path", list(TIE_SHAPES))
+def test_cuda_tie_rule(path, channels_last):
+    with ops.cuda_resident_planes(path == "resident"):
+        _tie_rule(TIE_SHAPES[path], channels_last)
+
+
+def _tie_rule(shape, channels_last):
     # y = x * a + bias == tau exactly where x == 0 (bias == tau): those gradients go to y (bias).
     row = torch.tensor([0.0, 1.0, -1.0, 0.0, 2.0, -0.5])
     L = shape[2] * shape[3]
@@ -626,11 +713,17 @@ def test_cuda_tie_rule(shape, channels_last):
 
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(4, 64, 9, 9), (2, 300, 33, 33), (1, 4, 64, 64)], ids=["warp", "block", "split"])
-def test_cuda_tlu_mask_matches_the_cpu_kernels(shape, channels_last):
+@pytest.mark.parametrize("path,shape", [("warp", (4, 64, 9, 9)), ("block", (2, 300, 33, 33)), ("split", (1, 4, 64, 64)),
+                                        ("resident", (1, 4, 200, 336))], ids=["warp", "block", "split", "resident"])
+def test_cuda_tlu_mask_matches_the_cpu_kernels(path, shape, channels_last):
     # Given the same rstd, CPU and CUDA compute y = x * (gamma * rstd) + beta with the same roundings,
     # so they put every element on the same side of tau, also at exact ties: tau is set to the y of
     # one element per channel, computed as the CPU kernels do (rounded multiply, rounded add).
+    with ops.cuda_resident_planes(path == "resident"):
+        _tlu_mask_matches_the_cpu_kernels(shape, channels_last)
+
+
+def _tlu_mask_matches_the_cpu_kernels(shape, channels_last):
     x, w, b, _, _ = make_inputs(shape, dtype=torch.float32, channels_last=channels_last, requires_grad=False)
     _, rstd = torch.ops.frn_det.frn(x, w, b, None, 1e-6, None)
     a = w * rstd[0]
@@ -649,7 +742,7 @@ def test_cuda_tlu_mask_matches_the_cpu_kernels(shape, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("path", _nonempty_paths())
 def test_cuda_batch_independence(path, channels_last):
-    shape = CUDA_PATHS[path]
+    shape = KERNEL_PATHS[path]
     if shape[0] < 2:
         shape = (2,) + shape[1:]
     x, w, b, t, e = _cuda_args(shape, torch.float32, channels_last, learned_eps=True, requires_grad=False)
@@ -666,7 +759,7 @@ def test_cuda_batch_independence(path, channels_last):
 @pytest.mark.parametrize("path", _nonempty_paths())
 def test_cuda_runs_are_bitwise_identical(path, channels_last):
     for dtype in (torch.float32, torch.float16):
-        x, w, b, t, e = _cuda_args(CUDA_PATHS[path], dtype, channels_last, learned_eps=True, requires_grad=False)
+        x, w, b, t, e = _cuda_args(KERNEL_PATHS[path], dtype, channels_last, learned_eps=True, requires_grad=False)
         g = torch.randn_like(x)
         first, second = _op_out_and_grads(x, w, b, t, e, g), _op_out_and_grads(x, w, b, t, e, g)
         for a, b_ in zip(first, second):
@@ -674,8 +767,9 @@ def test_cuda_runs_are_bitwise_identical(path, channels_last):
 
 
 @cuda
-def test_cuda_non_default_stream():
-    x, w, b, t, e = _cuda_args(CUDA_PATHS["split_nchw"], torch.float32, learned_eps=True, requires_grad=False)
+@pytest.mark.parametrize("path", ["split_nchw", "resident_cluster"])
+def test_cuda_non_default_stream(path):
+    x, w, b, t, e = _cuda_args(KERNEL_PATHS[path], torch.float32, learned_eps=True, requires_grad=False)
     g = torch.randn_like(x)
     expected = _op_out_and_grads(x, w, b, t, e, g)
     stream = torch.cuda.Stream()
@@ -704,12 +798,36 @@ def test_cuda_second_device():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_half_inputs_up_to_6e4(dtype):
-    for path in ("warp_vec", "block_vec", "split_nchw"):
-        x, w, b, t, _ = _cuda_args(CUDA_PATHS[path], dtype, scale=2e4)
+    for path in ("warp_vec", "block_vec", "split_nchw", "resident_vec", "resident_cluster"):
+        x, w, b, t, _ = _cuda_args(KERNEL_PATHS[path], dtype, scale=2e4)
         with torch.no_grad():
             x.clamp_(-6e4, 6e4)
-        out, _ = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
+        with kernel_setting(path):
+            out, _ = assert_matches_reference(x, w, b, t, None, atol=2e-2, rtol=1e-2)
         assert torch.isfinite(out).all()
+
+
+@cuda
+def test_cuda_resident_plans():
+    # Which kernels each resident shape takes, forward / backward: on sm_90 exactly the table of
+    # kernel_paths (K blocks per plane from the 228 KB of shared memory per SM); before sm_90 no
+    # clusters. With resident planes off (the default) no shape takes them.
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    for path, shape in RESIDENT_PATHS.items():
+        for name, dtype in dtypes.items():
+            x = torch.empty(shape, device="cuda", dtype=dtype)
+            assert not any(torch.ops.frn_det._cuda_plan(x, bwd).startswith("resident") for bwd in (False, True))
+            with kernel_setting(path):
+                plans = tuple(torch.ops.frn_det._cuda_plan(x, bwd) for bwd in (False, True))
+                channels_last = torch.ops.frn_det._cuda_plan(x.contiguous(memory_format=torch.channels_last), False)
+            assert channels_last == "split", (path, name)
+            if sm90:
+                assert plans == RESIDENT_PLANS_SM90[path][name], (path, name)
+            elif path in ("resident_vec", "resident_scalar"):
+                assert plans == ("resident:1", "resident:1"), (path, name)
+            if torch.cuda.get_device_capability()[0] < 9:
+                assert all(p in ("resident:1", "split") for p in plans), (path, name, plans)
 
 
 @cuda

@@ -16,6 +16,8 @@ each parameter gradient its parameter's dtype. Autograd is registered in C++
 The op's C++ prologue checks its arguments with ``validation``'s messages, so callers of the op need
 no Python checks; the fake kernels below run ``validation`` itself.
 """
+import contextlib
+
 import torch
 
 from .validation import accumulation_dtype, check_frn_args, check_frn_backward_args
@@ -38,6 +40,21 @@ def is_available() -> bool:
 
 def load_error():
     return _LOAD_ERROR
+
+
+@contextlib.contextmanager
+def cuda_resident_planes(enabled=True):
+    """Within the block, the CUDA kernels hold each NCHW plane on chip between its statistics and its
+    output (one DRAM pass: the plane's share in shared memory of one block, or of a thread-block
+    cluster on sm_90+), where it fits; outside it, the setting it had before. Other paths and the
+    CPU kernels are unaffected. Opt-in (``FRN_DET_CUDA_RESIDENT=1`` sets it for a whole process)
+    until these kernels have passed ``tools/gpu_check.sh`` on a GPU: written and compiled, not yet
+    run on one. The setting is read when a kernel launches (for CUDA graphs: at capture)."""
+    previous = torch.ops.frn_det._set_cuda_resident(bool(enabled))
+    try:
+        yield
+    finally:
+        torch.ops.frn_det._set_cuda_resident(previous)
 
 
 def _kernel_memory_format(x):

@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -99,6 +101,17 @@ void set_test_limits(int64_t max_grid, bool force_int64) {
   test_limits() = TestLimits{max_grid, force_int64};
 }
 
+bool set_cuda_resident(bool enabled) {
+  return kernel_options().cuda_resident.exchange(enabled);
+}
+
+// The CUDA kernels' plan is only defined for CUDA tensors (cuda/ registers the real one).
+std::string cuda_plan_without_kernels(const at::Tensor& x, bool backward) {
+  (void)backward;
+  TORCH_CHECK_VALUE(false, "_cuda_plan: x must be a CUDA tensor in a build with CUDA kernels, got a ",
+                    x.device().type(), " tensor");
+}
+
 } // namespace
 
 FrnArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -177,6 +190,14 @@ TestLimits& test_limits() {
   return limits;
 }
 
+KernelOptions& kernel_options() {
+  static KernelOptions options{[] {
+    const char* env = std::getenv("FRN_DET_CUDA_RESIDENT");
+    return env != nullptr && std::string(env) == "1";
+  }()};
+  return options;
+}
+
 ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::Tensor gt, at::Tensor ge) {
   return {gw.to(a.weight_in.scalar_type()), gb.to(a.bias_in.scalar_type()),
           a.tau_in.defined() ? gt.to(a.tau_in.scalar_type()) : at::empty({0}, a.x.options().dtype(a.acc)),
@@ -201,6 +222,11 @@ TORCH_LIBRARY(frn_det, m) {
 // For the tests only: see TestLimits in frn.h. Not part of the op's API.
 TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   m.def("_set_test_limits(int max_grid, bool force_int64) -> ()", &frn_det::set_test_limits);
+  // KernelOptions (frn.h): turns resident CUDA planes on or off, returns the previous setting.
+  m.def("_set_cuda_resident(bool enabled) -> bool", &frn_det::set_cuda_resident);
+  // Which CUDA kernels frn (or, backward, frn_backward with grad_x) runs for an aligned x:
+  // "warp", "block", "split" or "resident:K" (K blocks per plane).
+  m.def("_cuda_plan(Tensor x, bool backward) -> str");
 }
 
 // The backends' kernels register themselves in cpu/ and cuda/. The dispatcher uses a
@@ -210,4 +236,5 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
 TORCH_LIBRARY_IMPL(frn_det, CompositeExplicitAutograd, m) {
   m.impl("frn", &frn_det::frn_without_kernels);
   m.impl("frn_backward", &frn_det::frn_backward_without_kernels);
+  m.impl("_cuda_plan", &frn_det::cuda_plan_without_kernels);
 }

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -89,5 +90,14 @@ struct TestLimits {
   bool force_int64 = false;
 };
 TestLimits& test_limits();
+
+// Choices among correct kernels, set at run time through torch.ops.frn_det._set_cuda_resident
+// (frn_det.layers.ops.cuda_resident_planes). cuda_resident: NCHW planes held on chip between the
+// statistics and the output (one DRAM pass; cuda/frn_kernel.cu, plan_of); opt-in until it has
+// passed tools/gpu_check.sh on a GPU; FRN_DET_CUDA_RESIDENT=1 in the environment turns it on at load.
+struct KernelOptions {
+  std::atomic<bool> cuda_resident{false};
+};
+KernelOptions& kernel_options();
 
 } // namespace frn_det

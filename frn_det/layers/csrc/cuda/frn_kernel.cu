@@ -26,11 +26,13 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "frn.h"
@@ -279,6 +281,139 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(Data<scalar_
           }
           dp[i] = o;
         }
+      }
+    }
+  }
+}
+
+// ---- resident planes (NCHW): one DRAM pass -----------------------------------------------------
+// A plane (forward: x; backward: x and grad_out) is read from DRAM once into the shared memory of K
+// blocks: one block (K = 1, any GPU) or a thread-block cluster (K = 2..8, sm_90+), each block holding
+// one contiguous share of the plane's vectors. Each block sums its share; the K block sums are added
+// in rank order through distributed shared memory, so every block of the cluster gets the same bits;
+// then each block writes its share's output from shared memory. Forward moves 2S bytes and backward
+// 3S, where the two-sweep kernels read each plane twice (3S and 5S) once it has left L2.
+// Each thread reads back, in the second phase, exactly the shared-memory slots it wrote in the first:
+// the plane's data needs no barrier between the phases or between planes.
+
+// The cluster's share of the work: K blocks per plane, the rank of this block, `share` vectors each.
+struct Resident {
+  int64_t K, share;
+};
+
+// Adds the kN block sums of the K blocks of a cluster in rank order (identical in every block).
+// block_part is this block's slot, read by the others; every thread of the cluster must call it.
+template <bool kCluster, int kN, typename acc_t>
+__device__ __forceinline__ void cluster_sum(acc_t (&s)[kN], acc_t* block_part, int64_t K) {
+  if constexpr (kCluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        block_part[k] = s[k];
+      }
+    }
+    cluster.sync(); // every block's part written (and visible cluster-wide)
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      acc_t total = 0;
+      for (unsigned r = 0; r < static_cast<unsigned>(K); ++r) {
+        total += *cluster.map_shared_rank(block_part + k, r);
+      }
+      s[k] = total;
+    }
+    cluster.sync(); // every part read before any block writes the next plane's, or exits
+#else
+    __trap(); // the launcher uses clusters on sm_90+ only
+#endif
+  }
+}
+
+// kN = 1: forward (x^2 sums, rstd, output); kN = 3: backward (A, B, T, grad_x; d.out is grad_x).
+template <typename scalar_t, int kVec, int kN, bool kCluster>
+__global__ void __launch_bounds__(kBlock) frn_resident_kernel(Data<scalar_t> d, int64_t P, int64_t C, int64_t L, Resident rs) {
+  using acc_t = typename Acc<scalar_t>::type;
+  using pack_t = Pack<scalar_t, kVec>;
+  constexpr bool kBwd = kN == 3;
+  extern __shared__ __align__(16) unsigned char resident_smem[];
+  __shared__ acc_t red[kN * (kBlock / kWarp)];
+  __shared__ acc_t block_part[kN];
+  pack_t* xs = reinterpret_cast<pack_t*>(resident_smem);
+  pack_t* gs = xs + rs.share; // backward: grad_out's share after x's
+  const bool tlu = d.tau != nullptr;
+  const acc_t eps_eff = eps_eff_of(d.eps, d.eps_l);
+  const int64_t rank = static_cast<int64_t>(blockIdx.x) % rs.K; // a 1-D cluster's rank
+  const int64_t begin = rank * rs.share;
+  const int64_t end = ::min(L / kVec, begin + rs.share); // the launcher picks kVec > 1 only when kVec divides L
+  // Every block of a cluster takes the same planes (a cluster-uniform loop: cluster_sum syncs).
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) / rs.K; p < P; p += gridDim.x / rs.K) {
+    const int64_t c = p % C;
+    const pack_t* xp = reinterpret_cast<const pack_t*>(d.x + p * L);
+    const pack_t* gp = reinterpret_cast<const pack_t*>(kBwd ? d.g + p * L : nullptr);
+    acc_t r, a, bb = d.b[c], t = tlu ? d.tau[c] : acc_t(0);
+    if constexpr (kBwd) {
+      r = d.rstd[p];
+      a = mul_rn(d.w[c], r);
+    }
+    acc_t s[kN] = {};
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+      const pack_t xv = xp[i];
+      xs[i - begin] = xv;
+      if constexpr (kBwd) {
+        const pack_t gv = gp[i];
+        gs[i - begin] = gv;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          accumulate(s, static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const acc_t f = static_cast<acc_t>(xv.v[k]);
+          s[0] += f * f;
+        }
+      }
+    }
+    group_sum<kBlock, kN>(s, red);
+    cluster_sum<kCluster, kN>(s, block_part, rs.K);
+    const bool writes_stats = rank == 0 && threadIdx.x == 0;
+    pack_t* op = reinterpret_cast<pack_t*>(d.out + p * L);
+    if constexpr (kBwd) {
+      if (writes_stats) {
+        d.A[p] = s[0];
+        d.B[p] = s[1];
+        d.T[p] = s[2];
+      }
+      const acc_t cx = cx_of(d.w[c], r, s[0], L);
+#pragma unroll 4
+      for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+        const pack_t xv = xs[i - begin];
+        const pack_t gv = gs[i - begin];
+        pack_t o;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          o.v[k] = static_cast<scalar_t>(
+              grad_x(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu, cx));
+        }
+        op[i] = o;
+      }
+    } else {
+      r = rstd_from(s[0], L, eps_eff);
+      if (writes_stats) {
+        d.rstd[p] = r;
+      }
+      a = mul_rn(d.w[c], r);
+#pragma unroll 4
+      for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+        const pack_t xv = xs[i - begin];
+        pack_t o;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          o.v[k] = static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(xv.v[k]), a, bb), t, tlu));
+        }
+        op[i] = o;
       }
     }
   }
@@ -572,12 +707,59 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// Fused per-plane kernels pay off when every SM gets a plane (or a warp's worth of small planes).
-bool use_plane_kernels(Layout layout, int64_t P, int64_t L) {
-  if (layout != Layout::NCHW) {
-    return false;
+// Resident blocks per SM the plan aims for (several planes' loads in flight on each SM), a bound on a
+// resident block's static shared memory (red and block_part: under 256 bytes; sm_90's resource
+// usage adds its 1 KB reserved), the portable cluster size.
+constexpr int64_t kResidentBlocksPerSm = 3;
+constexpr int64_t kResidentStaticSmem = 2048;
+constexpr int64_t kMaxCluster = 8;
+
+// Which kernels a call runs (and, for resident planes, on how many blocks per plane).
+struct Plan {
+  enum Kind { kWarpPlane, kBlockPlane, kSplit, kResident } kind;
+  Resident rs{1, 0};
+  int64_t smem = 0; // resident: dynamic shared memory per block
+};
+
+// Resident planes of L elements read in vectors of `vec` elements of `elem` bytes, `tensors` planes
+// held (forward 1, backward 2): the fewest blocks per plane whose share fits the per-block target
+// (kResidentBlocksPerSm blocks per SM), up to one block, or a cluster of kMaxCluster on sm_90+
+// (whose shares may then fill a block's whole shared memory). K = 0: the plane does not fit.
+Plan resident_plan(int64_t L, int64_t vec, int64_t elem, int64_t tensors) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t block_max = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - kResidentStaticSmem;
+  const int64_t target = std::min<int64_t>(
+      block_max, static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / kResidentBlocksPerSm -
+          static_cast<int64_t>(prop->reservedSharedMemPerBlock) - kResidentStaticSmem);
+  const int64_t max_k = prop->major >= 9 ? kMaxCluster : 1;
+  const int64_t nvec = L / vec, slot = vec * elem * tensors;
+  for (int64_t K = 1; K <= max_k; ++K) {
+    const int64_t share = (nvec + K - 1) / K;
+    if (share * slot <= target || (K == max_k && share * slot <= block_max)) {
+      return {Plan::kResident, Resident{K, share}, share * slot};
+    }
   }
-  return L <= kWarpPlaneMax || P >= 2 * static_cast<int64_t>(num_sms());
+  return {Plan::kResident, Resident{0, 0}, 0};
+}
+
+// The path of a call: NHWC always splits; NCHW takes a warp per small plane, resident planes when
+// enabled (kernel_options) and the plane fits on chip (backward: only with grad_x, else one sweep
+// is all it reads), a block per plane when every SM gets a plane, else the split path.
+// vec: the element count of the vector loads the call can use (16 bytes, or 1).
+Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, int64_t vec, bool backward, bool grad_input) {
+  if (layout != Layout::NCHW) {
+    return {Plan::kSplit};
+  }
+  if (L <= kWarpPlaneMax) {
+    return {Plan::kWarpPlane};
+  }
+  if (kernel_options().cuda_resident && (!backward || grad_input)) {
+    const Plan plan = resident_plan(L, vec, elem, backward ? 2 : 1);
+    if (plan.rs.K > 0) {
+      return plan;
+    }
+  }
+  return {P >= 2 * static_cast<int64_t>(num_sms()) ? Plan::kBlockPlane : Plan::kSplit};
 }
 
 // Chunking of the split path: about 4 blocks per SM in total, chunks of at least min_chunk.
@@ -619,6 +801,39 @@ struct BackwardPlane {
     frn_backward_plane_kernel<scalar_t, kTPP, kVec><<<grid, kBlock, 0, s>>>(d, P, C, L);
   }
 };
+
+// Launches the resident kernel (kN 1: forward, 3: backward) with the plan's K blocks per plane as a
+// cluster when K > 1, on a grid of as many clusters as fit on the GPU at once (each loops over planes).
+template <typename scalar_t, int kN>
+void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, bool vec, const Plan& plan,
+                  cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t K = plan.rs.K;
+  auto kernel = vec ? (K > 1 ? frn_resident_kernel<scalar_t, kVec, kN, true> : frn_resident_kernel<scalar_t, kVec, kN, false>)
+                    : (K > 1 ? frn_resident_kernel<scalar_t, 1, kN, true> : frn_resident_kernel<scalar_t, 1, kN, false>);
+  if (plan.smem > 48 * 1024) { // CUDA's default limit of dynamic shared memory per block
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  }
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t per_sm = std::clamp<int64_t>(
+      static_cast<int64_t>(prop->sharedMemPerMultiprocessor) /
+          (plan.smem + static_cast<int64_t>(prop->reservedSharedMemPerBlock) + kResidentStaticSmem),
+      1, static_cast<int64_t>(prop->maxThreadsPerMultiProcessor) / kBlock);
+  const int64_t clusters = std::min({P, std::max<int64_t>(1, num_sms() * per_sm / K), grid_cap()});
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(clusters * K));
+  config.blockDim = dim3(kBlock);
+  config.dynamicSmemBytes = static_cast<size_t>(plan.smem);
+  config.stream = stream;
+  cudaLaunchAttribute cluster_dim = {};
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  config.attrs = &cluster_dim;
+  config.numAttrs = K > 1 ? 1 : 0; // GPUs before sm_90 take no cluster attribute
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, d, P, C, L, plan.rs));
+}
 
 // The split path: statistics with partial sums, the finalize kernel into out0..out2, then the
 // element-wise pass (skipped when apply is false: backward without grad_x).
@@ -700,11 +915,17 @@ ForwardOut frn_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const Data<scalar_t> d = data_of<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
-    if (use_plane_kernels(a.layout, P, a.L)) {
-      const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.out);
-      PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, vec, stream);
-    } else {
-      run_split<scalar_t, 1>(a, d, d.rstd, nullptr, nullptr, true, stream);
+    const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.out);
+    const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), vec ? 16 / sizeof(scalar_t) : 1, false, false);
+    switch (plan.kind) {
+      case Plan::kResident:
+        run_resident<scalar_t, 1>(d, P, a.C, a.L, vec, plan, stream);
+        break;
+      case Plan::kSplit:
+        run_split<scalar_t, 1>(a, d, d.rstd, nullptr, nullptr, true, stream);
+        break;
+      default:
+        PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, vec, stream);
     }
   });
   return {out, rstd};
@@ -753,12 +974,18 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
       d.A = A.mutable_data_ptr<acc_t>();
       d.B = B.mutable_data_ptr<acc_t>();
       d.T = T.mutable_data_ptr<acc_t>();
-      if (use_plane_kernels(a.layout, P, a.L)) {
-        const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.g) &&
-            (dx == nullptr || aligned16(dx));
-        PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, vec, stream);
-      } else {
-        run_split<scalar_t, 3>(a, d, d.A, d.B, d.T, dx != nullptr, stream);
+      const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.g) &&
+          (dx == nullptr || aligned16(dx));
+      const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), vec ? 16 / sizeof(scalar_t) : 1, true, dx != nullptr);
+      switch (plan.kind) {
+        case Plan::kResident:
+          run_resident<scalar_t, 3>(d, P, a.C, a.L, vec, plan, stream);
+          break;
+        case Plan::kSplit:
+          run_split<scalar_t, 3>(a, d, d.A, d.B, d.T, dx != nullptr, stream);
+          break;
+        default:
+          PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, vec, stream);
       }
     });
   } else {
@@ -770,6 +997,25 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
   return {grad_x, gw, gb, gt, ge};
 }
 
+// The plan frn (backward: frn_backward with grad_x) runs for x, with 16-byte loads where L allows them.
+std::string cuda_plan(const at::Tensor& x, bool backward) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "_cuda_plan: x must be 4D (N, C, H, W), got ", x.dim(), "D");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t elem = x.element_size(), L = x.size(2) * x.size(3);
+  const int64_t vec = L % (16 / elem) == 0 ? 16 / elem : 1;
+  const Plan plan = plan_of(layout_of(x), x.size(0) * x.size(1), L, elem, vec, backward, true);
+  switch (plan.kind) {
+    case Plan::kWarpPlane:
+      return "warp";
+    case Plan::kBlockPlane:
+      return "block";
+    case Plan::kSplit:
+      return "split";
+    default:
+      return "resident:" + std::to_string(plan.rs.K);
+  }
+}
+
 } // namespace
 } // namespace frn_det
 
@@ -777,4 +1023,5 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
 TORCH_LIBRARY_IMPL(frn_det, CUDA, m) {
   m.impl("frn", TORCH_FN(frn_det::frn_forward_cuda));
   m.impl("frn_backward", TORCH_FN(frn_det::frn_backward_cuda));
+  m.impl("_cuda_plan", TORCH_FN(frn_det::cuda_plan));
 }
