@@ -13,6 +13,7 @@ Examples::
     python -m benchmarks.benchmark_frn --device cuda --shapes fpn_p2,fpn_p6 --profile   # where the time goes
     python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --threads 2 1 --iters 30
     python -m benchmarks.benchmark_frn --device cuda --dtype float16 bfloat16 --amp --memory-floor --kernel-time
+    python -m benchmarks.benchmark_frn --device cuda --memory-floor --kernel-time --kernels default resident
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -23,8 +24,8 @@ import torch
 
 from frn_det.layers import ops
 
-from .op import (DTYPES, SHAPES, copy_bandwidth, format_floor_table, format_table, make_methods, memory_floor,
-                 parse_shapes, profile, run)
+from .op import (DTYPES, KERNEL_SETTINGS, SHAPES, copy_bandwidth, format_floor_table, format_table, make_methods,
+                 memory_floor, parse_shapes, profile, run)
 
 
 def main(argv=None):
@@ -43,6 +44,9 @@ def main(argv=None):
                         help="min is the better estimate on a machine shared with other jobs")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="the methods to time (default: all; 'compiled reference' costs a compilation per shape)")
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETTINGS), default=["default"],
+                        help="the op's kernel settings, each timed as its own method ('op', 'op (resident)') and in "
+                             "the memory floor; resident: CUDA's opt-in resident planes (ops.cuda_resident_planes)")
     switches = {
         "--copy-bandwidth": "also measure a device copy and give bandwidth as %% of it",
         "--profile": "instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
@@ -61,6 +65,8 @@ def main(argv=None):
         parser.error("--amp: --dtype must be float16 and/or bfloat16 (the activations' dtype under autocast)")
     if args.kernel_time and (args.device != "cuda" or args.profile):
         parser.error("--kernel-time: needs --device cuda (CUDA graphs) and is a timing mode, not --profile's")
+    if "resident" in args.kernels and args.device != "cuda":
+        parser.error("--kernels resident: a setting of the CUDA kernels; needs --device cuda")
     known = set(make_methods(8)) | {"op"}  # the op is a method even where frn_det._C is not built
     if args.methods and set(args.methods) - known:
         parser.error(f"--methods: unknown {sorted(set(args.methods) - known)}; known: {sorted(known)}")
@@ -91,12 +97,12 @@ def main(argv=None):
                         print("\n" + profile(device, dtype, shapes, args.iters, channels_last, amp=args.amp))
                     elif args.memory_floor:
                         rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat, args.amp,
-                                            args.kernel_time)
+                                            args.kernel_time, args.kernels)
                         print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat,
                                                         args.amp, args.kernel_time))
                     else:
                         rows = run(device, dtype, shapes, args.iters, channels_last, args.stat, args.methods,
-                                   args.amp, args.kernel_time)
+                                   args.amp, args.kernel_time, args.kernels)
                         print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs,
                                                   args.amp, args.kernel_time))
 

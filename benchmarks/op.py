@@ -18,9 +18,12 @@ Two settings apply to both: ``amp`` keeps the parameters in fp32 while x has the
 and runs every method under ``torch.autocast`` (how AMP training calls a norm: BatchNorm takes fp16
 input with fp32 parameters, autocast runs GroupNorm in fp32); ``kernel_time`` (CUDA) times a CUDA
 graph replay of 20 calls instead of one call, so that the host's per-call cost is out of the time.
+``kernels`` names the op's kernel settings to time side by side (:data:`KERNEL_SETTINGS`: the
+default kernels, and CUDA's opt-in resident planes), each entered outside the timed region.
 
 Used by benchmarks/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
+import contextlib
 import statistics
 import sys
 import time
@@ -50,6 +53,13 @@ DEFAULT_SHAPES = {
     "cuda": list(SHAPES),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# The op's kernel settings: name -> a context manager factory the op's calls run under.
+KERNEL_SETTINGS = {"default": contextlib.nullcontext, "resident": ops.cuda_resident_planes}
+
+
+def op_name(kernels):
+    """The method name of the op under a kernel setting: "op", "op (resident)"."""
+    return "op" if kernels == "default" else f"op ({kernels})"
 
 
 def parse_shapes(spec, device):
@@ -147,13 +157,26 @@ def graph_timer(fn, reps=KERNEL_TIME_REPS):
     return lambda: time_once(graph.replay, "cuda") / reps
 
 
-def make_timer(fn, device, kernel_time):
-    """A function that returns one timing of ``fn`` in seconds: a call, or (kernel_time) its device work."""
+def make_timer(fn, device, kernel_time, setting=contextlib.nullcontext):
+    """A function that returns one timing of ``fn`` in seconds: a call, or (kernel_time) its device
+    work; ``fn`` runs under ``setting()`` (a CUDA graph: its capture), entered outside the timing."""
     if kernel_time:
         if device != "cuda":
             raise ValueError("kernel time is CUDA's (a CUDA graph replay): on the CPU, time per call")
-        return graph_timer(fn)
-    return lambda: time_once(fn, device)
+        with setting():
+            return graph_timer(fn)
+
+    def timer():
+        with setting():
+            return time_once(fn, device)
+
+    return timer
+
+
+def _warm_up(fns, setting):
+    with setting():
+        for fn in fns * 2:  # warm-up (and compilation)
+            fn()
 
 
 def make_closures(module, x, grad_out, amp=False):
@@ -192,9 +215,20 @@ def copy_bandwidth(device, nbytes=256 << 20, iters=10):
     return 2 * nbytes / min(time_once(lambda: dst.copy_(src), device) for _ in range(iters)) / 1e9
 
 
-def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=False, kernel_time=False):
+def _variants(methods, kernels):
+    """(method name, factory, setting) of :func:`make_methods`, the op once per kernel setting."""
+    for method, factory in methods.items():
+        if method == "op":
+            for k in kernels:
+                yield op_name(k), factory, KERNEL_SETTINGS[k]
+        else:
+            yield method, factory, contextlib.nullcontext
+
+
+def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=False, kernel_time=False,
+        kernels=("default",)):
     """Rows of :func:`format_table`: every method of :func:`make_methods` (or those named in
-    ``methods``) on each shape."""
+    ``methods``, "op" standing for the op under every setting of ``kernels``) on each shape."""
     _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
     rows = []
@@ -203,15 +237,14 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=Fal
         x, grad_out = _inputs(shape, device, dtype, channels_last)
         nbytes = x.numel() * x.element_size()
         closures, errors = {}, {}
-        for method, factory in make_methods(shape[1]).items():
-            if methods is not None and method not in methods:
+        for method, factory, setting in _variants(make_methods(shape[1]), kernels):
+            if methods is not None and method.partition(" (")[0] not in methods:
                 continue
             try:
                 module = factory().to(device=device, dtype=None if amp else dtype).train()
                 fns = make_closures(module, x, grad_out, amp)
-                for fn in fns * 2:  # warm-up (and compilation)
-                    fn()
-                closures[method] = [make_timer(fn, device, kernel_time) for fn in fns]
+                _warm_up(fns, setting)
+                closures[method] = [make_timer(fn, device, kernel_time, setting) for fn in fns]
             except Exception as e:  # report, keep benchmarking the other methods
                 errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
         # Methods take turns in every round, so that load from other processes hits them alike.
@@ -232,7 +265,8 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=Fal
     return rows
 
 
-def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, kernel_time=False):
+def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, kernel_time=False,
+                 kernels=("default",)):
     """The op's forward, backward and forward+backward against the time of the memory traffic they
     need, timed in the same run (every closure once per round, rounds interleaved).
 
@@ -240,8 +274,9 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, k
     and writes grad_x (its per-plane sums need no more traffic when taken in the same pass): its
     floor is x + grad_out. Each floor runs into a preallocated output (the memory's own speed) and
     into a fresh one, as the op writes (allocation and first-touch page faults included). The op
-    is called through the dispatcher without autograd, TLU on, grad_x computed.
-    Rows: (name, shape, pass, op s, floor s, fresh-output floor s)."""
+    is called through the dispatcher without autograd, TLU on, grad_x computed, under each kernel
+    setting of ``kernels``.
+    Rows: (name, shape, pass, kernel setting, op s, floor s, fresh-output floor s)."""
     _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
     frn_op, backward_op = torch.ops.frn_det.frn.default, torch.ops.frn_det.frn_backward.default
@@ -260,17 +295,21 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, k
         }
         passes["forward+backward"] = tuple(
             (lambda f=f, g=g: (f(), g())) for f, g in zip(passes["forward"], passes["backward"]))
-        closures = [fn for fns in passes.values() for fn in fns]
-        for fn in closures * 2:  # warm-up
-            fn()
-        timers = [make_timer(fn, device, kernel_time) for fn in closures]
+        # (pass, setting name, fn, setting): the op under each setting, then the two floors
+        closures = [(kind, k, fns[0], KERNEL_SETTINGS[k]) for kind, fns in passes.items() for k in kernels]
+        closures += [(kind, floor, fn, contextlib.nullcontext)
+                     for kind, fns in passes.items() for floor, fn in zip(("floor", "fresh"), fns[1:])]
+        for _, _, fn, setting in closures:
+            _warm_up([fn], setting)
+        timers = [make_timer(fn, device, kernel_time, setting) for _, _, fn, setting in closures]
         times = [[] for _ in closures]
         for _ in range(iters):
             for i, timer in enumerate(timers):
                 times[i].append(timer())
-        for k, kind in enumerate(passes):
-            op_s, floor_s, fresh_s = (reduce(times[3 * k + j]) for j in range(3))
-            rows.append((name, shape, kind, op_s, floor_s, fresh_s))
+        t = {(kind, what): reduce(times[i]) for i, (kind, what, _, _) in enumerate(closures)}
+        for kind in passes:
+            for k in kernels:
+                rows.append((name, shape, kind, k, t[kind, k], t[kind, "floor"], t[kind, "fresh"]))
         print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
     return rows
 
@@ -281,13 +320,13 @@ def format_floor_table(rows, device, dtype, channels_last, iters, stat, amp=Fals
              f"{stat} of {iters} interleaved runs", "",
              "Floor: forward = copy of x, backward = x + grad_out; into a preallocated output, and into a fresh "
              "one (as the op writes). % of floor: floor time / op time.", "",
-             "| shape | N,C,H,W | pass | op ms | floor ms | op / floor | % of floor | fresh-output floor ms "
+             "| shape | N,C,H,W | pass | kernels | op ms | floor ms | op / floor | % of floor | fresh-output floor ms "
              "| op / fresh floor |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, shape, kind, op_s, floor_s, fresh_s in rows:
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, shape, kind, kernels, op_s, floor_s, fresh_s in rows:
         dims = "x".join(str(d) for d in shape)
-        lines.append(f"| {name} | {dims} | {kind} | {op_s * 1e3:.3f} | {floor_s * 1e3:.3f} | {op_s / floor_s:.2f} | "
-                     f"{100 * floor_s / op_s:.0f} | {fresh_s * 1e3:.3f} | {op_s / fresh_s:.2f} |")
+        lines.append(f"| {name} | {dims} | {kind} | {kernels} | {op_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
+                     f"{op_s / floor_s:.2f} | {100 * floor_s / op_s:.0f} | {fresh_s * 1e3:.3f} | {op_s / fresh_s:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ iteration of each per round) so that load on a shared machine, or a GPU's clocks
 after the warm-up rounds each iteration's wall time (the device synchronised around it), process CPU
 time and, on CUDA, the peak memory it allocated above what was allocated before it (activations and
 workspaces; the models' parameters and optimizer state are resident throughout) are kept."""
+import contextlib
 import itertools
 import os
 import statistics
@@ -24,9 +25,11 @@ from frn_det.layers import ops
 from frn_det.modeling import build_optimizer
 
 # name -> (norm name, MODEL.FRN.IMPL, more config lines); the defaults leave out the centred variant
+# and the op under CUDA's opt-in resident planes (ops.cuda_resident_planes, held through each iteration)
 VARIANTS = {"BN": ("BN", None, ()), "GN": ("GN", None, ()), "FRN (op)": ("FRN", "op", ()),
-            "FRN (reference)": ("FRN", "reference", ()),
+            "FRN (op, resident)": ("FRN", "op", ()), "FRN (reference)": ("FRN", "reference", ()),
             "FRN centred": ("FRN", "auto", ("MODEL.FRN.CENTERED", True))}
+RESIDENT_VARIANTS = {"FRN (op, resident)"}
 DEFAULT_VARIANTS = ["BN", "GN", "FRN (op)", "FRN (reference)"]
 # short names of the detectron2 model-zoo configs the benchmark is usually run on
 MODELS = {"retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
@@ -76,6 +79,8 @@ def _why_not(name, amp, device):
         return f"frn_det._C not built ({ops.load_error()})"
     if amp and not device.startswith("cuda"):
         return "detectron2's AMPTrainer requires CUDA"
+    if name in RESIDENT_VARIANTS and not device.startswith("cuda"):
+        return "resident planes are a setting of the CUDA kernels"
     return None
 
 
@@ -102,8 +107,10 @@ def time_steps(variants, config, depth, images, size, device, warmup, iters, opt
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start_memory = torch.cuda.memory_allocated()
+            resident = ops.cuda_resident_planes() if key[0] in RESIDENT_VARIANTS else contextlib.nullcontext()
             wall, cpu = time.perf_counter(), time.process_time()
-            trainer.train(i, i + 1)  # one iteration, as detectron2's training loop runs it
+            with resident:
+                trainer.train(i, i + 1)  # one iteration, as detectron2's training loop runs it
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:

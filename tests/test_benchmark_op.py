@@ -30,11 +30,32 @@ def test_every_method_runs_under_amp(dtype):
 def test_memory_floor_under_amp_and_its_table():
     rows = bench.memory_floor("cpu", torch.bfloat16, SHAPE, 1, False, "min", amp=True)
     assert [r[2] for r in rows] == ["forward", "backward", "forward+backward"]
-    assert all(r[3] > 0 and r[4] > 0 and r[5] > 0 for r in rows)
+    assert all(r[3] == "default" and r[4] > 0 and r[5] > 0 and r[6] > 0 for r in rows)
     table = bench.format_floor_table(rows, "cpu", torch.bfloat16, False, 1, "min", amp=True)
     assert "bfloat16 with fp32 parameters (AMP: autocast)" in table
-    name, shape, kind, op_s, floor_s, fresh_s = rows[2]
+    name, shape, kind, kernels, op_s, floor_s, fresh_s = rows[2]
     assert f"| {op_s / floor_s:.2f} | {100 * floor_s / op_s:.0f} |" in table
+
+
+@pytest.mark.skipif(not ops.is_available(), reason="frn_det._C is not built")
+def test_kernel_settings_are_timed_side_by_side_under_their_setting(monkeypatch):
+    # Each kernel setting is its own row, and the op runs under it (checked from inside the op's call).
+    seen = []
+    real = torch.ops.frn_det.frn
+
+    def spy(*args):
+        current = torch.ops.frn_det._set_cuda_resident(False)
+        torch.ops.frn_det._set_cuda_resident(current)
+        seen.append(current)
+        return real(*args)
+
+    monkeypatch.setattr(bench, "frn", lambda *a, impl: spy(*a)[0])
+    rows = bench.run("cpu", torch.float32, SHAPE, 1, False, "min", methods=["op", "BatchNorm2d+ReLU"],
+                     kernels=("default", "resident"))
+    assert [r[2] for r in rows] == ["op", "op (resident)", "BatchNorm2d+ReLU"]
+    assert True in seen and False in seen
+    floor = bench.memory_floor("cpu", torch.float32, SHAPE, 1, False, "min", kernels=("default", "resident"))
+    assert [(r[2], r[3]) for r in floor][:2] == [("forward", "default"), ("forward", "resident")]
 
 
 def test_amp_needs_a_half_dtype_and_kernel_time_needs_cuda():

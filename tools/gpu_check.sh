@@ -11,18 +11,21 @@
 #   2. build frn_det._C in place against that torch (torch targets the visible GPU);
 #   3. the op and layer tests with FRN_DET_REQUIRE_CUDA=1 (a CUDA test that cannot run fails);
 #   4. detectron2 training iterations (python -m benchmarks.benchmark_step): RetinaNet and Mask R-CNN
-#      R50-FPN, two 800x1333 images, BN / GN / FRN op / FRN reference / the centred variant (the
-#      study's answer: GroupNorm's kernel with C groups, then the TLU), AMP off and on (detectron2's
-#      SimpleTrainer / AMPTrainer), interleaved; median, range, ratio to BN, step memory;
+#      R50-FPN, two 800x1333 images, BN / GN / FRN op / FRN op with resident planes (opt-in CUDA
+#      kernels, ops.cuda_resident_planes) / FRN reference / the centred variant (the study's answer:
+#      GroupNorm's kernel with C groups, then the TLU), AMP off and on (detectron2's SimpleTrainer /
+#      AMPTrainer), interleaved; median, range, ratio to BN, step memory;
 #   5. a short real training: make demo's FRN RetinaNet (configs/synthetic/retinanet_R18_FPN_FRN.yaml,
 #      1900 iterations, then COCO evaluation) with tools/train_net.py on the GPU, AMP off and on at
 #      once, against the box AP make demo measured on the CPU (README);
-#   6. compute-sanitizer memcheck (every dtype) over every CUDA kernel path (tests/kernel_paths.py);
+#   6. compute-sanitizer memcheck (every dtype) over every CUDA kernel path (tests/kernel_paths.py,
+#      the resident planes' included);
 #   7. python -m benchmarks.benchmark_frn on the R50-FPN shapes, NCHW and channels_last, in fp32 and
 #      in fp16 and bf16 as AMP runs them (--amp: fp32 parameters, autocast): op, reference,
 #      BatchNorm2d+ReLU, GroupNorm+ReLU per call (no torch.compile: its compilations cost minutes),
 #      time, GB/s and % of a device copy in the same run; then op, BN and GN in kernel time (CUDA
-#      graph replays: the host out of it); then the op against its memory floor in kernel time;
+#      graph replays: the host out of it); then the op against its memory floor in kernel time; the
+#      op each time with the default kernels and with resident planes (--kernels default resident);
 #   8. compute-sanitizer racecheck (fp32) over the same paths; 9. the --profile of a large and a small map.
 # Without a GPU it is a dry run of the same steps on the CPU at tiny sizes (CI runs it): the built
 # extension is reused, the tests are collected, the paths run without sanitizer, the training
@@ -198,17 +201,17 @@ if [ "$GPU" = 1 ]; then
     $xdist tests/test_frn_op.py tests/test_frn_layer.py
   step "training step benchmark (R50-FPN, 2x800x1333, AMP off/on)" step.log 300 "$PY" -m benchmarks.benchmark_step \
     --models retinanet mask_rcnn --depth 50 --size 800 1333 --device cuda --amp off on --warmup 3 --iters 8 --json "$STEP_JSON" \
-    --variants BN GN "FRN (op)" "FRN (reference)" "FRN centred"
+    --variants BN GN "FRN (op)" "FRN (op, resident)" "FRN (reference)" "FRN centred"
   step "short training (FRN RetinaNet, make demo's schedule, fp32 and AMP)" train.log 300 short_training "$DATA" cuda demo fp32 amp
   sanitizer=$(command -v compute-sanitizer || true)
   [ -n "$sanitizer" ] || { echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1; }
   [ -n "$sanitizer" ] && step "compute-sanitizer memcheck" memcheck.log 120 paths memcheck "torch.float32, torch.float16, torch.bfloat16, torch.float64"
   step "op benchmark (per call; fp32, AMP fp16 / bf16)" bench.log 180 fp32_and_amp --device cuda --layout both \
-    --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU
+    --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU --kernels default resident
   step "op benchmark (kernel time; fp32, AMP fp16 / bf16)" kbench.log 240 fp32_and_amp --device cuda --layout both \
-    --shapes all --iters 10 --kernel-time --methods op BatchNorm2d+ReLU GroupNorm32+ReLU
+    --shapes all --iters 10 --kernel-time --methods op BatchNorm2d+ReLU GroupNorm32+ReLU --kernels default resident
   step "op memory floor (kernel time; fp32, AMP fp16 / bf16)" floor.log 180 fp32_and_amp --device cuda --layout both \
-    --shapes all --iters 10 --kernel-time --memory-floor
+    --shapes all --iters 10 --kernel-time --memory-floor --kernels default resident
   [ -n "$sanitizer" ] && step "compute-sanitizer racecheck" racecheck.log 120 paths racecheck "torch.float32,"
   step "profile" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
     --iters 10 --profile
