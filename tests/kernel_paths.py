@@ -5,9 +5,9 @@ The CUDA launcher picks a path from the shape and layout (frn_det/layers/csrc/cu
 plan_of; torch.ops.frn_det._cuda_plan names it): a warp per plane up to 1024 elements, a block per
 plane when there are at least 2 x SMs planes, else the split path; channels_last input (C > 1,
 H*W > 1) always takes the split path. With resident planes on (ops.cuda_resident_planes), NCHW
-planes above 1024 elements that fit on chip take the resident kernel instead: one block per plane,
-or a cluster of K blocks on sm_90+. The CPU kernels have their own paths (fused per plane or
-sample, or split into chunks / row blocks).
+planes of up to 1024 elements take resident spans (several planes per block) and larger planes that
+fit on chip the resident kernel: one block per plane, or a cluster of K blocks on sm_90+. The CPU
+kernels have their own paths (fused per plane or sample, or split into chunks / row blocks).
 """
 import contextlib
 
@@ -30,18 +30,31 @@ CUDA_PATHS = {
 }
 
 # Shapes for the resident kernels (NCHW, resident planes on), and their plans on sm_90 (H100 / H200:
-# 228 KB shared memory per SM, 227 KB per block) by dtype, forward / backward. Elsewhere the cluster
-# shapes take one block per plane where it fits (sm_80 / sm_86 / sm_89 / sm_75), else the split path.
+# 132 SMs, 228 KB shared memory per SM, 227 KB per block) by dtype, forward / backward. Resident
+# planes need 2 * planes * K >= SMs, hence the channel counts. Elsewhere the plane shapes take one
+# block per plane where it fits (sm_80 / sm_86 / sm_89 / sm_75), else the split path.
 RESIDENT_PATHS = {
-    "resident_vec": (2, 4, 40, 48),  # L = 1920: one block per plane, 16-byte loads
-    "resident_scalar": (2, 4, 25, 41),  # L = 1025: one block per plane, scalar loads
-    "resident_cluster": (1, 2, 200, 336),  # a P2 plane: clusters of 2-8 blocks
-    "resident_max": (1, 2, 400, 672),  # the stem's plane: 8 blocks of up to 227 KB, or too large
+    "span_7x7": (64, 32, 7, 7),  # RoI planes: spans of many planes, 16-byte loads
+    "span_tail": (1, 13, 7, 7),  # the last span ends mid-vector (element-wise tail)
+    "span_1x1": (2, 8, 1, 1),
+    "resident_vec": (2, 40, 40, 48),  # L = 1920: one block per plane, 16-byte loads
+    "resident_scalar": (2, 40, 25, 41),  # L = 1025: one block per plane, scalar loads
+    "resident_48k": (1, 66, 96, 128),  # fp32 forward: 48 KB of shared memory exactly
+    "resident_cluster": (1, 40, 200, 336),  # P2 planes: clusters of 2-8 blocks
+    "resident_max": (1, 9, 400, 672),  # the stem's planes: 8 blocks of up to 227 KB, or too large
 }
 R1 = ("resident:1", "resident:1")
 RESIDENT_PLANS_SM90 = {
+    "span_7x7": {"float32": ("span:8", "span:8"), "float16": ("span:8", "span:8"),  # 2 spans per SM
+                 "bfloat16": ("span:8", "span:8"), "float64": ("span:8", "span:8")},
+    "span_tail": {"float32": ("span:4", "span:4"), "float16": ("span:8", "span:8"),
+                  "bfloat16": ("span:8", "span:8"), "float64": ("span:2", "span:2")},
+    "span_1x1": {"float32": ("span:4", "span:4"), "float16": ("span:8", "span:8"),
+                 "bfloat16": ("span:8", "span:8"), "float64": ("span:2", "span:2")},
     "resident_vec": {"float32": R1, "float16": R1, "bfloat16": R1, "float64": R1},
     "resident_scalar": {"float32": R1, "float16": R1, "bfloat16": R1, "float64": R1},
+    "resident_48k": {"float32": ("resident:1", "resident:2"), "float16": R1, "bfloat16": R1,
+                     "float64": ("resident:2", "resident:3")},
     "resident_cluster": {"float32": ("resident:4", "resident:8"), "float16": ("resident:2", "resident:4"),
                          "bfloat16": ("resident:2", "resident:4"), "float64": ("resident:8", "resident:8")},
     "resident_max": {"float32": ("resident:8", "split"), "float16": ("resident:8", "resident:8"),

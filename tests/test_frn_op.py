@@ -591,7 +591,7 @@ def test_cuda_grid_stride_loops(channels_last, max_grid):
     # of the uncapped launch.
     # With resident planes, each cluster loops over several planes.
     for path in ("warp_vec", "warp_scalar", "warp_partial", "block_vec", "block_scalar", "split_nchw",
-                 "resident_vec", "resident_scalar", "resident_cluster"):
+                 "span_7x7", "span_tail", "resident_vec", "resident_scalar", "resident_cluster"):
         args = _cuda_args(KERNEL_PATHS[path], torch.float32, channels_last, learned_eps=True, requires_grad=False)
         g = torch.randn_like(args[0])
         with kernel_setting(path):
@@ -630,7 +630,7 @@ def test_cuda_backward_without_grad_input(path, channels_last):
 def test_cuda_misaligned_and_strided_views():
     # Views whose data pointer is not 16-byte aligned, or that are not dense, take the scalar loads
     # (after the copy to a dense layout, for strided ones).
-    for path in ("warp_vec", "block_vec", "resident_vec", "resident_cluster"):
+    for path in ("warp_vec", "block_vec", "span_7x7", "resident_vec", "resident_cluster"):
         with kernel_setting(path):
             _misaligned_and_strided(KERNEL_PATHS[path])
 
@@ -679,15 +679,16 @@ def test_cuda_nan_stays_in_its_plane(path, channels_last):
     assert torch.isnan(grads_bad[0][0, 0]).any() and torch.isnan(grads_bad[1][0])  # and so do the gradients
 
 
-# Shapes of the tie-rule and TLU-mask tests, by path; "resident" runs with resident planes on.
-TIE_SHAPES = {"warp": (2, 2, 3, 17), "block": (2, 140, 3, 400), "split": (1, 2, 40, 102), "resident": (1, 2, 200, 336)}
+# Shapes of the tie-rule and TLU-mask tests, by path; "span" and "resident" run with resident planes on.
+TIE_SHAPES = {"warp": (2, 2, 3, 17), "block": (2, 140, 3, 400), "split": (1, 2, 40, 102), "span": (2, 2, 3, 17),
+              "resident": RESIDENT_PATHS["resident_cluster"]}
 
 
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("path", list(TIE_SHAPES))
 def test_cuda_tie_rule(path, channels_last):
-    with ops.cuda_resident_planes(path == "resident"):
+    with ops.cuda_resident_planes(path in ("span", "resident")):
         _tie_rule(TIE_SHAPES[path], channels_last)
 
 
@@ -714,12 +715,13 @@ def _tie_rule(shape, channels_last):
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("path,shape", [("warp", (4, 64, 9, 9)), ("block", (2, 300, 33, 33)), ("split", (1, 4, 64, 64)),
-                                        ("resident", (1, 4, 200, 336))], ids=["warp", "block", "split", "resident"])
+                                        ("span", (4, 64, 9, 9)), ("resident", RESIDENT_PATHS["resident_cluster"])],
+                         ids=["warp", "block", "split", "span", "resident"])
 def test_cuda_tlu_mask_matches_the_cpu_kernels(path, shape, channels_last):
     # Given the same rstd, CPU and CUDA compute y = x * (gamma * rstd) + beta with the same roundings,
     # so they put every element on the same side of tau, also at exact ties: tau is set to the y of
     # one element per channel, computed as the CPU kernels do (rounded multiply, rounded add).
-    with ops.cuda_resident_planes(path == "resident"):
+    with ops.cuda_resident_planes(path in ("span", "resident")):
         _tlu_mask_matches_the_cpu_kernels(shape, channels_last)
 
 
@@ -798,7 +800,7 @@ def test_cuda_second_device():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_half_inputs_up_to_6e4(dtype):
-    for path in ("warp_vec", "block_vec", "split_nchw", "resident_vec", "resident_cluster"):
+    for path in ("warp_vec", "block_vec", "split_nchw", "span_7x7", "resident_vec", "resident_cluster"):
         x, w, b, t, _ = _cuda_args(KERNEL_PATHS[path], dtype, scale=2e4)
         with torch.no_grad():
             x.clamp_(-6e4, 6e4)
@@ -809,25 +811,27 @@ def test_cuda_half_inputs_up_to_6e4(dtype):
 
 @cuda
 def test_cuda_resident_plans():
-    # Which kernels each resident shape takes, forward / backward: on sm_90 exactly the table of
-    # kernel_paths (K blocks per plane from the 228 KB of shared memory per SM); before sm_90 no
-    # clusters. With resident planes off (the default) no shape takes them.
+    # Which kernels each resident shape takes, forward / backward: on sm_90 with 132 SMs (H100 SXM,
+    # H200) exactly the table of kernel_paths; before sm_90 no clusters. With resident planes off (the
+    # default) no shape takes them; channels_last input always splits.
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    props = torch.cuda.get_device_properties()
+    table = (props.major, props.minor, props.multi_processor_count) == (9, 0, 132)
     for path, shape in RESIDENT_PATHS.items():
         for name, dtype in dtypes.items():
             x = torch.empty(shape, device="cuda", dtype=dtype)
-            assert not any(torch.ops.frn_det._cuda_plan(x, bwd).startswith("resident") for bwd in (False, True))
+            default = tuple(torch.ops.frn_det._cuda_plan(x, bwd) for bwd in (False, True))
+            assert all(p in ("warp", "block", "split") for p in default), (path, name, default)
             with kernel_setting(path):
                 plans = tuple(torch.ops.frn_det._cuda_plan(x, bwd) for bwd in (False, True))
                 channels_last = torch.ops.frn_det._cuda_plan(x.contiguous(memory_format=torch.channels_last), False)
-            assert channels_last == "split", (path, name)
-            if sm90:
+            assert channels_last == "split" or x.shape[2] * x.shape[3] == 1, (path, name)
+            if table:
                 assert plans == RESIDENT_PLANS_SM90[path][name], (path, name)
-            elif path in ("resident_vec", "resident_scalar"):
-                assert plans == ("resident:1", "resident:1"), (path, name)
-            if torch.cuda.get_device_capability()[0] < 9:
-                assert all(p in ("resident:1", "split") for p in plans), (path, name, plans)
+            elif path.startswith("span"):
+                assert all(p.startswith("span:") for p in plans), (path, name, plans)
+            if props.major < 9:
+                assert all(p in ("resident:1", "split") or p.startswith("span:") for p in plans), (path, name, plans)
 
 
 @cuda

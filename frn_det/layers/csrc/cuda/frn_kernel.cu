@@ -10,9 +10,12 @@
 //  * NCHW with few large planes, and every channels_last input: a statistics kernel spread over
 //    (plane or channel tile) x chunks of the plane writes one partial sum per chunk, a finalize
 //    kernel adds each plane's partials in chunk order, then one element-wise kernel applies it.
-// Deterministic: no atomics; every sum runs in an order fixed by the shape and the split path's
-// chunk count (from the SM count), so outputs and gradients are bitwise identical from run to run
-// on GPUs with the same number of SMs.
+//  * Opt-in (kernel_options().cuda_resident; written and compiled, not yet run on a GPU), NCHW:
+//    resident spans of several small planes per block, and resident planes held by one block or a
+//    thread-block cluster (sm_90+): each byte read from DRAM once (plan_of chooses).
+// Deterministic: no atomics; every sum runs in an order fixed by the shape and by the GPU (the split
+// path's chunk count from the SM count, the resident planes' blocks per plane from its shared memory
+// sizes), so outputs and gradients are bitwise identical from run to run on GPUs of one model.
 // Numerics: rstd uses correctly rounded division and square root (the build has no fast math, no
 // denormal flush); y = x * a + b is a rounded multiply then a rounded add (no FMA), the arithmetic
 // of the CPU kernels, so CPU and CUDA agree on which elements pass the TLU. A NaN y passes (stays
@@ -23,7 +26,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
@@ -32,7 +34,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <numeric>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "frn.h"
@@ -419,6 +425,126 @@ __global__ void __launch_bounds__(kBlock) frn_resident_kernel(Data<scalar_t> d, 
   }
 }
 
+// ---- resident spans (NCHW, planes of <= kWarpPlaneMax elements) ---------------------------------
+// A block takes G consecutive planes at a time: a span of G * L contiguous elements (G a multiple of
+// the planes that make 16 bytes), loaded with 16-byte loads into shared memory; a warp per plane sums
+// it there (lane-strided, then xor shuffles: the warp kernel's order, so the same bits as its scalar
+// variant), then the block writes the span's output with 16-byte stores. Where the warp kernel reads
+// planes whose size is not a multiple of 16 bytes (7x7 RoIs, 14x14 in fp16) with 2-4 byte loads,
+// every load here is 16 bytes. Only the last span can end mid-vector: its tail goes element by element.
+// Shared memory: per plane a, b, tau (backward also cx), rounded up to 16 bytes; then x's span
+// (backward: then grad_out's).
+
+// Bytes of the per-plane parameters at the start of a span's shared memory (16-byte multiple).
+__host__ __device__ constexpr int64_t span_params_bytes(int64_t G, int64_t params, int64_t acc_size) {
+  return (params * G * acc_size + 15) / 16 * 16;
+}
+
+template <typename scalar_t, int kN>
+__global__ void __launch_bounds__(kBlock) frn_span_kernel(Data<scalar_t> d, int64_t P, int64_t C, int64_t L, int64_t G) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  using pack_t = Pack<scalar_t, kVec>;
+  constexpr bool kBwd = kN == 3;
+  constexpr int kParams = kBwd ? 4 : 3;
+  extern __shared__ __align__(16) unsigned char span_smem[];
+  acc_t* prm = reinterpret_cast<acc_t*>(span_smem); // prm[k * G + q]: a, b, tau (, cx) of plane q
+  scalar_t* xs = reinterpret_cast<scalar_t*>(span_smem + span_params_bytes(G, kParams, sizeof(acc_t)));
+  scalar_t* gs = xs + G * L; // backward; G * L * sizeof(scalar_t) is a multiple of 16
+  const bool tlu = d.tau != nullptr;
+  const acc_t eps_eff = eps_eff_of(d.eps, d.eps_l);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  // The output of element e of the span (plane e / L), from shared memory.
+  auto value = [&](int64_t e) -> scalar_t {
+    const int q = static_cast<int>(e) / static_cast<int>(L); // a span has under 2^31 elements (span_plan)
+    const acc_t xi = static_cast<acc_t>(xs[e]);
+    if constexpr (kBwd) {
+      return static_cast<scalar_t>(
+          grad_x(xi, static_cast<acc_t>(gs[e]), prm[q], prm[G + q], prm[2 * G + q], tlu, prm[3 * G + q]));
+    } else {
+      return static_cast<scalar_t>(tlu_of(affine(xi, prm[q], prm[G + q]), prm[2 * G + q], tlu));
+    }
+  };
+  for (int64_t p0 = static_cast<int64_t>(blockIdx.x) * G; p0 < P; p0 += static_cast<int64_t>(gridDim.x) * G) {
+    const int64_t np = ::min(G, P - p0), n = np * L, nv = n / kVec;
+    const pack_t* xp = reinterpret_cast<const pack_t*>(d.x + p0 * L);
+    const pack_t* gp = reinterpret_cast<const pack_t*>(kBwd ? d.g + p0 * L : nullptr);
+    pack_t* xsv = reinterpret_cast<pack_t*>(xs);
+    pack_t* gsv = reinterpret_cast<pack_t*>(gs);
+#pragma unroll 4
+    for (int64_t v = threadIdx.x; v < nv; v += kBlock) {
+      xsv[v] = xp[v];
+      if constexpr (kBwd) {
+        gsv[v] = gp[v];
+      }
+    }
+    for (int64_t e = nv * kVec + threadIdx.x; e < n; e += kBlock) {
+      xs[e] = d.x[p0 * L + e];
+      if constexpr (kBwd) {
+        gs[e] = d.g[p0 * L + e];
+      }
+    }
+    __syncthreads();
+    for (int64_t q = warp; q < np; q += kBlock / kWarp) { // warp-uniform: full-mask shuffles
+      const int64_t p = p0 + q, c = p % C;
+      const acc_t bb = d.b[c], t = tlu ? d.tau[c] : acc_t(0);
+      const scalar_t* xq = xs + q * L;
+      acc_t r, a;
+      if constexpr (kBwd) {
+        r = d.rstd[p];
+        a = mul_rn(d.w[c], r);
+        acc_t s[3] = {acc_t(0), acc_t(0), acc_t(0)};
+        const scalar_t* gq = gs + q * L;
+        for (int64_t i = lane; i < L; i += kWarp) {
+          accumulate(s, static_cast<acc_t>(xq[i]), static_cast<acc_t>(gq[i]), a, bb, t, tlu);
+        }
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+          s[k] = warp_sum(s[k]);
+        }
+        if (lane == 0) {
+          d.A[p] = s[0];
+          d.B[p] = s[1];
+          d.T[p] = s[2];
+          prm[3 * G + q] = cx_of(d.w[c], r, s[0], L);
+        }
+      } else {
+        acc_t ss = 0;
+        for (int64_t i = lane; i < L; i += kWarp) {
+          const acc_t f = static_cast<acc_t>(xq[i]);
+          ss += f * f;
+        }
+        ss = warp_sum(ss);
+        r = rstd_from(ss, L, eps_eff);
+        a = mul_rn(d.w[c], r);
+        if (lane == 0) {
+          d.rstd[p] = r;
+        }
+      }
+      if (lane == 0) {
+        prm[q] = a;
+        prm[G + q] = bb;
+        prm[2 * G + q] = t;
+      }
+    }
+    __syncthreads();
+    pack_t* op = reinterpret_cast<pack_t*>(d.out + p0 * L);
+#pragma unroll 4
+    for (int64_t v = threadIdx.x; v < nv; v += kBlock) {
+      pack_t o;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        o.v[k] = value(v * kVec + k);
+      }
+      op[v] = o;
+    }
+    for (int64_t e = nv * kVec + threadIdx.x; e < n; e += kBlock) {
+      d.out[p0 * L + e] = value(e);
+    }
+    __syncthreads(); // the next span overwrites prm, xs and gs
+  }
+}
+
 // ---- split path: partial sums per chunk, a fixed-order finalize, then an element-wise pass ------
 // kN sums per plane: 1 (forward: x^2) or 3 (backward: A, B, T).
 
@@ -714,52 +840,119 @@ constexpr int64_t kResidentBlocksPerSm = 3;
 constexpr int64_t kResidentStaticSmem = 2048;
 constexpr int64_t kMaxCluster = 8;
 
-// Which kernels a call runs (and, for resident planes, on how many blocks per plane).
+// Which kernels a call runs: the path, whether its loads are 16 bytes wide, and for resident
+// planes the blocks per plane, for resident spans the planes per block (span); smem: the dynamic
+// shared memory per block of either.
 struct Plan {
-  enum Kind { kWarpPlane, kBlockPlane, kSplit, kResident } kind;
+  enum Kind { kWarpPlane, kBlockPlane, kSplit, kResident, kSpan } kind;
+  bool vec = false;
   Resident rs{1, 0};
-  int64_t smem = 0; // resident: dynamic shared memory per block
+  int64_t span = 0;
+  int64_t smem = 0;
 };
 
-// Resident planes of L elements read in vectors of `vec` elements of `elem` bytes, `tensors` planes
-// held (forward 1, backward 2): the fewest blocks per plane whose share fits the per-block target
-// (kResidentBlocksPerSm blocks per SM), up to one block, or a cluster of kMaxCluster on sm_90+
-// (whose shares may then fill a block's whole shared memory). K = 0: the plane does not fit.
-Plan resident_plan(int64_t L, int64_t vec, int64_t elem, int64_t tensors) {
+// Shared memory per block: what the resident plans aim for (kResidentBlocksPerSm blocks per SM) and
+// the most one block can have.
+int64_t resident_target_smem() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t block_max = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - kResidentStaticSmem;
-  const int64_t target = std::min<int64_t>(
-      block_max, static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / kResidentBlocksPerSm -
-          static_cast<int64_t>(prop->reservedSharedMemPerBlock) - kResidentStaticSmem);
-  const int64_t max_k = prop->major >= 9 ? kMaxCluster : 1;
+  return static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / kResidentBlocksPerSm -
+      static_cast<int64_t>(prop->reservedSharedMemPerBlock) - kResidentStaticSmem;
+}
+
+int64_t block_max_smem() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - kResidentStaticSmem;
+}
+
+// Whether the cluster kernels run on the current GPU: an sm_90+ GPU, and code for it compiled for
+// sm_90+ (a build for older architectures only, JIT-compiled from their PTX, has the cluster variant
+// as a trap). Cached per device.
+bool cluster_kernels_run_here() {
+  static std::mutex mutex;
+  static std::map<int, bool> cache;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = cache.find(device); it != cache.end()) {
+    return it->second;
+  }
+  bool runs = at::cuda::getCurrentDeviceProperties()->major >= 9;
+  if (runs) {
+    cudaFuncAttributes attr = {};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, frn_resident_kernel<float, 4, 1, true>));
+    runs = attr.ptxVersion >= 90;
+  }
+  return cache[device] = runs;
+}
+
+// Resident planes of L elements read in vectors of `vec` elements of `elem` bytes, `tensors` planes
+// held (forward 1, backward 2): the fewest blocks per plane whose share fits the per-block target,
+// up to one block, or a cluster of kMaxCluster on sm_90+ (whose shares may then fill a block's whole
+// shared memory). K = 0: the plane does not fit.
+Resident resident_plan(int64_t L, int64_t vec, int64_t elem, int64_t tensors, int64_t& smem) {
+  const int64_t block_max = block_max_smem();
+  const int64_t target = std::min(block_max, resident_target_smem());
+  const int64_t max_k = cluster_kernels_run_here() ? kMaxCluster : 1;
   const int64_t nvec = L / vec, slot = vec * elem * tensors;
   for (int64_t K = 1; K <= max_k; ++K) {
     const int64_t share = (nvec + K - 1) / K;
     if (share * slot <= target || (K == max_k && share * slot <= block_max)) {
-      return {Plan::kResident, Resident{K, share}, share * slot};
+      smem = share * slot;
+      return Resident{K, share};
     }
   }
-  return {Plan::kResident, Resident{0, 0}, 0};
+  return Resident{0, 0};
 }
 
-// The path of a call: NHWC always splits; NCHW takes a warp per small plane, resident planes when
-// enabled (kernel_options) and the plane fits on chip (backward: only with grad_x, else one sweep
-// is all it reads), a block per plane when every SM gets a plane, else the split path.
-// vec: the element count of the vector loads the call can use (16 bytes, or 1).
-Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, int64_t vec, bool backward, bool grad_input) {
+// Elements a resident span aims for, and the most planes it takes (1x1 planes).
+constexpr int64_t kSpanElems = 2048;
+constexpr int64_t kSpanPlanesMax = 512;
+
+// Planes per resident span for planes of 1..kWarpPlaneMax elements: about kSpanElems elements, fewer
+// where that would leave SMs without spans, a multiple of the planes that make 16 bytes; 0 when the
+// span's shared memory (params, then `tensors` spans of x / grad_out) does not fit a block.
+int64_t span_plan(int64_t P, int64_t L, int64_t elem, int64_t acc_size, int64_t tensors, int64_t& smem) {
+  const int64_t whole = 16 / std::gcd<int64_t>(L * elem, 16); // planes per 16-byte multiple
+  const int64_t spread = (P + 2 * num_sms() - 1) / (2 * num_sms()); // at least 2 spans per SM
+  int64_t G = std::clamp<int64_t>(std::min((kSpanElems + L - 1) / L, spread), 1, kSpanPlanesMax);
+  G = (G + whole - 1) / whole * whole;
+  smem = span_params_bytes(G, tensors + 2, acc_size) + tensors * G * L * elem; // a, b, tau (, cx) per plane
+  return smem <= block_max_smem() ? G : 0;
+}
+
+// The path of a call: NHWC always splits; NCHW planes of up to kWarpPlaneMax elements take a warp per
+// plane, or resident spans; larger planes resident planes when they fit on chip, else a block per
+// plane when every SM gets a plane, else the split path. Resident planes and spans only when enabled
+// (kernel_options), in backward only with grad_x (else one sweep is all it reads), spans only with
+// 16-byte aligned pointers. aligned: every pointer of the call is 16-byte aligned.
+Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, bool aligned, bool backward, bool grad_input) {
+  const int64_t vec_elems = 16 / elem;
+  const bool vec = aligned && L % vec_elems == 0;
   if (layout != Layout::NCHW) {
     return {Plan::kSplit};
   }
+  const bool resident = kernel_options().cuda_resident && (!backward || grad_input);
+  const int64_t tensors = backward ? 2 : 1;
+  Plan plan{Plan::kWarpPlane, vec};
   if (L <= kWarpPlaneMax) {
-    return {Plan::kWarpPlane};
+    if (resident && aligned && L > 0) {
+      const int64_t acc_size = elem == 8 ? 8 : 4;
+      const int64_t G = span_plan(P, L, elem, acc_size, tensors, plan.smem);
+      if (G > 0) {
+        plan.kind = Plan::kSpan;
+        plan.span = G;
+      }
+    }
+    return plan;
   }
-  if (kernel_options().cuda_resident && (!backward || grad_input)) {
-    const Plan plan = resident_plan(L, vec, elem, backward ? 2 : 1);
-    if (plan.rs.K > 0) {
+  if (resident) {
+    plan.rs = resident_plan(L, vec ? vec_elems : 1, elem, tensors, plan.smem);
+    // At least half the SMs get a block: with fewer, the split path's spread (3 sweeps) is faster.
+    if (plan.rs.K > 0 && 2 * P * plan.rs.K >= num_sms()) {
+      plan.kind = Plan::kResident;
       return plan;
     }
   }
-  return {P >= 2 * static_cast<int64_t>(num_sms()) ? Plan::kBlockPlane : Plan::kSplit};
+  plan.kind = P >= 2 * static_cast<int64_t>(num_sms()) ? Plan::kBlockPlane : Plan::kSplit;
+  return plan;
 }
 
 // Chunking of the split path: about 4 blocks per SM in total, chunks of at least min_chunk.
@@ -802,24 +995,64 @@ struct BackwardPlane {
   }
 };
 
+// Lets `kernel` take `smem` bytes of dynamic shared memory: by default a kernel's dynamic and static
+// shared memory together may not exceed 48 KB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t smem) {
+  if (smem + kResidentStaticSmem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+}
+
+// Clusters of K blocks (K = 1: single blocks) of `kernel`, `smem` bytes of dynamic shared memory
+// each, that the current GPU runs at once: the runtime's occupancy query (registers, shared memory,
+// and for clusters the GPCs, MPS and MIG limits), cached per device, kernel, K and smem.
+template <typename Kernel>
+int64_t active_clusters(Kernel kernel, int64_t K, int64_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int64_t, int64_t>, int64_t> cache;
+  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()),
+                                   reinterpret_cast<const void*>(kernel), K, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = cache.find(key); it != cache.end()) {
+    return it->second;
+  }
+  allow_smem(kernel, smem);
+  int n = 0;
+  if (K > 1) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(K));
+    config.blockDim = dim3(kBlock);
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    cudaLaunchAttribute cluster_dim = {};
+    cluster_dim.id = cudaLaunchAttributeClusterDimension;
+    cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
+    cluster_dim.val.clusterDim.y = 1;
+    cluster_dim.val.clusterDim.z = 1;
+    config.attrs = &cluster_dim;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &config));
+  } else {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBlock, static_cast<size_t>(smem)));
+    n *= num_sms();
+  }
+  return cache[key] = n;
+}
+
 // Launches the resident kernel (kN 1: forward, 3: backward) with the plan's K blocks per plane as a
 // cluster when K > 1, on a grid of as many clusters as fit on the GPU at once (each loops over planes).
 template <typename scalar_t, int kN>
-void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, bool vec, const Plan& plan,
-                  cudaStream_t stream) {
+void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, const Plan& plan, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t K = plan.rs.K;
-  auto kernel = vec ? (K > 1 ? frn_resident_kernel<scalar_t, kVec, kN, true> : frn_resident_kernel<scalar_t, kVec, kN, false>)
-                    : (K > 1 ? frn_resident_kernel<scalar_t, 1, kN, true> : frn_resident_kernel<scalar_t, 1, kN, false>);
-  if (plan.smem > 48 * 1024) { // CUDA's default limit of dynamic shared memory per block
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
-  }
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t per_sm = std::clamp<int64_t>(
-      static_cast<int64_t>(prop->sharedMemPerMultiprocessor) /
-          (plan.smem + static_cast<int64_t>(prop->reservedSharedMemPerBlock) + kResidentStaticSmem),
-      1, static_cast<int64_t>(prop->maxThreadsPerMultiProcessor) / kBlock);
-  const int64_t clusters = std::min({P, std::max<int64_t>(1, num_sms() * per_sm / K), grid_cap()});
+  auto kernel = plan.vec ? (K > 1 ? frn_resident_kernel<scalar_t, kVec, kN, true> : frn_resident_kernel<scalar_t, kVec, kN, false>)
+                         : (K > 1 ? frn_resident_kernel<scalar_t, 1, kN, true> : frn_resident_kernel<scalar_t, 1, kN, false>);
+  const int64_t fit = active_clusters(kernel, K, plan.smem);
+  TORCH_CHECK(fit > 0, "frn: resident planes: no cluster of ", K, " blocks with ", plan.smem,
+              " bytes of shared memory each fits on this GPU (MPS or MIG limits?); turn resident planes off "
+              "(frn_det.layers.ops.cuda_resident_planes(False), or FRN_DET_CUDA_RESIDENT unset)");
+  allow_smem(kernel, plan.smem);
+  const int64_t clusters = std::min({P, fit, grid_cap()});
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(clusters * K));
   config.blockDim = dim3(kBlock);
@@ -833,6 +1066,17 @@ void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, bool
   config.attrs = &cluster_dim;
   config.numAttrs = K > 1 ? 1 : 0; // GPUs before sm_90 take no cluster attribute
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, d, P, C, L, plan.rs));
+}
+
+// Launches the span kernel: as many blocks as fit on the GPU at once, each looping over spans.
+template <typename scalar_t, int kN>
+void run_span(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, const Plan& plan, cudaStream_t stream) {
+  auto kernel = frn_span_kernel<scalar_t, kN>;
+  const int64_t spans = (P + plan.span - 1) / plan.span;
+  const int64_t grid = std::min({spans, std::max<int64_t>(1, active_clusters(kernel, 1, plan.smem)), grid_cap()});
+  allow_smem(kernel, plan.smem);
+  kernel<<<grid, kBlock, plan.smem, stream>>>(d, P, C, L, plan.span);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The split path: statistics with partial sums, the finalize kernel into out0..out2, then the
@@ -915,17 +1159,19 @@ ForwardOut frn_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const Data<scalar_t> d = data_of<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
-    const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.out);
-    const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), vec ? 16 / sizeof(scalar_t) : 1, false, false);
+    const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned16(d.x) && aligned16(d.out), false, false);
     switch (plan.kind) {
       case Plan::kResident:
-        run_resident<scalar_t, 1>(d, P, a.C, a.L, vec, plan, stream);
+        run_resident<scalar_t, 1>(d, P, a.C, a.L, plan, stream);
+        break;
+      case Plan::kSpan:
+        run_span<scalar_t, 1>(d, P, a.C, a.L, plan, stream);
         break;
       case Plan::kSplit:
         run_split<scalar_t, 1>(a, d, d.rstd, nullptr, nullptr, true, stream);
         break;
       default:
-        PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, vec, stream);
+        PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, plan.vec, stream);
     }
   });
   return {out, rstd};
@@ -936,7 +1182,8 @@ ParamGrads param_grads_cuda(const FrnArgs& a, const at::Tensor& A, const at::Ten
                             cudaStream_t stream) {
   const auto opts = a.x.options().dtype(a.acc);
   at::Tensor gw = at::empty({a.C}, opts), gb = at::empty({a.C}, opts), gt = at::empty({a.C}, opts);
-  at::Tensor eps_part = at::empty({a.C}, opts), ge = at::zeros({}, opts);
+  // ge: written by frn_eps_grad_kernel where eps_l is learned, else unused (no fill kernel)
+  at::Tensor eps_part = at::empty({a.C}, opts), ge = a.eps_l.defined() ? at::empty({}, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(a.acc, "frn_param_grads_cuda", [&] {
     const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((a.C + kParamTile - 1) / kParamTile, grid_cap()));
     frn_param_grads_kernel<scalar_t><<<grid, dim3(kParamTile, kParamRows), 0, stream>>>(
@@ -974,18 +1221,20 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
       d.A = A.mutable_data_ptr<acc_t>();
       d.B = B.mutable_data_ptr<acc_t>();
       d.T = T.mutable_data_ptr<acc_t>();
-      const bool vec = a.L % (16 / sizeof(scalar_t)) == 0 && aligned16(d.x) && aligned16(d.g) &&
-          (dx == nullptr || aligned16(dx));
-      const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), vec ? 16 / sizeof(scalar_t) : 1, true, dx != nullptr);
+      const bool aligned = aligned16(d.x) && aligned16(d.g) && (dx == nullptr || aligned16(dx));
+      const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned, true, dx != nullptr);
       switch (plan.kind) {
         case Plan::kResident:
-          run_resident<scalar_t, 3>(d, P, a.C, a.L, vec, plan, stream);
+          run_resident<scalar_t, 3>(d, P, a.C, a.L, plan, stream);
+          break;
+        case Plan::kSpan:
+          run_span<scalar_t, 3>(d, P, a.C, a.L, plan, stream);
           break;
         case Plan::kSplit:
           run_split<scalar_t, 3>(a, d, d.A, d.B, d.T, dx != nullptr, stream);
           break;
         default:
-          PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, vec, stream);
+          PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, plan.vec, stream);
       }
     });
   } else {
@@ -997,13 +1246,12 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
   return {grad_x, gw, gb, gt, ge};
 }
 
-// The plan frn (backward: frn_backward with grad_x) runs for x, with 16-byte loads where L allows them.
+// The plan frn (backward: frn_backward with grad_x) runs for x, its tensors 16-byte aligned.
 std::string cuda_plan(const at::Tensor& x, bool backward) {
   TORCH_CHECK_VALUE(x.dim() == 4, "_cuda_plan: x must be 4D (N, C, H, W), got ", x.dim(), "D");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t elem = x.element_size(), L = x.size(2) * x.size(3);
-  const int64_t vec = L % (16 / elem) == 0 ? 16 / elem : 1;
-  const Plan plan = plan_of(layout_of(x), x.size(0) * x.size(1), L, elem, vec, backward, true);
+  const Plan plan = plan_of(layout_of(x), x.size(0) * x.size(1), x.size(2) * x.size(3), x.element_size(), true,
+                            backward, true);
   switch (plan.kind) {
     case Plan::kWarpPlane:
       return "warp";
@@ -1011,6 +1259,8 @@ std::string cuda_plan(const at::Tensor& x, bool backward) {
       return "block";
     case Plan::kSplit:
       return "split";
+    case Plan::kSpan:
+      return "span:" + std::to_string(plan.span);
     default:
       return "resident:" + std::to_string(plan.rs.K);
   }
