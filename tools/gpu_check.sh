@@ -37,10 +37,11 @@
 #   PYTHON=python3.12 tools/gpu_check.sh
 #   GPU_CHECK_SKIP="tests memcheck bench kbench floor racecheck profile" tools/gpu_check.sh   # a second try of
 #     what failed, within the lease: steps named by their log (tests, step, train, memcheck, bench, ...)
-# Exit status 1 when a step failed (the report says which). Plan on an H200: about 8.5 minutes for
-# every step (estimated from the steps' times on 2026-12-04, docs/gpu.md, plus the kernel-time steps,
-# not yet run), about 5 with GPU_CHECK_SKIP="step train" (the kernel issue's steps alone), so that a
-# second try fits in a 15-minute lease.
+# Exit status 1 when a step failed (the report says which). Plan on an H200: about 9.5 minutes for
+# every step (estimated from the steps' times on 2026-12-04, docs/gpu.md, plus the kernel-time steps
+# and the resident kernels' tests, sanitizer runs and benchmark rows, none yet run), about 6 with
+# GPU_CHECK_SKIP="step train" (the kernel issue's steps alone), so that a second try of what failed
+# fits in a 15-minute lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -197,7 +198,7 @@ if [ "$GPU" = 1 ]; then
   # With pytest-xdist (the device machines have it) a test that crashes the interpreter fails alone,
   # instead of ending the run, and the tests take a fraction of the time.
   xdist=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
-  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log 240 env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:warnings \
+  step "tests (FRN_DET_REQUIRE_CUDA=1)" tests.log 300 env FRN_DET_REQUIRE_CUDA=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:warnings \
     $xdist tests/test_frn_op.py tests/test_frn_layer.py
   step "training step benchmark (R50-FPN, 2x800x1333, AMP off/on)" step.log 300 "$PY" -m benchmarks.benchmark_step \
     --models retinanet mask_rcnn --depth 50 --size 800 1333 --device cuda --amp off on --warmup 3 --iters 8 --json "$STEP_JSON" \
@@ -205,14 +206,14 @@ if [ "$GPU" = 1 ]; then
   step "short training (FRN RetinaNet, make demo's schedule, fp32 and AMP)" train.log 300 short_training "$DATA" cuda demo fp32 amp
   sanitizer=$(command -v compute-sanitizer || true)
   [ -n "$sanitizer" ] || { echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1; }
-  [ -n "$sanitizer" ] && step "compute-sanitizer memcheck" memcheck.log 120 paths memcheck "torch.float32, torch.float16, torch.bfloat16, torch.float64"
+  [ -n "$sanitizer" ] && step "compute-sanitizer memcheck" memcheck.log 180 paths memcheck "torch.float32, torch.float16, torch.bfloat16, torch.float64"
   step "op benchmark (per call; fp32, AMP fp16 / bf16)" bench.log 180 fp32_and_amp --device cuda --layout both \
     --shapes all --iters 10 --copy-bandwidth --methods op reference BatchNorm2d+ReLU GroupNorm32+ReLU --kernels default resident
   step "op benchmark (kernel time; fp32, AMP fp16 / bf16)" kbench.log 240 fp32_and_amp --device cuda --layout both \
     --shapes all --iters 10 --kernel-time --methods op BatchNorm2d+ReLU GroupNorm32+ReLU --kernels default resident
   step "op memory floor (kernel time; fp32, AMP fp16 / bf16)" floor.log 180 fp32_and_amp --device cuda --layout both \
     --shapes all --iters 10 --kernel-time --memory-floor --kernels default resident
-  [ -n "$sanitizer" ] && step "compute-sanitizer racecheck" racecheck.log 120 paths racecheck "torch.float32,"
+  [ -n "$sanitizer" ] && step "compute-sanitizer racecheck" racecheck.log 180 paths racecheck "torch.float32,"
   step "profile" profile.log 60 "$PY" -m benchmarks.benchmark_frn --device cuda --dtype float32 --shapes fpn_p2,fpn_p6 \
     --iters 10 --profile
 else

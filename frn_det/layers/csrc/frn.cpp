@@ -225,7 +225,8 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   // KernelOptions (frn.h): turns resident CUDA planes on or off, returns the previous setting.
   m.def("_set_cuda_resident(bool enabled) -> bool", &frn_det::set_cuda_resident);
   // Which CUDA kernels frn (or, backward, frn_backward with grad_x) runs for an aligned x:
-  // "warp", "block", "split" or "resident:K" (K blocks per plane).
+  // "warp", "block", "split", "span:G" (G planes per block) or "resident:K" (K blocks per plane).
+  // Resident planes for which no cluster fits at launch (MPS or MIG limits) run the split path.
   m.def("_cuda_plan(Tensor x, bool backward) -> str");
 }
 

@@ -454,17 +454,21 @@ __global__ void __launch_bounds__(kBlock) frn_span_kernel(Data<scalar_t> d, int6
   const bool tlu = d.tau != nullptr;
   const acc_t eps_eff = eps_eff_of(d.eps, d.eps_l);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  // The output of element e of the span (plane e / L), from shared memory.
-  auto value = [&](int64_t e) -> scalar_t {
-    const int q = static_cast<int>(e) / static_cast<int>(L); // a span has under 2^31 elements (span_plan)
-    const acc_t xi = static_cast<acc_t>(xs[e]);
+  // The output of one element of plane q of the span, from q's parameters.
+  struct Params {
+    acc_t a, b, t, cx;
+  };
+  auto params = [&](int q) {
+    return Params{prm[q], prm[G + q], prm[2 * G + q], kBwd ? prm[3 * G + q] : acc_t(0)};
+  };
+  auto value = [&](scalar_t x, scalar_t g, const Params& p) -> scalar_t {
     if constexpr (kBwd) {
-      return static_cast<scalar_t>(
-          grad_x(xi, static_cast<acc_t>(gs[e]), prm[q], prm[G + q], prm[2 * G + q], tlu, prm[3 * G + q]));
+      return static_cast<scalar_t>(grad_x(static_cast<acc_t>(x), static_cast<acc_t>(g), p.a, p.b, p.t, tlu, p.cx));
     } else {
-      return static_cast<scalar_t>(tlu_of(affine(xi, prm[q], prm[G + q]), prm[2 * G + q], tlu));
+      return static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(x), p.a, p.b), p.t, tlu));
     }
   };
+  const int Li = static_cast<int>(L); // a span has under 2^31 elements (span_plan): 32-bit division
   for (int64_t p0 = static_cast<int64_t>(blockIdx.x) * G; p0 < P; p0 += static_cast<int64_t>(gridDim.x) * G) {
     const int64_t np = ::min(G, P - p0), n = np * L, nv = n / kVec;
     const pack_t* xp = reinterpret_cast<const pack_t*>(d.x + p0 * L);
@@ -531,15 +535,25 @@ __global__ void __launch_bounds__(kBlock) frn_span_kernel(Data<scalar_t> d, int6
     pack_t* op = reinterpret_cast<pack_t*>(d.out + p0 * L);
 #pragma unroll 4
     for (int64_t v = threadIdx.x; v < nv; v += kBlock) {
+      // a 16-byte pack from shared memory; its elements' planes by counting, one division per pack
+      const pack_t xv = xsv[v];
+      const pack_t gv = kBwd ? gsv[v] : pack_t{};
+      const int e = static_cast<int>(v) * kVec;
+      int q = e / Li, r = e - q * Li;
+      auto pq = params(q);
       pack_t o;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        o.v[k] = value(v * kVec + k);
+        o.v[k] = value(xv.v[k], gv.v[k], pq);
+        if (k + 1 < kVec && ++r == Li) {
+          r = 0;
+          pq = params(++q);
+        }
       }
       op[v] = o;
     }
     for (int64_t e = nv * kVec + threadIdx.x; e < n; e += kBlock) {
-      d.out[p0 * L + e] = value(e);
+      d.out[p0 * L + e] = value(xs[e], kBwd ? gs[e] : scalar_t(0), params(static_cast<int>(e) / Li));
     }
     __syncthreads(); // the next span overwrites prm, xs and gs
   }
@@ -996,11 +1010,14 @@ struct BackwardPlane {
 };
 
 // Lets `kernel` take `smem` bytes of dynamic shared memory: by default a kernel's dynamic and static
-// shared memory together may not exceed 48 KB.
+// shared memory together may not exceed 48 KB. It raises the kernel's limit to the most any plan
+// takes, never to `smem` itself, so that one thread's call cannot lower another's between its call
+// and its launch.
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t smem) {
   if (smem + kResidentStaticSmem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(block_max_smem())));
   }
 }
 
@@ -1041,16 +1058,17 @@ int64_t active_clusters(Kernel kernel, int64_t K, int64_t smem) {
 
 // Launches the resident kernel (kN 1: forward, 3: backward) with the plan's K blocks per plane as a
 // cluster when K > 1, on a grid of as many clusters as fit on the GPU at once (each loops over planes).
+// False, launching nothing, where no cluster fits (MPS or MIG limits).
 template <typename scalar_t, int kN>
-void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, const Plan& plan, cudaStream_t stream) {
+bool run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, const Plan& plan, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t K = plan.rs.K;
   auto kernel = plan.vec ? (K > 1 ? frn_resident_kernel<scalar_t, kVec, kN, true> : frn_resident_kernel<scalar_t, kVec, kN, false>)
                          : (K > 1 ? frn_resident_kernel<scalar_t, 1, kN, true> : frn_resident_kernel<scalar_t, 1, kN, false>);
   const int64_t fit = active_clusters(kernel, K, plan.smem);
-  TORCH_CHECK(fit > 0, "frn: resident planes: no cluster of ", K, " blocks with ", plan.smem,
-              " bytes of shared memory each fits on this GPU (MPS or MIG limits?); turn resident planes off "
-              "(frn_det.layers.ops.cuda_resident_planes(False), or FRN_DET_CUDA_RESIDENT unset)");
+  if (fit == 0) {
+    return false;
+  }
   allow_smem(kernel, plan.smem);
   const int64_t clusters = std::min({P, fit, grid_cap()});
   cudaLaunchConfig_t config = {};
@@ -1066,6 +1084,7 @@ void run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, cons
   config.attrs = &cluster_dim;
   config.numAttrs = K > 1 ? 1 : 0; // GPUs before sm_90 take no cluster attribute
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, d, P, C, L, plan.rs));
+  return true;
 }
 
 // Launches the span kernel: as many blocks as fit on the GPU at once, each looping over spans.
@@ -1128,6 +1147,30 @@ void run_split(const FrnArgs& a, const Data<scalar_t>& d, typename Acc<scalar_t>
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Runs a call's plan: forward (kN 1, PlaneKernel ForwardPlane) or backward (kN 3, BackwardPlane);
+// the split path's finalize writes out0..out2 and applies the result only when `apply`. Resident
+// planes that find no room on the GPU at launch run the split path.
+template <typename scalar_t, int kN, template <typename, int, int> class PlaneKernel>
+void run_plan(const FrnArgs& a, const Data<scalar_t>& d, const Plan& plan, typename Acc<scalar_t>::type* out0,
+              typename Acc<scalar_t>::type* out1, typename Acc<scalar_t>::type* out2, bool apply, cudaStream_t stream) {
+  const int64_t P = a.N * a.C;
+  switch (plan.kind) {
+    case Plan::kResident:
+      if (run_resident<scalar_t, kN>(d, P, a.C, a.L, plan, stream)) {
+        return;
+      }
+      [[fallthrough]];
+    case Plan::kSplit:
+      run_split<scalar_t, kN>(a, d, out0, out1, out2, apply, stream);
+      return;
+    case Plan::kSpan:
+      run_span<scalar_t, kN>(d, P, a.C, a.L, plan, stream);
+      return;
+    default:
+      PlaneLaunch<scalar_t, PlaneKernel>::run(d, P, a.C, a.L, plan.vec, stream);
+  }
+}
+
 template <typename scalar_t>
 Data<scalar_t> data_of(const FrnArgs& a, scalar_t* out, typename Acc<scalar_t>::type* rstd) {
   using acc_t = typename Acc<scalar_t>::type;
@@ -1160,19 +1203,7 @@ ForwardOut frn_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const
     using acc_t = typename Acc<scalar_t>::type;
     const Data<scalar_t> d = data_of<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
     const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned16(d.x) && aligned16(d.out), false, false);
-    switch (plan.kind) {
-      case Plan::kResident:
-        run_resident<scalar_t, 1>(d, P, a.C, a.L, plan, stream);
-        break;
-      case Plan::kSpan:
-        run_span<scalar_t, 1>(d, P, a.C, a.L, plan, stream);
-        break;
-      case Plan::kSplit:
-        run_split<scalar_t, 1>(a, d, d.rstd, nullptr, nullptr, true, stream);
-        break;
-      default:
-        PlaneLaunch<scalar_t, ForwardPlane>::run(d, P, a.C, a.L, plan.vec, stream);
-    }
+    run_plan<scalar_t, 1, ForwardPlane>(a, d, plan, d.rstd, nullptr, nullptr, true, stream);
   });
   return {out, rstd};
 }
@@ -1223,19 +1254,7 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
       d.T = T.mutable_data_ptr<acc_t>();
       const bool aligned = aligned16(d.x) && aligned16(d.g) && (dx == nullptr || aligned16(dx));
       const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned, true, dx != nullptr);
-      switch (plan.kind) {
-        case Plan::kResident:
-          run_resident<scalar_t, 3>(d, P, a.C, a.L, plan, stream);
-          break;
-        case Plan::kSpan:
-          run_span<scalar_t, 3>(d, P, a.C, a.L, plan, stream);
-          break;
-        case Plan::kSplit:
-          run_split<scalar_t, 3>(a, d, d.A, d.B, d.T, dx != nullptr, stream);
-          break;
-        default:
-          PlaneLaunch<scalar_t, BackwardPlane>::run(d, P, a.C, a.L, plan.vec, stream);
-      }
+      run_plan<scalar_t, 3, BackwardPlane>(a, d, plan, d.A, d.B, d.T, dx != nullptr, stream);
     });
   } else {
     A.zero_();
