@@ -177,6 +177,29 @@ struct Data {
   acc_t *A, *B, *T; // backward: per-plane sums
 };
 
+// A pack's output (forward: the TLU of y = x * a + b) and grad_x, element by element.
+template <typename scalar_t, int kVec, typename acc_t>
+__device__ __forceinline__ Pack<scalar_t, kVec> output_pack(const Pack<scalar_t, kVec> xv, acc_t a, acc_t b, acc_t t,
+                                                            bool tlu) {
+  Pack<scalar_t, kVec> o;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    o.v[k] = static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(xv.v[k]), a, b), t, tlu));
+  }
+  return o;
+}
+
+template <typename scalar_t, int kVec, typename acc_t>
+__device__ __forceinline__ Pack<scalar_t, kVec> grad_x_pack(const Pack<scalar_t, kVec> xv, const Pack<scalar_t, kVec> gv,
+                                                            acc_t a, acc_t b, acc_t t, bool tlu, acc_t cx) {
+  Pack<scalar_t, kVec> o;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    o.v[k] = static_cast<scalar_t>(grad_x(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, b, t, tlu, cx));
+  }
+  return o;
+}
+
 // ---- fused per-plane kernels (NCHW) -----------------------------------------------------------
 // The plane loops are unrolled by 4 so that each thread keeps several loads in flight.
 
@@ -221,12 +244,7 @@ __global__ void __launch_bounds__(kBlock) frn_forward_plane_kernel(Data<scalar_t
 #pragma unroll 4
       for (int64_t i = lane; i < nvec; i += kTPP) {
         const pack_t v = xp[i];
-        pack_t o;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          o.v[k] = static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(v.v[k]), a, bb), t, tlu));
-        }
-        op[i] = o;
+        op[i] = output_pack(v, a, bb, t, tlu);
       }
     }
   }
@@ -279,13 +297,7 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(Data<scalar_
         for (int64_t i = lane; i < nvec; i += kTPP) {
           const pack_t xv = xp[i];
           const pack_t gv = gp[i];
-          pack_t o;
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) {
-            o.v[k] = static_cast<scalar_t>(
-                grad_x(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu, cx));
-          }
-          dp[i] = o;
+          dp[i] = grad_x_pack(xv, gv, a, bb, t, tlu, cx);
         }
       }
     }
@@ -395,15 +407,7 @@ __global__ void __launch_bounds__(kBlock) frn_resident_kernel(Data<scalar_t> d, 
       const acc_t cx = cx_of(d.w[c], r, s[0], L);
 #pragma unroll 4
       for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
-        const pack_t xv = xs[i - begin];
-        const pack_t gv = gs[i - begin];
-        pack_t o;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          o.v[k] = static_cast<scalar_t>(
-              grad_x(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), a, bb, t, tlu, cx));
-        }
-        op[i] = o;
+        op[i] = grad_x_pack(xs[i - begin], gs[i - begin], a, bb, t, tlu, cx);
       }
     } else {
       r = rstd_from(s[0], L, eps_eff);
@@ -413,13 +417,7 @@ __global__ void __launch_bounds__(kBlock) frn_resident_kernel(Data<scalar_t> d, 
       a = mul_rn(d.w[c], r);
 #pragma unroll 4
       for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
-        const pack_t xv = xs[i - begin];
-        pack_t o;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          o.v[k] = static_cast<scalar_t>(tlu_of(affine(static_cast<acc_t>(xv.v[k]), a, bb), t, tlu));
-        }
-        op[i] = o;
+        op[i] = output_pack(xs[i - begin], a, bb, t, tlu);
       }
     }
   }
