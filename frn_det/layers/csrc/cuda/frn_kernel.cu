@@ -1019,6 +1019,29 @@ void allow_smem(Kernel kernel, int64_t smem) {
   }
 }
 
+// The launch configuration of `blocks` blocks of kBlock threads with `smem` bytes of dynamic shared
+// memory each, in 1-D clusters of K blocks (K = 1: no cluster attribute, which GPUs before sm_90
+// reject). Not copyable: the configuration points at its own attribute.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster_dim = {};
+
+  ClusterLaunch(int64_t blocks, int64_t K, int64_t smem, cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(kBlock);
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    cluster_dim.id = cudaLaunchAttributeClusterDimension;
+    cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
+    cluster_dim.val.clusterDim.y = 1;
+    cluster_dim.val.clusterDim.z = 1;
+    config.attrs = &cluster_dim;
+    config.numAttrs = K > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 // Clusters of K blocks (K = 1: single blocks) of `kernel`, `smem` bytes of dynamic shared memory
 // each, that the current GPU runs at once: the runtime's occupancy query (registers, shared memory,
 // and for clusters the GPCs, MPS and MIG limits), cached per device, kernel, K and smem.
@@ -1035,18 +1058,8 @@ int64_t active_clusters(Kernel kernel, int64_t K, int64_t smem) {
   allow_smem(kernel, smem);
   int n = 0;
   if (K > 1) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(K));
-    config.blockDim = dim3(kBlock);
-    config.dynamicSmemBytes = static_cast<size_t>(smem);
-    cudaLaunchAttribute cluster_dim = {};
-    cluster_dim.id = cudaLaunchAttributeClusterDimension;
-    cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
-    cluster_dim.val.clusterDim.y = 1;
-    cluster_dim.val.clusterDim.z = 1;
-    config.attrs = &cluster_dim;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &config));
+    const ClusterLaunch launch(K, K, smem, nullptr);
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &launch.config));
   } else {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBlock, static_cast<size_t>(smem)));
     n *= num_sms();
@@ -1069,19 +1082,8 @@ bool run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, cons
   }
   allow_smem(kernel, plan.smem);
   const int64_t clusters = std::min({P, fit, grid_cap()});
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(clusters * K));
-  config.blockDim = dim3(kBlock);
-  config.dynamicSmemBytes = static_cast<size_t>(plan.smem);
-  config.stream = stream;
-  cudaLaunchAttribute cluster_dim = {};
-  cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = static_cast<unsigned>(K);
-  cluster_dim.val.clusterDim.y = 1;
-  cluster_dim.val.clusterDim.z = 1;
-  config.attrs = &cluster_dim;
-  config.numAttrs = K > 1 ? 1 : 0; // GPUs before sm_90 take no cluster attribute
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, d, P, C, L, plan.rs));
+  const ClusterLaunch launch(clusters * K, K, plan.smem, stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, d, P, C, L, plan.rs));
   return true;
 }
 
