@@ -1044,7 +1044,8 @@ struct ClusterLaunch {
 
 // Clusters of K blocks (K = 1: single blocks) of `kernel`, `smem` bytes of dynamic shared memory
 // each, that the current GPU runs at once: the runtime's occupancy query (registers, shared memory,
-// and for clusters the GPCs, MPS and MIG limits), cached per device, kernel, K and smem.
+// and for clusters the GPCs, MPS and MIG limits), cached per device, kernel, K and smem. The first
+// query of a kernel on a device also raises its shared-memory limit (allow_smem) for every launch.
 template <typename Kernel>
 int64_t active_clusters(Kernel kernel, int64_t K, int64_t smem) {
   static std::mutex mutex;
@@ -1080,7 +1081,6 @@ bool run_resident(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, cons
   if (fit == 0) {
     return false;
   }
-  allow_smem(kernel, plan.smem);
   const int64_t clusters = std::min({P, fit, grid_cap()});
   const ClusterLaunch launch(clusters * K, K, plan.smem, stream);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, d, P, C, L, plan.rs));
@@ -1093,7 +1093,6 @@ void run_span(const Data<scalar_t>& d, int64_t P, int64_t C, int64_t L, const Pl
   auto kernel = frn_span_kernel<scalar_t, kN>;
   const int64_t spans = (P + plan.span - 1) / plan.span;
   const int64_t grid = std::min({spans, std::max<int64_t>(1, active_clusters(kernel, 1, plan.smem)), grid_cap()});
-  allow_smem(kernel, plan.smem);
   kernel<<<grid, kBlock, plan.smem, stream>>>(d, P, C, L, plan.span);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
