@@ -957,7 +957,8 @@ Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, bool aligned, bo
   }
   if (resident) {
     plan.rs = resident_plan(L, vec ? vec_elems : 1, elem, tensors, plan.smem);
-    // At least half the SMs get a block: with fewer, the split path's spread (3 sweeps) is faster.
+    // At least half the SMs get a block: with fewer, the split path spreads each plane over more SMs
+    // (3 sweeps, but the whole GPU's bandwidth; an estimate, for the GPU check to measure).
     if (plan.rs.K > 0 && 2 * P * plan.rs.K >= num_sms()) {
       plan.kind = Plan::kResident;
       return plan;
