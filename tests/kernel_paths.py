@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from frn_det.layers import ops  # noqa: F401  (loads frn_det._C, which registers torch.ops.frn_det)
+from frn_det.layers import ops  # loading it loads frn_det._C, which registers torch.ops.frn_det
 
 # One shape per CUDA path; with channels_last every shape with C > 1 and H*W > 1 is the NHWC split path.
 CUDA_PATHS = {

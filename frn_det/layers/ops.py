@@ -45,8 +45,9 @@ def load_error():
 @contextlib.contextmanager
 def cuda_resident_planes(enabled=True):
     """Within the block, the CUDA kernels hold each NCHW plane on chip between its statistics and its
-    output (one DRAM pass: the plane's share in shared memory of one block, or of a thread-block
-    cluster on sm_90+), where it fits; outside it, the setting it had before. Other paths and the
+    output (one DRAM pass: a large plane in shared memory of one block, or of a thread-block cluster
+    on sm_90+; small planes as spans of many planes per block), where it fits; outside it, the
+    setting it had before. Other paths and the
     CPU kernels are unaffected. Opt-in (``FRN_DET_CUDA_RESIDENT=1`` sets it for a whole process)
     until these kernels have passed ``tools/gpu_check.sh`` on a GPU: written and compiled, not yet
     run on one. The setting is read when a kernel launches (for CUDA graphs: at capture)."""

@@ -106,8 +106,7 @@ bool set_cuda_resident(bool enabled) {
 }
 
 // The CUDA kernels' plan is only defined for CUDA tensors (cuda/ registers the real one).
-std::string cuda_plan_without_kernels(const at::Tensor& x, bool backward) {
-  (void)backward;
+std::string cuda_plan_without_kernels(const at::Tensor& x, bool /*backward*/) {
   TORCH_CHECK_VALUE(false, "_cuda_plan: x must be a CUDA tensor in a build with CUDA kernels, got a ",
                     x.device().type(), " tensor");
 }

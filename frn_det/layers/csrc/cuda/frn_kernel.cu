@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kBlock) frn_backward_plane_kernel(Data<scalar_
 // Each thread reads back, in the second phase, exactly the shared-memory slots it wrote in the first:
 // the plane's data needs no barrier between the phases or between planes.
 
-// The cluster's share of the work: K blocks per plane, the rank of this block, `share` vectors each.
+// How a resident plane is split: K blocks per plane (a cluster when K > 1), `share` vectors each.
 struct Resident {
   int64_t K, share;
 };
@@ -935,7 +935,8 @@ int64_t span_plan(int64_t P, int64_t L, int64_t elem, int64_t acc_size, int64_t 
 // plane when every SM gets a plane, else the split path. Resident planes and spans only when enabled
 // (kernel_options), in backward only with grad_x (else one sweep is all it reads), spans only with
 // 16-byte aligned pointers. aligned: every pointer of the call is 16-byte aligned.
-Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, bool aligned, bool backward, bool grad_input) {
+Plan plan_of(Layout layout, int64_t P, int64_t L, at::ScalarType dtype, bool aligned, bool backward, bool grad_input) {
+  const int64_t elem = c10::elementSize(dtype);
   const int64_t vec_elems = 16 / elem;
   const bool vec = aligned && L % vec_elems == 0;
   if (layout != Layout::NCHW) {
@@ -946,8 +947,7 @@ Plan plan_of(Layout layout, int64_t P, int64_t L, int64_t elem, bool aligned, bo
   Plan plan{Plan::kWarpPlane, vec};
   if (L <= kWarpPlaneMax) {
     if (resident && aligned && L > 0) {
-      const int64_t acc_size = elem == 8 ? 8 : 4;
-      const int64_t G = span_plan(P, L, elem, acc_size, tensors, plan.smem);
+      const int64_t G = span_plan(P, L, elem, c10::elementSize(acc_type_for(dtype)), tensors, plan.smem);
       if (G > 0) {
         plan.kind = Plan::kSpan;
         plan.span = G;
@@ -1202,7 +1202,7 @@ ForwardOut frn_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_forward_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const Data<scalar_t> d = data_of<scalar_t>(a, out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc_t>());
-    const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned16(d.x) && aligned16(d.out), false, false);
+    const Plan plan = plan_of(a.layout, P, a.L, a.x.scalar_type(), aligned16(d.x) && aligned16(d.out), false, false);
     run_plan<scalar_t, 1, ForwardPlane>(a, d, plan, d.rstd, nullptr, nullptr, true, stream);
   });
   return {out, rstd};
@@ -1253,7 +1253,7 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
       d.B = B.mutable_data_ptr<acc_t>();
       d.T = T.mutable_data_ptr<acc_t>();
       const bool aligned = aligned16(d.x) && aligned16(d.g) && (dx == nullptr || aligned16(dx));
-      const Plan plan = plan_of(a.layout, P, a.L, sizeof(scalar_t), aligned, true, dx != nullptr);
+      const Plan plan = plan_of(a.layout, P, a.L, a.x.scalar_type(), aligned, true, dx != nullptr);
       run_plan<scalar_t, 3, BackwardPlane>(a, d, plan, d.A, d.B, d.T, dx != nullptr, stream);
     });
   } else {
@@ -1269,7 +1269,7 @@ BackwardOut frn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c
 std::string cuda_plan(const at::Tensor& x, bool backward) {
   TORCH_CHECK_VALUE(x.dim() == 4, "_cuda_plan: x must be 4D (N, C, H, W), got ", x.dim(), "D");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Plan plan = plan_of(layout_of(x), x.size(0) * x.size(1), x.size(2) * x.size(3), x.element_size(), true,
+  const Plan plan = plan_of(layout_of(x), x.size(0) * x.size(1), x.size(2) * x.size(3), x.scalar_type(), true,
                             backward, true);
   switch (plan.kind) {
     case Plan::kWarpPlane:
