@@ -81,7 +81,7 @@ setup(
     packages=find_packages(exclude=("configs", "tests", "tools", "experiments*", "benchmarks")),
     # The shipped configs (frn_det.model_zoo); frn_det/configs links to configs/. The study's grids
     # (configs/cpu_grid*) stay in the checkout with experiments/.
-    package_data={"frn_det": ["configs/*.yaml", "configs/coco/**/*", "configs/synthetic/*.yaml", "configs/lazy/**/*.py"]},
+    package_data={"frn_det": ["configs/*.yaml", "configs/coco/**/*", "configs/synthetic/*.yaml", "configs/bccd/*.yaml", "configs/lazy/**/*.py"]},
     install_requires=["torch>=2.4", "numpy", "pycocotools", "tqdm", "matplotlib", "fvcore", "pillow"],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"],
                     "export": ["onnx==1.23.*", "onnxruntime==1.32.*", "onnxscript==0.7.*"], "timm": ["timm"]},

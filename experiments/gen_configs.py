@@ -1,6 +1,7 @@
 """Generate the config grids: configs/coco/ (norms x images per GPU, from scratch;
 experiments/coco/configs.py) and the synthetic CPU comparison (configs/cpu_grid/,
-configs/cpu_grid_short/; experiments/cpu_grid/grid.yaml rendered by experiments/cpu_grid/configs.py).
+configs/cpu_grid_short/; experiments/cpu_grid/grid.yaml rendered by experiments/cpu_grid/configs.py) and
+the BCCD comparison (configs/bccd_grid/; experiments/bccd/grid.yaml, experiments/bccd/configs.py).
 From the checkout's root:
 
     python -m experiments.gen_configs            # (re)write every generated config
@@ -13,11 +14,12 @@ import argparse
 import os
 import sys
 
+from .bccd import configs as bccd
 from .coco import configs as coco
 from .cpu_grid import configs as cpu_grid
 from .generated import diff, write
 
-TARGETS = coco.TARGETS + cpu_grid.TARGETS
+TARGETS = coco.TARGETS + cpu_grid.TARGETS + bccd.TARGETS
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import frn_det  # noqa: F401
+from frn_det.data import CLASSES
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
 from train_net_testing import dataset_args, run_opts, tiny_dataset
 
@@ -22,8 +23,13 @@ TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 RETINANET = os.path.join(REPO, "configs", "synthetic", "retinanet_R18_FPN_{}.yaml")
 MASK_RCNN = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
 CONTRACT_KEYS = {"config_file", "meta_architecture", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "seed",
-                 "max_iter", "base_lr", "train_datasets", "test_datasets", "wall_time_s", "curve", "results"}
+                 "max_iter", "base_lr", "train_datasets", "test_datasets", "wall_time_s", "curve", "results", "by_dataset"}
 METRICS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def coco_metrics(task_results):
+    """COCO's six metrics, from a task's results beside its per-category "AP-<class>" ones."""
+    return {k for k in task_results if not k.startswith("AP-")}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,9 @@ def test_train_and_evaluate_writes_the_contract_result(trained):
     assert set(r) == CONTRACT_KEYS
     assert (r["meta_architecture"], r["norm"], r["num_gpus"], r["ims_per_batch"], r["images_per_gpu"]) == ("RetinaNet", "FRN", 1, 2, 2)
     assert (r["max_iter"], r["seed"], r["train_datasets"], r["test_datasets"]) == (4, 0, ["tiny_train"], ["tiny_val"])
-    assert set(r["results"]) == {"bbox"} and set(r["results"]["bbox"]) == METRICS
+    assert set(r["results"]) == {"bbox"} and coco_metrics(r["results"]["bbox"]) == METRICS
+    assert {k for k in r["results"]["bbox"] if k.startswith("AP-")} == {f"AP-{c}" for c in CLASSES}
+    assert r["by_dataset"] == {"tiny_val": {"results": r["results"], "curve": r["curve"]}}
     assert r["results"]["bbox"]["AP50"] is not None and r["wall_time_s"] > 0
     assert os.path.isfile(os.path.join(trained, "model_final.pth"))
     with open(os.path.join(trained, "metrics.json")) as f:
@@ -105,7 +113,7 @@ def test_two_process_cpu_gloo_training_and_evaluation(data, tmp_path):
                      "--dist-url", "auto", *run_opts(tmp_path, max_iter=2), "MODEL.DEVICE", "cpu")
     r = _result(tmp_path)
     assert (r["num_gpus"], r["ims_per_batch"], r["images_per_gpu"]) == (2, 2, 1)
-    assert set(r["results"]["bbox"]) == METRICS
+    assert coco_metrics(r["results"]["bbox"]) == METRICS
     # The evaluator gathered the detections of both processes: all 3 val images have some.
     assert {d["image_id"] for d in _detections(tmp_path)} == {1, 2, 3}
     with open(tmp_path / "log.txt.rank1") as f:  # detectron2's log of the second process

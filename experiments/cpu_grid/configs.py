@@ -40,12 +40,15 @@ def config_lines(tree, indent=0):
     return out
 
 
-def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, schedule="grid_schedule"):
-    """One leaf of configs/cpu_grid/<family>/: the schedule named ``schedule`` at ``batch``, plus the
-    config tree ``extra`` (its SOLVER keys join the schedule's SOLVER block)."""
+def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, schedule="grid_schedule",
+         spec=None, base=None, title="CPU comparison (docs/results.md)"):
+    """One leaf of configs/cpu_grid/<family>/: the schedule named ``schedule`` (or given as ``spec``)
+    at ``batch``, plus the config tree ``extra`` (its SOLVER keys join the schedule's SOLVER block),
+    inheriting ``base`` (default: the synthetic task's config of ``family`` and ``norm``)."""
     extra = dict(extra or {})
     solver_extra = config_lines(extra.pop("SOLVER", {}), indent=1)
-    spec = settings()[schedule]
+    spec = spec or settings()[schedule]
+    base = base or f"../../synthetic/{family}_{norm}.yaml"
     counts = {"MAX_ITER": spec["images_seen"], "WARMUP_ITERS": spec["warmup_images"],
               "EVAL_PERIOD": spec["eval_images"], "CHECKPOINT_PERIOD": spec["checkpoint_images"]}
     for key, n in list(counts.items()) + [("STEPS", s) for s in spec["step_images"]]:
@@ -56,10 +59,10 @@ def leaf(family, norm, batch, lr_per_image, variant="", note="", extra=None, sch
     steps = fmt_steps(tuple(s // batch for s in spec["step_images"]))
     what = f"\n# Variant {variant}: {note}." if variant else ""
     return HEADER + f"""\
-# CPU comparison (docs/results.md): {family}, {norm}, batch {batch} on one process.{what}
+# {title}: {family}, {norm}, batch {batch} on one process.{what}
 # {spec["images_seen"]} images seen; lr = {lr_per_image} per image x batch; warm-up over {spec["warmup_images"]} images;
 # lr x 0.1 after {" and ".join(map(str, spec["step_images"]))} images; evaluated every {spec["eval_images"]} images.
-_BASE_: "../../synthetic/{family}_{norm}.yaml"
+_BASE_: "{base}"
 {config_lines(extra)}SOLVER:
   IMS_PER_BATCH: {batch}
   REFERENCE_WORLD_SIZE: 1  # {batch} image{"s" if batch > 1 else ""} per process on any process count

@@ -1,4 +1,5 @@
-"""Dataset registration: the synthetic dataset under stable names, and user COCO-format datasets.
+"""Dataset registration: the synthetic dataset and the shipped BCCD copy under stable names, and user
+COCO-format datasets (user Pascal VOC folders: :mod:`frn_det.data.voc`).
 
 Compared with detectron2's ``register_coco_instances``, the loader registered here names the file
 when the json is malformed, lists missing image files before training starts instead of failing in
@@ -12,7 +13,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from . import synthetic
+from . import synthetic, voc
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,33 @@ def register_coco_dataset(name, json_file, image_root):
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
+# BCCD (datasets/BCCD/SOURCE.md): a real Pascal VOC dataset shipped in the checkout.
+BCCD_CLASSES = ("Platelets", "RBC", "WBC")  # its xml files' names, sorted (voc_class_names)
+BCCD_SPLITS = ("train", "val", "test", "trainval")
+BCCD_IN_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "datasets", "BCCD")
+
+
+def default_bccd_root():
+    """``$FRN_DET_BCCD``, else ``$DETECTRON2_DATASETS/BCCD`` (detectron2's "datasets") where it exists,
+    else the checkout's copy (datasets/BCCD beside the frn_det package of an editable install)."""
+    if os.environ.get("FRN_DET_BCCD"):
+        return os.environ["FRN_DET_BCCD"]
+    under_d2 = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "BCCD")
+    return under_d2 if os.path.isdir(under_d2) or not os.path.isdir(BCCD_IN_CHECKOUT) else BCCD_IN_CHECKOUT
+
+
+def register_bccd(root=None):
+    """(Re-)registers ``bccd_{train,val,test,trainval}`` at ``root`` (default above)."""
+    root = root or default_bccd_root()
+    for split in BCCD_SPLITS:
+        name = f"bccd_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        voc._register(name, root, split, BCCD_CLASSES)
+
+
 def _synthetic_loader(name, root):
     split = SYNTHETIC_NAMES[name]
     json_file = synthetic.annotation_path(root, split)
@@ -145,7 +173,8 @@ def check_registered(names, key):
     if unknown:
         raise ValueError(
             f"unknown dataset name(s) {unknown} in {key}. Registered datasets: {sorted(known)}. "
-            "Register a COCO-format dataset with --dataset NAME JSON IMAGE_ROOT."
+            "Register a COCO-format dataset with --dataset NAME JSON IMAGE_ROOT, a Pascal VOC folder with "
+            "--voc-dataset NAME DIR SPLIT."
         )
 
 

@@ -11,6 +11,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from torch import nn
 
+from ..data import ensure_coco_json
 from ..layers import FilterResponseNorm2d
 from .checkpoint import ShapeCheckingCheckpointer
 from .results import result_record
@@ -46,6 +47,8 @@ def test(cfg, model):
     """COCO evaluation of ``model`` on cfg.dataloader.test (detectron2's do_test); {} without an evaluator."""
     if "evaluator" not in cfg.dataloader:
         return {}
+    for name in dataset_names(cfg.dataloader.test):
+        ensure_coco_json(name)  # a Pascal VOC dataset's ground truth, current (frn_det.data.voc)
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results
@@ -105,4 +108,5 @@ def lazy_result(cfg, config_file, model, results, wall_time_s):
         num_gpus=comm.get_world_size(), ims_per_batch=cfg.dataloader.train.total_batch_size,
         seed=cfg.train.get("seed", -1), max_iter=cfg.train.max_iter, base_lr=cfg.optimizer.lr,
         train_datasets=dataset_names(cfg.dataloader.train), test_datasets=dataset_names(cfg.dataloader.test),
-        output_dir=cfg.train.output_dir, results=results, wall_time_s=wall_time_s)
+        output_dir=cfg.train.output_dir, results={dataset_names(cfg.dataloader.test)[0]: results},
+        wall_time_s=wall_time_s)

@@ -32,22 +32,42 @@ def read_metrics(output_dir):
     return records
 
 
-def read_curve(output_dir, max_iter, ims_per_batch):
-    """The evaluations during training, from detectron2's OUTPUT_DIR/metrics.json: a list of
-    {"iteration": iterations done, "images_seen", "bbox": AP, "segm": AP (mask models)}, one per
-    evaluation (the last record of an iteration wins: a resumed run appends to the file)."""
+def read_curves(output_dir, max_iter, ims_per_batch):
+    """The evaluations during training, from detectron2's OUTPUT_DIR/metrics.json: ``{dataset: curve}``
+    (dataset "" when the run has one test dataset, whose keys detectron2 writes without its name), a
+    curve being a list of {"iteration": iterations done, "images_seen", "bbox": AP, "segm": AP (mask
+    models)}, one per evaluation (the last record of an iteration wins: a resumed run appends)."""
     points = {}
     for record in read_metrics(output_dir):
-        if "bbox/AP" in record:
-            done = min(int(record["iteration"]) + 1, max_iter)
-            points[done] = {"iteration": done, "images_seen": done * ims_per_batch,
-                            **{t: _finite_or_none(record.get(f"{t}/AP")) for t in TASKS if f"{t}/AP" in record}}
-    return [points[k] for k in sorted(points)]
+        done = min(int(record.get("iteration", -1)) + 1, max_iter)
+        for key in record:
+            if key == "bbox/AP" or key.endswith("/bbox/AP"):
+                prefix = key[: -len("bbox/AP")]
+                points.setdefault(prefix.rstrip("/"), {})[done] = {
+                    "iteration": done, "images_seen": done * ims_per_batch,
+                    **{t: _finite_or_none(record.get(f"{prefix}{t}/AP")) for t in TASKS if f"{prefix}{t}/AP" in record}}
+    return {name: [p[k] for k in sorted(p)] for name, p in points.items()}
+
+
+def read_curve(output_dir, max_iter, ims_per_batch, dataset=""):
+    """One test dataset's curve (:func:`read_curves`); "" for a run with one test dataset."""
+    return read_curves(output_dir, max_iter, ims_per_batch).get(dataset, [])
+
+
+def _metrics(results):
+    # every metric the evaluator returned: COCO's six, and the per-category "AP-<class>"
+    return {task: {k: _finite_or_none(v) for k, v in metrics.items()} for task, metrics in results.items()}
 
 
 def result_record(*, config_file, meta_architecture, norm, num_gpus, ims_per_batch, seed, max_iter, base_lr,
                   train_datasets, test_datasets, output_dir, results, wall_time_s):
-    """The contract's dict; ``results`` is detectron2's {task: {metric: AP}} of the first test dataset."""
+    """The contract's dict; ``results`` is ``{test dataset: {task: {metric: AP}}}``: "results" and
+    "curve" are the first test dataset's, "by_dataset" has each one's."""
+    curves = read_curves(output_dir, max_iter, ims_per_batch)
+    by_dataset = {name: {"results": _metrics(results.get(name, {})),
+                         "curve": curves.get(name if len(test_datasets) > 1 else "", [])}
+                  for name in test_datasets}
+    first = by_dataset[test_datasets[0]] if test_datasets else {"results": {}, "curve": []}
     return {
         "config_file": config_file,
         "meta_architecture": meta_architecture,
@@ -61,24 +81,24 @@ def result_record(*, config_file, meta_architecture, norm, num_gpus, ims_per_bat
         "train_datasets": list(train_datasets),
         "test_datasets": list(test_datasets),
         "wall_time_s": round(wall_time_s, 1),
-        "curve": read_curve(output_dir, max_iter, ims_per_batch),
-        "results": {
-            task: {k: _finite_or_none(metrics.get(k)) for k in COCO_METRICS} for task, metrics in results.items()
-        },
+        "curve": first["curve"],
+        "results": first["results"],
+        "by_dataset": by_dataset,
     }
 
 
 def make_result(cfg, config_file, results, wall_time_s):
-    """The contract's dict for a yacs run (``results`` as detectron2 returns them, or {dataset: that})."""
+    """The contract's dict for a yacs run (``results`` as detectron2 returns them: {task: ...} for one
+    test dataset, {dataset: {task: ...}} for several)."""
     world = comm.get_world_size()
     scaled = DefaultTrainer.auto_scale_workers(cfg, world)  # what the trainer actually ran
-    if len(cfg.DATASETS.TEST) > 1:
-        results = results[cfg.DATASETS.TEST[0]]
+    tests = list(cfg.DATASETS.TEST)
+    by_dataset = results if len(tests) > 1 else {tests[0]: results} if tests else {}
     return result_record(
         config_file=config_file, meta_architecture=cfg.MODEL.META_ARCHITECTURE, norm=cfg.MODEL.RESNETS.NORM,
         num_gpus=world, ims_per_batch=scaled.SOLVER.IMS_PER_BATCH, seed=cfg.SEED, max_iter=scaled.SOLVER.MAX_ITER,
-        base_lr=scaled.SOLVER.BASE_LR, train_datasets=cfg.DATASETS.TRAIN, test_datasets=cfg.DATASETS.TEST,
-        output_dir=cfg.OUTPUT_DIR, results=results, wall_time_s=wall_time_s)
+        base_lr=scaled.SOLVER.BASE_LR, train_datasets=cfg.DATASETS.TRAIN, test_datasets=tests,
+        output_dir=cfg.OUTPUT_DIR, results=by_dataset, wall_time_s=wall_time_s)
 
 
 def write_result(output_dir, record):

@@ -38,7 +38,7 @@ from detectron2.engine import EvalHook, HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from .results import read_curve
+from .results import read_curves
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class EvaluateWhatTheInterruptionSkipped(HookBase):
             return  # nothing was due, or it is the final evaluation, which runs anyway
         # the main process's metrics.json decides for every process (others may not share its disk)
         evaluated = comm.is_main_process() and any(
-            p["iteration"] == done for p in read_curve(self._output_dir, max_iter, ims_per_batch=1))
+            p["iteration"] == done for curve in read_curves(self._output_dir, max_iter, 1).values() for p in curve)
         if comm.all_gather(evaluated)[0]:
             return
         logger.info(f"The evaluation after iteration {done} is not in metrics.json (the run stopped during it): "

@@ -13,6 +13,7 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, EvalHook, PeriodicCheckpointer, defaults
 from detectron2.evaluation import COCOEvaluator
 
+from ..data import ensure_coco_json
 from ..data.validation import NameImageErrors, check_data
 from ..modeling import build_optimizer
 from .checkpoint import ShapeCheckingCheckpointer
@@ -115,4 +116,5 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        ensure_coco_json(dataset_name)  # a Pascal VOC dataset's ground truth, current (frn_det.data.voc)
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)

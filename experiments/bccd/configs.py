@@ -1,0 +1,79 @@
+"""configs/bccd_grid/, rendered from grid.yaml (the comparison's settings and the reasons for them
+live there, as data); tests/test_configs.py checks the committed YAMLs equal this output."""
+import functools
+import os
+
+import yaml
+
+from ..cpu_grid.configs import _lr_name, leaf
+from ..paths import CONFIGS
+
+GRID_DIR = os.path.join(CONFIGS, "bccd_grid")
+SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grid.yaml")
+FAMILY = "retinanet_R18_FPN"
+TITLE = "BCCD comparison (docs/results.md)"
+
+
+@functools.lru_cache(maxsize=None)
+def settings():
+    """grid.yaml as a dict."""
+    with open(SETTINGS_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def _leaf(norm, batch, lr_per_image, tag, note="", extra=None):
+    return leaf(FAMILY, norm, batch, lr_per_image, tag, note, extra, spec=settings()["schedule"],
+                base=f"../../bccd/{FAMILY}_{norm}.yaml", title=TITLE)
+
+
+def _name(arm, batch, tag=""):
+    a = settings()["arms"][arm]
+    parts = [f"{a['norm']}_{batch}img"] + [t for t in (a.get("variant"), tag) if t]
+    return f"{FAMILY}/{'_'.join(parts)}.yaml"
+
+
+def sweep_configs():
+    """{arm: [(config relative to configs/bccd_grid, lr per image)]} of the learning-rate sweep."""
+    s, b = settings(), settings()["sweep_batch"]
+    return {arm: [(_name(arm, b, _lr_name(lr, b)), lr) for lr in s["sweep_lr_per_image"][arm]] for arm in s["arms"]}
+
+
+def cell_config(arm, batch):
+    """The config of an arm's grid cell at ``batch`` (at the sweep's batch: its best sweep run's), or
+    None until the arm's best rate is set."""
+    s = settings()
+    best = s["best_lr_per_image"][arm]
+    if best is None:
+        return None
+    return _name(arm, batch, _lr_name(best, batch) if batch == s["sweep_batch"] else "")
+
+
+def study_configs():
+    """[(config relative to configs/bccd_grid, arm name, arm settings)] of the study at the sweep's batch."""
+    s = settings()
+    return [(f"{FAMILY}/{arm['norm']}_{s['sweep_batch']}img_{name}.yaml", name, arm) for name, arm in s["study"].items()]
+
+
+def render_grid():
+    """{path relative to configs/bccd_grid: text}: the sweep, and once an arm's best rate is set its
+    cells at the other batches; the study once FRN's is."""
+    s, b = settings(), settings()["sweep_batch"]
+    out = {}
+    for arm, configs in sweep_configs().items():
+        a = s["arms"][arm]
+        for rel, lr in configs:
+            tag = "_".join(t for t in (a.get("variant"), _lr_name(lr, b)) if t)
+            note = f"{a['note']}; learning-rate sweep" if a.get("note") else "learning-rate sweep"
+            out[rel] = _leaf(a["norm"], b, lr, tag, note, a.get("config"))
+        best = s["best_lr_per_image"][arm]
+        for batch in s["batches"]:
+            if best is not None and batch != b:
+                out[cell_config(arm, batch)] = _leaf(a["norm"], batch, best, a.get("variant", ""), a.get("note", ""),
+                                                     a.get("config"))
+    if s["best_lr_per_image"]["FRN"] is not None:
+        for rel, name, arm in study_configs():
+            out[rel] = _leaf(arm["norm"], b, s["best_lr_per_image"]["FRN"], name, arm["note"], arm["config"])
+    return out
+
+
+TARGETS = ((GRID_DIR, render_grid),)
