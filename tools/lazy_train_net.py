@@ -2,7 +2,7 @@
 """Train and evaluate detectron2 LazyConfigs (Python configs) with FRN: detectron2's
 tools/lazyconfig_train_net.py conventions (--config-file, --eval-only, --resume, --num-gpus,
 --num-machines, --machine-rank, --dist-url, trailing key=value overrides), plus --dataset NAME JSON
-IMAGE_ROOT and OUTPUT_DIR/frn_det_result.json. The configs of configs/lazy instantiate their models
+IMAGE_ROOT (COCO json), --voc-dataset NAME DIR SPLIT (Pascal VOC folder) and OUTPUT_DIR/frn_det_result.json. The configs of configs/lazy instantiate their models
 with the paper's FRN placement and the FRN-aware optimizer.
 
     python tools/lazy_train_net.py --config-file configs/lazy/retinanet_R18_FPN_FRN_synthetic.py
@@ -15,16 +15,16 @@ import time
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
-from frn_det.data import ensure_synthetic, register_coco_dataset
+from frn_det.data import ensure_synthetic
 from frn_det.engine import default_argument_parser, launch
+from frn_det.engine.launch import register_datasets
 from frn_det.engine.lazy import dataset_names, evaluate, lazy_result, load_lazy_cfg, train
 from frn_det.engine.results import write_result
 
 
 def main(args):
     start = time.perf_counter()
-    for name, json_file, image_root in args.dataset:
-        register_coco_dataset(name, json_file, image_root)
+    register_datasets(args)
     cfg = load_lazy_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     if comm.is_main_process():

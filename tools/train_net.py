@@ -3,10 +3,11 @@
 
 detectron2's tools/train_net.py conventions (--config-file, --num-gpus, --num-machines,
 --machine-rank, --dist-url, --resume, --eval-only, trailing KEY VALUE overrides), plus:
-- `import frn_det` registers the norm name "FRN" and the synthetic datasets; configs get MODEL.FRN.*
-  and the optimizer counts FRN parameters as norm parameters (frn_det.engine.Trainer);
+- `import frn_det` registers the norm name "FRN", the synthetic datasets and BCCD (bccd_train, ...);
+  configs get MODEL.FRN.* and the optimizer counts FRN parameters as norm parameters (frn_det.engine.Trainer);
 - `--dataset NAME JSON IMAGE_ROOT` (repeatable) registers a COCO-format dataset, polygon or RLE
-  masks (RLE switches INPUT.MASK_FORMAT to bitmask for mask models);
+  masks (RLE switches INPUT.MASK_FORMAT to bitmask for mask models); `--voc-dataset NAME DIR SPLIT`
+  (repeatable) a split of a Pascal VOC folder, its classes from `--voc-classes` or its xml files;
 - before the first iteration (and before --eval-only evaluates), the heads' numbers of classes are
   checked against the datasets' categories, and the image files per DATASETS.CHECK_IMAGES ("headers"
   by default); `--check-data-only` runs only these checks (every pixel of every image, unless the
@@ -16,13 +17,15 @@ detectron2's tools/train_net.py conventions (--config-file, --num-gpus, --num-ma
 
 Examples:
     python tools/train_net.py --config-file configs/synthetic/retinanet_R18_FPN_FRN.yaml
-    python tools/train_net.py --config-file configs/synthetic/retinanet_R18_FPN_GN.yaml \\
-        --num-gpus 2 OUTPUT_DIR output/gn_2proc
+    python tools/train_net.py --config-file configs/bccd/retinanet_R18_FPN_GN.yaml --num-gpus 2 MODEL.DEVICE cpu
     python tools/train_net.py --config-file configs/synthetic/retinanet_R18_FPN_FRN.yaml \\
         --eval-only MODEL.WEIGHTS output/retinanet_R18_FPN_FRN/model_final.pth
     python tools/train_net.py --config-file configs/synthetic/mask_rcnn_R18_FPN_GN.yaml \\
         --dataset shapes_train data/train.json data/train --dataset shapes_val data/val.json data/val \\
         DATASETS.TRAIN '("shapes_train",)' DATASETS.TEST '("shapes_val",)'
+    python tools/train_net.py --config-file configs/bccd/retinanet_R18_FPN_FRN.yaml \\
+        --voc-dataset cells_train data/VOC trainval --voc-dataset cells_test data/VOC test \\
+        DATASETS.TRAIN '("cells_train",)' DATASETS.TEST '("cells_test",)' MODEL.RETINANET.NUM_CLASSES 5
     python tools/train_net.py --config-file ... --dataset shapes_train data/train.json data/train \\
         --check-data-only DATASETS.TRAIN '("shapes_train",)'  # options before the KEY VALUE overrides
 Real COCO: detectron2's coco_2017_train / coco_2017_val, found under $DETECTRON2_DATASETS/coco.
@@ -36,11 +39,11 @@ from frn_det.data import ensure_synthetic
 from frn_det.engine import (
     ShapeCheckingCheckpointer,
     Trainer,
-    default_argument_parser,
     default_setup,
     launch,
     make_result,
     run_cfg_from_args,
+    train_argument_parser,
     write_result,
 )
 
@@ -59,7 +62,7 @@ def main(args):
     comm.synchronize()
 
     if args.check_data_only:
-        check_data_only(cfg, args)
+        Trainer.check_data_only(cfg, args.opts)
         return {}
     if args.eval_only:
         Trainer.check_data(cfg, train=False)
@@ -78,26 +81,7 @@ def main(args):
     return results
 
 
-def argument_parser():
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--check-data-only", action="store_true",
-        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and every "
-        "image file with DATASETS.CHECK_IMAGES decode unless the overrides set another mode), then exit",
-    )
-    return parser
-
-
-def check_data_only(cfg, args):
-    # --check-data-only decodes every image unless the command line asks for another mode
-    mode = cfg.DATASETS.CHECK_IMAGES if "DATASETS.CHECK_IMAGES" in args.opts[::2] else "decode"
-    report = Trainer.check_data(cfg, mode=mode)
-    if comm.is_main_process():
-        checked = ", ".join(f"{r['images']} images of '{n}' in {r['seconds']:.1f} s" for n, r in report.items())
-        print(f"Data check passed (classes; images: {mode}{': ' + checked if checked else ''})")
-
-
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    args = train_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args)

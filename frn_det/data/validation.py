@@ -103,8 +103,9 @@ def dataset_num_classes(name, load=None):
 
 
 def _describe(name):
-    json_file = MetadataCatalog.get(name).get("json_file")
-    return f"dataset '{name}'" + (f" ({json_file})" if json_file else "")
+    meta = MetadataCatalog.get(name)
+    source = meta.get("voc_split_file") or meta.get("json_file")  # a VOC dataset's json is a cached conversion
+    return f"dataset '{name}'" + (f" ({source})" if source else "")
 
 
 def check_num_classes(cfg, datasets, load=None):

@@ -1,5 +1,6 @@
 """Command-line conventions of frn-det's training tools: detectron2's argument parser plus
-``--dataset``, the run config, and detectron2's launcher with CPU multi-process support."""
+``--dataset`` (COCO json) and ``--voc-dataset`` (Pascal VOC folder), the run config, and
+detectron2's launcher with CPU multi-process support."""
 import os
 
 import detectron2.utils.comm as comm
@@ -8,25 +9,53 @@ from detectron2.engine import default_setup as d2_default_setup
 from detectron2.engine import launch as d2_launch
 from detectron2.utils.logger import setup_logger
 
-from ..data import register_coco_dataset
+from ..data import register_coco_dataset, register_voc_dataset
 from .config import check_processes, load_cfg, load_run_cfg
 
 
 def default_argument_parser(epilog=None):
-    """detectron2's ``default_argument_parser`` plus ``--dataset NAME JSON IMAGE_ROOT`` (repeatable)."""
+    """detectron2's ``default_argument_parser`` plus ``--dataset NAME JSON IMAGE_ROOT`` and
+    ``--voc-dataset NAME DIR SPLIT`` (both repeatable) and ``--voc-classes``."""
     parser = d2_argument_parser(epilog)
     parser.add_argument(
         "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (polygon or RLE masks) under NAME; repeatable. "
         "Use it with DATASETS.TRAIN / DATASETS.TEST overrides.",
     )
+    parser.add_argument(
+        "--voc-dataset", nargs=3, action="append", default=[], metavar=("NAME", "DIR", "SPLIT"),
+        help="register split SPLIT (DIR/ImageSets/Main/SPLIT.txt) of the Pascal VOC folder DIR under NAME, "
+        "evaluated with COCO AP; repeatable. Classes: --voc-classes, else every object name in DIR's xml files, sorted.",
+    )
+    parser.add_argument(
+        "--voc-classes", nargs="+", metavar="CLASS", default=None,
+        help="the class names of every --voc-dataset, in the order of the model's class indices",
+    )
     return parser
 
 
-def run_cfg_from_args(args):
-    """Registers ``args.dataset``, then :func:`load_run_cfg` of the config and overrides."""
+def train_argument_parser():
+    """:func:`default_argument_parser` plus tools/train_net.py's ``--check-data-only``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--check-data-only", action="store_true",
+        help="only check the data of DATASETS.TRAIN and DATASETS.TEST (the heads' numbers of classes, and every "
+        "image file with DATASETS.CHECK_IMAGES decode unless the overrides set another mode), then exit",
+    )
+    return parser
+
+
+def register_datasets(args):
+    """Registers the datasets the command line names (``--dataset``, ``--voc-dataset``)."""
     for name, json_file, image_root in args.dataset:
         register_coco_dataset(name, json_file, image_root)
+    for name, dirname, split in args.voc_dataset:
+        register_voc_dataset(name, dirname, split, args.voc_classes)
+
+
+def run_cfg_from_args(args):
+    """:func:`register_datasets`, then :func:`load_run_cfg` of the config and overrides."""
+    register_datasets(args)
     return load_run_cfg(args.config_file, args.opts)
 
 
