@@ -77,3 +77,23 @@ def render_grid():
 
 
 TARGETS = ((GRID_DIR, render_grid),)
+
+
+def listed(part, batch=None):
+    """Config paths (from the checkout's root) of a part of the comparison, for run.sh: "sweep",
+    "cells" at ``batch`` (those whose arm has its rate), "study" (once FRN's rate is set)."""
+    if part == "sweep":
+        rels = [rel for configs in sweep_configs().values() for rel, _ in configs]
+    elif part == "cells":
+        rels = [c for c in (cell_config(arm, batch) for arm in settings()["arms"]) if c is not None]
+    elif part == "study":
+        rels = [rel for rel, _, _ in study_configs()] if settings()["best_lr_per_image"]["FRN"] is not None else []
+    else:
+        raise ValueError(f"unknown part {part!r}: sweep, cells or study")
+    return [os.path.relpath(os.path.join(GRID_DIR, rel)) for rel in rels]
+
+
+if __name__ == "__main__":  # python -m experiments.bccd.configs sweep | cells BATCH | study
+    import sys
+
+    print(*listed(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))
