@@ -213,7 +213,7 @@ def needing_seed(out_dir, seed):
 def collect(root, out_dir, log=print):
     """Every run under ``root`` into out_dir/bccd_{sweep,grid,study}.* (tables, CSVs, plots),
     bccd_noise.md (the rule) and bccd_errors.md; keeps each finished run's test detections first."""
-    runs = {d: load_run(d) for d in find_runs(root)}
+    runs = {d: load_run(d, seed=seed) for d, seed in find_runs(root).items()}
     for d, r in runs.items():
         if r.status == "ok":
             keep_test_detections(d)
