@@ -12,6 +12,10 @@ import torch
 
 os.environ.setdefault("FRN_DET_DATA", os.path.join(tempfile.gettempdir(), "frn_det_test_data", "frn_synthetic"))
 os.environ.setdefault("FRN_DET_CACHE", os.path.join(tempfile.gettempdir(), "frn_det_test_cache"))
+# Subprocesses (tools/train_net.py, ...) import this checkout's frn_det, not an install elsewhere;
+# train_net_testing.assert_this_checkout checks their logs say so.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # make test's pytest-xdist workers

@@ -13,7 +13,7 @@ from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from train_net_testing import tiny_dataset
+from train_net_testing import assert_this_checkout, tiny_dataset
 
 import frn_det  # noqa: F401
 from frn_det.data import register_coco_dataset
@@ -107,6 +107,7 @@ def _lazy_train_net(tiny, *overrides, flags=()):
          "train.eval_period=2", "model.model.test_score_thresh=0.0", *overrides],
         capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_this_checkout(proc.stdout + proc.stderr)
     return proc
 
 

@@ -16,6 +16,7 @@ import frn_det  # noqa: F401  (registers bccd_*)
 from frn_det.data import BCCD_CLASSES, ensure_coco_json, register_voc_dataset, voc
 from frn_det.data.validation import DataError
 from frn_det.engine.coco_eval import load_ground_truth
+from train_net_testing import assert_this_checkout
 from voc_testing import box, cells_folder, write_voc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,7 @@ def test_a_voc_folder_trains_and_evaluates_through_the_tools(tmp_path, tool):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", tool), "--config-file", config, *voc_args, *opts],
                           capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_this_checkout(proc.stdout + proc.stderr)
     with open(out / "frn_det_result.json") as f:
         result = json.load(f)
     assert result["test_datasets"] == ["cells_val"] and result["results"]["bbox"]["AP"] is not None

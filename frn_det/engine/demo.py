@@ -17,6 +17,7 @@ from .results import read_metrics, read_result
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 LABEL_WIDTH = 96  # pixels of the strip naming the norm on the left of its detections picture
+TILE_SIDE = 384  # pixels of an image's longer side in the picture (the synthetic 192 px at 2x)
 
 
 def available_cores():
@@ -143,6 +144,7 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3, task=TASKS["s
     import numpy as np
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
+    from detectron2.data import transforms as T
     from detectron2.modeling import build_model
     from detectron2.utils.visualizer import Visualizer
     from PIL import Image, ImageDraw, ImageFont
@@ -154,14 +156,19 @@ def draw_detections(norm, output_dir, num_images=4, min_score=0.3, task=TASKS["s
     model = build_model(cfg).eval()
     ShapeCheckingCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     name = cfg.DATASETS.TEST[0]
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)  # as at test time
     tiles = []
     for record in DatasetCatalog.get(name)[:num_images]:
         image = detection_utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-        with torch.no_grad():
-            instances = model([{"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1))}])[0]["instances"]
+        h, w = image.shape[:2]
+        model_input = resize.get_transform(image).apply_image(image)
+        with torch.no_grad():  # boxes come back in the image's own pixels (height, width)
+            instances = model([{"image": torch.as_tensor(model_input.astype("float32").transpose(2, 0, 1)),
+                                "height": h, "width": w}])[0]["instances"]
         shown = instances[instances.scores >= min_score].to("cpu")
         rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
-        tiles.append(Visualizer(rgb, MetadataCatalog.get(name), scale=2.0).draw_instance_predictions(shown).get_image())
+        tiles.append(Visualizer(rgb, MetadataCatalog.get(name), scale=TILE_SIDE / max(h, w))
+                     .draw_instance_predictions(shown).get_image())
     picture = Image.fromarray(np.concatenate(tiles, axis=1))
     labelled = Image.new("RGB", (picture.width + LABEL_WIDTH, picture.height), "white")
     labelled.paste(picture, (LABEL_WIDTH, 0))
