@@ -83,10 +83,11 @@ def _model(family):
 def test_frn_detectors_export_and_match_pytorch(tmp_path, val_image, family, fmt, method):
     path, report = export_and_check(_model(family), val_image, fmt, method, str(tmp_path))
     assert os.path.isfile(path) and report["ok"], report
-    if "detections" in report:
-        assert report["detections"] > 0 and report["max_box_diff"] == 0.0
-    else:
-        assert report["outputs"] >= 4 and report["max_abs_diff"] < 1e-2
+    if "detections" in report:  # scripted: PyTorch's kernels, bitwise
+        assert report["detections"] > 0 and report["max_box_diff"] == report["max_score_diff"] == 0.0
+    else:  # each output (boxes, scores, classes, masks) to its own magnitude: ~1e-4 for ONNX, exact traced
+        assert report["outputs"] >= 3 and len(report["relative_diffs"]) == report["outputs"]
+        assert max(report["relative_diffs"]) <= (1e-4 if fmt == "onnx" else 0.0), report
 
 
 def test_backbone_features_match_in_onnxruntime(tmp_path, val_image):
