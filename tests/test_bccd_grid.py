@@ -77,8 +77,12 @@ def test_run_sh_grid_and_study_once_the_rates_are_set(tmp_path):
     cells1 = ["BN_1img", "GN_1img", "FRN_1img", "FRN_1img_centered"]
     runs = RUN_LINE.findall(out)
     after_sweep = runs[2 + 12:]
+    cells8 = ["BN_8img", "GN_8img", "FRN_8img", "FRN_8img_centered"]
     assert after_sweep == ([(n, "1") for n in cells2] + [(n, s) for s in "01" for n in cells1]
-                           + [(n, s) for s in "01" for n in ("FRN_2img_G32", "FRN_2img_GN-fpn-head")])
+                           + [(n, s) for s in "01" for n in ("FRN_2img_G32", "FRN_2img_GN-fpn-head")]
+                           + [(n, s) for s in "01" for n in cells8])  # (no pair needs seed 2 in a dry run)
+    two_stage = re.findall(r"configs/bccd_grid/faster_rcnn_R18_FPN/(\S+)\.yaml seed (\d+): would run", out)
+    assert two_stage == [(n, s) for s in "01" for n in ("GN_2img", "FRN_2img", "FRN_2img_centered")]
 
 
 def fake_run(root, rel, seed, val_ap, test_detections, norm, batch, wall=3600.0):
@@ -151,10 +155,10 @@ def test_report_reads_choices_on_val_and_numbers_on_test(tmp_path, monkeypatch, 
     assert not any("lr0.02" in row.split(",")[2] for row in grid[1:])  # variant: the arm's, not the lr
     noise = (out / "bccd_noise.md").read_text()
     # FRN missed every other box: far behind GN, beyond any noise
-    row = next(line for line in noise.splitlines() if line.startswith("| 2 | FRN - GN |"))
+    row = next(line for line in noise.splitlines() if line.startswith("| retinanet_R18_FPN | 2 | FRN - GN |"))
     assert row.endswith("| behind |")
     for seed in (0, 1):
         assert (root / f"{fam}_GN_2img_lr0.02" / f"seed{seed}" / DETECTIONS).is_file()
     with gzip.open(root / f"{fam}_GN_2img_lr0.02" / "seed0" / DETECTIONS, "rt") as f:
         assert len(json.load(f)) == len(gt["annotations"])
-    assert "## GN, batch 2" in (out / "bccd_errors.md").read_text()
+    assert "## GN, retinanet_R18_FPN, batch 2" in (out / "bccd_errors.md").read_text()

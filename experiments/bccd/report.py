@@ -18,7 +18,7 @@ from ..compare.bootstrap import ImageWeightedAP, resample_weights
 from ..compare.grid import run_dir_for
 from ..compare.report import write_all
 from ..compare.runs import find_runs, load_run
-from .configs import GRID_DIR, cell_config, settings, study_configs, sweep_configs
+from .configs import FAMILY, GRID_DIR, TWO_STAGE, cell_config, settings, study_configs, sweep_configs
 
 VAL, TEST = "bccd_val", "bccd_test"
 DETECTIONS = f"{TEST}_detections.json.gz"
@@ -59,15 +59,16 @@ def selections(root, runs):
     for arm, configs in sweep_configs().items():
         for rel, _ in configs:
             out["sweep"] += [r.on_dataset(VAL) for r in by_dir.get(_dir(root, rel), []) if r.seed == 0]
-    for arm in settings()["arms"]:
-        for batch in settings()["batches"]:
-            rel = cell_config(arm, batch)
-            if rel is None:
-                continue
+    s = settings()
+    cells = [(arm, batch, FAMILY) for arm in s["arms"] for batch in s["batches"] + [s["large_batch"]]]
+    cells += [(arm, s["sweep_batch"], TWO_STAGE) for arm in s["two_stage_arms"]]
+    for arm, batch, family in cells:
+        rel = cell_config(arm, batch, family)
+        if rel is not None:
             cell = by_dir.get(_dir(root, rel), [])
             out["grid"] += [r.on_dataset(TEST, _variant(arm)) for r in cell]
             out["grid_val"] += [r.on_dataset(VAL, _variant(arm)) for r in cell]
-            if batch == settings()["sweep_batch"] and arm in ("FRN", "GN"):
+            if (batch, family) == (s["sweep_batch"], FAMILY) and arm in ("FRN", "GN"):
                 out["study"] += [r.on_dataset(TEST, _variant(arm)) for r in cell]
     for rel, _, _ in study_configs():
         out["study"] += [r.on_dataset(TEST) for r in by_dir.get(_dir(root, rel), [])]
@@ -128,22 +129,22 @@ def verdict(diffs, n_img):
 
 
 def pair_rows(grid_runs, noise):
-    """Per batch and pair of PAIRS: per-seed differences, their noise and the rule's reading."""
+    """Per detector (family), batch and pair of PAIRS: per-seed differences, their noise and the rule's reading."""
     cells = {}
     for r in grid_runs:
         if r.status == "ok":
-            cells.setdefault((r.result["images_per_gpu"], _group_label(r)), {})[r.seed] = r
+            cells.setdefault((r.family, r.result["images_per_gpu"], _group_label(r)), {})[r.seed] = r
     rows = []
-    for batch in sorted({b for b, _ in cells}):
+    for family, batch in sorted({(f, b) for f, b, _ in cells}):
         for a, b in PAIRS:
-            ra, rb = cells.get((batch, a), {}), cells.get((batch, b), {})
+            ra, rb = cells.get((family, batch, a), {}), cells.get((family, batch, b), {})
             seeds = sorted(set(ra) & set(rb))
             if not seeds:
                 continue
             diffs = [ra[s].metric("bbox", "AP") - rb[s].metric("bbox", "AP") for s in seeds]
             n_img = statistics.fmean([noise.diff_std(ra[s], rb[s]) for s in seeds])
             mean, n_seed, se, reading = verdict(diffs, n_img)
-            rows.append({"batch": batch, "a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": mean,
+            rows.append({"family": family, "batch": batch, "a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": mean,
                          "N_img": n_img, "N_seed": n_seed, "SE": se, "reading": reading})
     return rows
 
@@ -160,21 +161,23 @@ def noise_markdown(grid_runs, study_runs, noise):
              "same for every run; mean over seeds); N_seed: std of the per-seed differences; SE = sqrt(N_seed^2 / n "
              "+ N_img^2); reading: |mean| >= 2 SE ahead / behind, else a tie with 3 seeds, else another seed "
              "(experiments/bccd/plan.md).", "",
-             "| batch | A - B | seeds | per seed | mean | N_img | N_seed | SE | reading |", "|---|---|---|---|---|---|---|---|---|"]
+             "| detector | batch | A - B | seeds | per seed | mean | N_img | N_seed | SE | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in pair_rows(grid_runs, noise):
-        lines.append(f"| {p['batch']} | {p['a']} - {p['b']} | {' '.join(map(str, p['seeds']))} | "
+        lines.append(f"| {p['family']} | {p['batch']} | {p['a']} - {p['b']} | {' '.join(map(str, p['seeds']))} | "
                      f"{' / '.join(_f(d, sign=True) for d in p['diffs'])} | {_f(p['mean'], sign=True)} | {_f(p['N_img'])} | "
                      f"{_f(p['N_seed'])} | {_f(p['SE'])} | {p['reading']} |")
     lines += ["", "Every run on bccd_test: box AP, its bootstrap std over the test images, per-class AP:", "",
-              "| run | batch | seed | AP | bootstrap std | " + " | ".join(f"AP {c}" for c in CLASSES) + " | val AP | train+eval s |",
-              "|---" * (9 + len(CLASSES) - 3) + "|"]
+              "| run | detector | batch | seed | AP | bootstrap std | " + " | ".join(f"AP {c}" for c in CLASSES) + " | val AP | train+eval s |",
+              "|---" * (8 + len(CLASSES)) + "|"]
     seen = set()
-    for r in sorted(grid_runs + study_runs, key=lambda r: (_group_label(r) or "", r.ims_per_batch or 0, r.seed or 0)):
+    for r in sorted(grid_runs + study_runs, key=lambda r: (r.family, _group_label(r) or "", r.ims_per_batch or 0,
+                                                           r.seed or 0)):
         if r.status != "ok" or r.run_dir in seen:
             continue
         seen.add(r.run_dir)
         val = r.result.get("by_dataset", {}).get(VAL, {}).get("results", {}).get("bbox", {}).get("AP")
-        lines.append(f"| {_group_label(r)} | {r.ims_per_batch} | {r.seed} | {_f(r.metric('bbox', 'AP'))} | "
+        lines.append(f"| {_group_label(r)} | {r.family} | {r.ims_per_batch} | {r.seed} | {_f(r.metric('bbox', 'AP'))} | "
                      f"{_f(noise.std(r))} | " + " | ".join(_f(r.metric("bbox", f"AP-{c}")) for c in CLASSES)
                      + f" | {_f(val)} | {r.result.get('wall_time_s', '')} |")
     return "\n".join(lines) + "\n"
@@ -186,7 +189,7 @@ def errors_markdown(grid_runs, noise):
     from frn_det.engine.coco_eval import error_analysis, format_ap_by_class_size, format_confusion
 
     lines = ["# BCCD: where each norm loses (bccd_test, seed 0, `tools/coco_eval.py --errors`)", ""]
-    for r in sorted(grid_runs, key=lambda r: (r.ims_per_batch or 0, _group_label(r) or "")):
+    for r in sorted(grid_runs, key=lambda r: (r.family, r.ims_per_batch or 0, _group_label(r) or "")):
         path = os.path.join(r.run_dir, DETECTIONS)
         if r.status != "ok" or r.seed != 0 or not os.path.isfile(path):
             continue
@@ -194,7 +197,7 @@ def errors_markdown(grid_runs, noise):
             shutil.copyfileobj(g, tmp)
             tmp.flush()
             a = error_analysis(noise.gt_file, tmp.name)
-        lines += [f"## {_group_label(r)}, batch {r.ims_per_batch}: AP {a['AP']:.1f}, class-agnostic AP "
+        lines += [f"## {_group_label(r)}, {r.family}, batch {r.ims_per_batch}: AP {a['AP']:.1f}, class-agnostic AP "
                   f"{a['class_agnostic_AP']:.1f}", "", format_confusion(a), "", format_ap_by_class_size(a), ""]
     return "\n".join(lines)
 
@@ -206,7 +209,7 @@ def needing_seed(out_dir, seed):
         return []
     with open(path) as f:
         open_pairs = [p for p in json.load(f) if p["reading"] == f"needs seed {seed}"]
-    rels = {cell_config(arm, p["batch"]) for p in open_pairs for arm in (p["a"], p["b"])}
+    rels = {cell_config(arm, p["batch"], p["family"]) for p in open_pairs for arm in (p["a"], p["b"])}
     return sorted(os.path.relpath(os.path.join(GRID_DIR, r)) for r in rels if r)
 
 

@@ -7,7 +7,8 @@
 #   b. once best_lr_per_image (grid.yaml) is set and `python -m experiments.gen_configs` has written
 #      the cells: batch 2 seed 1 (seed 0 is the sweep's best run) and batch 1 seeds 0 and 1;
 #   c. the study's arms at batch 2, seeds 0 and 1;
-#   then seed 2 of every cell whose pair the decision rule leaves open with two seeds.
+#   then seed 2 of every cell whose pair the decision rule leaves open with two seeds;
+#   d. 8 images per batch and e. Faster R-CNN (GN / FRN / centred), seed 0, then seed 1.
 # After each stage every run is collected into $OUT_DIR/bccd_*.{md,csv,png} (experiments/bccd/report.py).
 # Usage: bash experiments/bccd/run.sh   (PYTHON=... another environment; JOBS=2 runs at a time;
 # ROOT= where the runs go; OUT_DIR= where the report goes; DRY_RUN=1 prints the runs instead)
@@ -48,3 +49,8 @@ grid grid_batch1 "0 1" "${BATCH1[@]}"
 grid study "0 1" $(list study)
 # shellcheck disable=SC2046  # the cells whose pairs two seeds leave open (plan.md's rule)
 grid seed2 2 $("$PY" -c "from experiments.bccd.report import needing_seed; print(*needing_seed('$OUT_DIR', 2))")
+# d and e, as time allows: seed 0 of both before seed 1
+read -r -a BATCH8 <<<"$(list cells 8)"
+read -r -a TWO_STAGE <<<"$(list two-stage)"
+grid extra_seed0 0 "${BATCH8[@]}" "${TWO_STAGE[@]}"
+grid extra_seed1 1 "${BATCH8[@]}" "${TWO_STAGE[@]}"
