@@ -1,12 +1,10 @@
 """configs/bccd_grid/, rendered from grid.yaml (the comparison's settings and the reasons for them
 live there, as data); tests/test_configs.py checks the committed YAMLs equal this output."""
-import functools
 import os
 from fractions import Fraction
 
-import yaml
-
 from ..cpu_grid.configs import _lr_name, leaf
+from ..generated import read_settings
 from ..paths import CONFIGS
 
 GRID_DIR = os.path.join(CONFIGS, "bccd_grid")
@@ -16,11 +14,9 @@ TWO_STAGE = "faster_rcnn_R18_FPN"
 TITLE = "BCCD comparison (docs/results.md)"
 
 
-@functools.lru_cache(maxsize=None)
 def settings():
     """grid.yaml as a dict."""
-    with open(SETTINGS_FILE) as f:
-        return yaml.safe_load(f)
+    return read_settings(SETTINGS_FILE)
 
 
 def _leaf(norm, batch, lr_per_image, tag, note="", extra=None, family=FAMILY):
