@@ -10,16 +10,17 @@ import onnxruntime
 import pytest
 import torch
 from detectron2.modeling import build_model
+from frn_testing import impl_params
 from PIL import Image
 
 from frn_det.engine import load_cfg
 from frn_det.engine.export import export_and_check, features_onnx_check, sample_image
-from frn_det.layers import TLU, FilterResponseNorm2d, ops
+from frn_det.layers import TLU, FilterResponseNorm2d
 from frn_det.layers.onnx_export import translation_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic", "{}_R18_FPN_FRN.yaml")
-IMPLS = ["reference"] + (["op"] if ops.is_available() else [])
+IMPLS = impl_params()
 
 
 def _frn_stack(impl):
