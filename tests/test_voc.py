@@ -192,6 +192,20 @@ def test_cached_ground_truth_follows_the_loader_and_its_inputs(tmp_path, monkeyp
     assert MetadataCatalog.get(register(root, "test", ["c"])).json_file != MetadataCatalog.get(edited).json_file
 
 
+def test_bccd_elsewhere_says_where_it_is_looked_for(tmp_path, monkeypatch):
+    from frn_det.data import register_bccd
+
+    monkeypatch.setenv("FRN_DET_BCCD", str(tmp_path / "nowhere"))
+    register_bccd()
+    try:
+        with pytest.raises(DataError, match=r"'bccd_val': Pascal VOC folder .*nowhere does not exist \(BCCD ships in"):
+            DatasetCatalog.get("bccd_val")
+    finally:
+        monkeypatch.delenv("FRN_DET_BCCD")
+        register_bccd()
+    assert len(DatasetCatalog.get("bccd_val")) == 87
+
+
 def test_shipped_bccd_copy():
     sizes = {"train": (205, 2805), "val": (87, 1138), "test": (72, 945), "trainval": (292, 3943)}
     for split, (images, boxes) in sizes.items():
