@@ -102,7 +102,8 @@ def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True, area_ranges=None, cat
 
 
 def evaluate(gt_path, results_path, iou_type="bbox"):
-    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %}."""
+    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %} with COCO's 12
+    metrics and "AP-<category name>" per category, as detectron2's COCOEvaluator names them."""
     gt = load_ground_truth(gt_path)
     dt = load_results(gt, results_path, iou_type)
     ev = _cocoeval(gt, dt, iou_type, quiet=False)
@@ -110,6 +111,7 @@ def evaluate(gt_path, results_path, iou_type="bbox"):
     print("\nPer-category AP:")
     for cat_id, ap in zip(ev.params.catIds, per_category_ap(ev)):
         print(f"  {gt.cats[cat_id]['name']:<20s} {ap:6.2f}")
+        stats[f"AP-{gt.cats[cat_id]['name']}"] = ap
     print("\n" + " | ".join(f"{m}: {stats[m]:.2f}" for m in METRICS))
     return stats
 
