@@ -5,7 +5,7 @@
 //
 // Statistics: one read of the plane. Welford's update per lane (kLanes lanes over each chunk of
 // kChunk elements, so no run is longer than kChunk / kLanes values), Chan's combination of the
-// lanes and then of the chunks in a fixed order: results are bitwise the same run to run, on any
+// lanes (a fixed pairwise tree) and then of the chunks in order: results are bitwise the same run to run, on any
 // thread count and on either NCHW path (fused per plane, or split into chunks when there are fewer
 // planes than threads). The values are shifted by the plane's first element s before Welford
 // (x - s is exact where x is within a factor 2 of s), so the mean is m = s + mean(x - s) to the
@@ -96,39 +96,69 @@ inline void load_lanes(const scalar_t* __restrict__ xr, typename Vec<acc_t>::typ
   (void)W;
 }
 
-// Moments of x[0, n) - s: Welford per lane (lane j takes elements j, j + kLanes, ...), lanes
-// combined in order.
+// Chan's combination of two runs of c values each (no division): a becomes their 2c values' moments.
+template <typename T, typename acc_t>
+inline void combine_equal(T& mean_a, T& m2_a, const T& mean_b, const T& m2_b, acc_t c) {
+  const T delta = mean_b - mean_a;
+  mean_a = mean_a + delta * acc_t(0.5);
+  m2_a = (m2_a + m2_b) + delta * delta * (c * acc_t(0.5));
+}
+
+// Moments of x[0, n) - s: Welford per lane over the first kLanes * (n / kLanes) values (lane j takes
+// elements j, j + kLanes, ...), the lanes combined pairwise in a fixed tree (all of the same count),
+// then the tail of n % kLanes values combined last.
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
 Moments<acc_t> run_moments(const scalar_t* __restrict__ x, int64_t n, acc_t s) {
   using V = typename Vec<acc_t>::type;
-  constexpr int kVecs = kLanes / Vec<acc_t>::width;
-  V mean[kVecs] = {}, m2[kVecs] = {};
+  constexpr int W = Vec<acc_t>::width;
+  constexpr int kVecs = kLanes / W;
   const int64_t q = n / kLanes;
-  for (int64_t k = 0; k < q; ++k) {
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(k + 1);
-    V xv[kVecs];
-    load_lanes<scalar_t, acc_t>(x + k * kLanes, xv);
-    for (int j = 0; j < kVecs; ++j) {
-      const V v = xv[j] - s;
-      const V d = v - mean[j];
-      mean[j] += d * inv;
-      m2[j] += d * (v - mean[j]);
-    }
-  }
-  acc_t lm[kLanes], lm2[kLanes];
-  std::memcpy(lm, mean, sizeof(lm));
-  std::memcpy(lm2, m2, sizeof(lm2));
-  const int r = static_cast<int>(n - q * kLanes); // the tail: one more value in lanes [0, r)
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(q + 1);
-  for (int j = 0; j < r; ++j) {
-    const acc_t v = static_cast<acc_t>(x[q * kLanes + j]) - s;
-    const acc_t d = v - lm[j];
-    lm[j] += d * inv;
-    lm2[j] += d * (v - lm[j]);
-  }
   Moments<acc_t> out;
-  for (int j = 0; j < kLanes; ++j) {
-    combine(out, Moments<acc_t>{q + (j < r ? 1 : 0), lm[j], lm2[j]});
+  if (q > 0) {
+    V mean[kVecs] = {}, m2[kVecs] = {};
+    for (int64_t k = 0; k < q; ++k) {
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(k + 1);
+      V xv[kVecs];
+      load_lanes<scalar_t, acc_t>(x + k * kLanes, xv);
+      for (int j = 0; j < kVecs; ++j) {
+        const V v = xv[j] - s;
+        const V d = v - mean[j];
+        mean[j] += d * inv;
+        m2[j] += d * (v - mean[j]);
+      }
+    }
+    acc_t c = static_cast<acc_t>(q); // values per lane, doubling at each level of the tree
+    for (int half = kVecs / 2; half >= 1; half /= 2, c *= 2) {
+      for (int j = 0; j < half; ++j) {
+        combine_equal(mean[j], m2[j], mean[j + half], m2[j + half], c);
+      }
+    }
+    acc_t lm[W], lm2[W];
+    std::memcpy(lm, &mean[0], sizeof(lm));
+    std::memcpy(lm2, &m2[0], sizeof(lm2));
+    for (int half = W / 2; half >= 1; half /= 2, c *= 2) {
+      for (int j = 0; j < half; ++j) {
+        combine_equal(lm[j], lm2[j], lm[j + half], lm2[j + half], c);
+      }
+    }
+    out = Moments<acc_t>{q * kLanes, lm[0], lm2[0]};
+  }
+  // The tail (fewer than kLanes values, in L1 now): the two-pass moments, sum then squared
+  // deviations from the tail's mean, over 4 partial sums each (a scalar Welford here, with its
+  // chain of divisions, cost more than the vector part on planes of a few hundred values).
+  const int r = static_cast<int>(n - q * kLanes);
+  if (r > 0) {
+    const scalar_t* __restrict__ xt = x + q * kLanes;
+    acc_t s1[4] = {}, s2[4] = {};
+    for (int i = 0; i < r; ++i) {
+      s1[i % 4] += static_cast<acc_t>(xt[i]) - s;
+    }
+    const acc_t mean_t = ((s1[0] + s1[1]) + (s1[2] + s1[3])) / static_cast<acc_t>(r);
+    for (int i = 0; i < r; ++i) {
+      const acc_t d = (static_cast<acc_t>(xt[i]) - s) - mean_t;
+      s2[i % 4] += d * d;
+    }
+    combine(out, Moments<acc_t>{r, mean_t, (s2[0] + s2[1]) + (s2[2] + s2[3])});
   }
   return out;
 }
@@ -401,16 +431,38 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
 // Sample n is an (L, C) row-major matrix; the per-channel loops vectorise over c. Moments of rows
 // [l0, l1) of every channel are kept as one count and C means and m2s.
 
-// Welford over rows [l0, l1) of sample n (at most kRun rows), per channel, of x - s[c].
+// Welford over rows [l0, l1) of sample n (at most kRun rows), per channel, of x - s[c]: blocks of
+// kLanes channels in vectors (the state stays in registers across the rows), the remaining channels
+// in plain arrays. The same operations per channel either way.
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
 void welford_rows(const scalar_t* __restrict__ xs, int64_t C, int64_t l0, int64_t l1, const acc_t* __restrict__ s,
                   acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
-  std::fill(mean, mean + C, acc_t(0));
-  std::fill(m2, m2 + C, acc_t(0));
+  using V = typename Vec<acc_t>::type;
+  constexpr int kVecs = kLanes / Vec<acc_t>::width;
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= C; c0 += kLanes) {
+    V vm[kVecs] = {}, vm2[kVecs] = {}, vs[kVecs];
+    std::memcpy(vs, s + c0, sizeof(vs));
+    for (int64_t l = l0; l < l1; ++l) {
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(l - l0 + 1);
+      V xv[kVecs];
+      load_lanes<scalar_t, acc_t>(xs + l * C + c0, xv);
+      for (int j = 0; j < kVecs; ++j) {
+        const V v = xv[j] - vs[j];
+        const V d = v - vm[j];
+        vm[j] += d * inv;
+        vm2[j] += d * (v - vm[j]);
+      }
+    }
+    std::memcpy(mean + c0, vm, sizeof(vm));
+    std::memcpy(m2 + c0, vm2, sizeof(vm2));
+  }
+  std::fill(mean + c0, mean + C, acc_t(0));
+  std::fill(m2 + c0, m2 + C, acc_t(0));
   for (int64_t l = l0; l < l1; ++l) {
     const acc_t inv = acc_t(1) / static_cast<acc_t>(l - l0 + 1);
     const scalar_t* __restrict__ xr = xs + l * C;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(xr[c]) - s[c];
       const acc_t d = v - mean[c];
       mean[c] += d * inv;
