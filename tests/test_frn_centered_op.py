@@ -173,6 +173,20 @@ def test_mean_1e3_std_0p1_plane_is_within_a_few_ulp(shape, channels_last, thread
         torch.testing.assert_close(mean, x.double().mean(dim=(2, 3)), atol=1e-7, rtol=0)  # 1e-6 std
 
 
+@pytest.mark.parametrize("offset", [1.0, 100.0, 400.0])
+def test_an_outlier_as_the_shift_keeps_the_precision(offset):
+    """The kernels shift each plane by its first element before Welford: an outlier there (here up
+    to 4000 std from the mean) makes the shifted values large, and the result stays within 2e-6 of
+    the output's scale."""
+    g = torch.Generator().manual_seed(1)
+    x = (1e3 + 0.1 * torch.randn((2, 3, 64, 64), generator=g, dtype=torch.float64)).float()
+    x[:, :, 0, 0] += offset
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        out = op_centered(xl, torch.ones(3), torch.zeros(3), None, 1e-6, None)
+        assert_scaled_close(out, formula(xl, torch.ones(3), torch.zeros(3), None, 1e-6, None), 2e-6, "out")
+
+
 @pytest.mark.parametrize("dtype,center,std", [(torch.float16, 100.0, 0.5), (torch.bfloat16, 100.0, 4.0)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_half_planes_with_a_large_mean_round_once(dtype, center, std, channels_last):
