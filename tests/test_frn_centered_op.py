@@ -532,3 +532,19 @@ def test_layer_exports_to_onnx_with_standard_operators(tmp_path, dynamo):
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), m(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((2, 3, 5, 7), False), ((2, 3, 5, 7), True), ((3, 4, 1, 2), False)])
+def test_float64_gradients_equal_autograd_of_frn_reference(shape, channels_last):
+    """Every gradient, eps_l's included (positive and negative eps_l), against torch's autograd
+    through frn_reference (centered=True) in float64."""
+    for eps_l_value in (0.05, -0.03):
+        x, w, b, t, _ = make_inputs(shape, channels_last=channels_last, seed=7)
+        e = torch.tensor(eps_l_value, dtype=torch.float64, requires_grad=True)
+        args = [x, w, b, t, e]
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        _, grads = with_grads(op_centered, args, g)
+        ref_args = as_float64_leaves(args)
+        _, ref_grads = with_grads(lambda *a: frn_reference(*a, centered=True), ref_args, g)
+        for name, gr, rg in zip(NAMES, grads, ref_grads):
+            assert_scaled_close(gr, rg, 1e-12, f"grad of {name}")
