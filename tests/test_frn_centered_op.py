@@ -17,14 +17,13 @@ CPU kernel paths and the tests that reach them:
 | 1x1 planes, H*W = 0, N = 0, C = 0 | SHAPES, test_constant_and_1x1_planes_give_exactly_bias, test_empty_* |
 | grad_input=False | test_backward_without_grad_input |
 """
-import contextlib
 
 import pytest
 import torch
 
 from frn_det.layers import FilterResponseNorm2d, frn, frn_reference
 from frn_det.layers import ops
-from frn_testing import make_inputs
+from frn_testing import make_inputs, num_threads
 
 pytestmark = pytest.mark.skipif(not ops.is_available(), reason=f"frn_det._C not built: {ops.load_error()}")
 
@@ -93,16 +92,6 @@ def check_against_formula(args, eps=1e-6, seed=1, tol=None):
         assert gr.dtype == a.dtype, name
         assert_scaled_close(gr, rg, max(tol, TOL[a.dtype]), f"grad of {name}")
     return out, grads
-
-
-@contextlib.contextmanager
-def num_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # (2, 8, 70, 70) channels_last: samples above the one-task-per-sample size (NHWC row blocks);
@@ -292,10 +281,13 @@ def test_threads_and_runs_give_bitwise_equal_results(shape, channels_last, dtype
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(shape).to(dtype)
-    results = []
+    results, plans = [], []
     for n in (1, 2, 4, 4):
         with num_threads(n):
+            plans.append(torch.ops.frn_det._cpu_plan(x))
             results.append(_run_all(x, w, b, t, e, g))
+    if not channels_last and shape[0] * shape[1] < 4:  # the paths compared
+        assert plans == ["planes", "split" if shape[0] * shape[1] < 2 else "planes", "split", "split"]
     for other in results[1:]:
         for a, b_ in zip(results[0], other):
             assert torch.equal(a, b_)
@@ -308,6 +300,7 @@ def test_split_path_matches_the_formula():
         with torch.no_grad():
             args[0] += 5.0
         with num_threads(4):
+            assert torch.ops.frn_det._cpu_plan(args[0]) == "split"
             check_against_formula(args)
 
 

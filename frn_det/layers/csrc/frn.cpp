@@ -272,6 +272,9 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   // "warp", "block", "split", "span:G" (G planes per block) or "resident:K" (K blocks per plane).
   // Resident planes for which no cluster fits at launch (MPS or MIG limits) run the split path.
   m.def("_cuda_plan(Tensor x, bool backward) -> str");
+  // Which path the CPU kernels of frn and frn_centered take for x at the current thread count:
+  // "planes" or "split" (NCHW), "samples" or "rows" (channels_last); cpu/cpu_common.h has the rule.
+  m.def("_cpu_plan(Tensor x) -> str");
 }
 
 // The backends' kernels register themselves in cpu/ and cuda/. The dispatcher uses a

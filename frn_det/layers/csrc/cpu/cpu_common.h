@@ -2,6 +2,7 @@
 // chunking constants, the TLU's element rules, the eps rounding and the parameter-gradient epilogue.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -23,6 +24,17 @@ constexpr int64_t kSampleFuse = 32768;
 
 inline int64_t divup(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// The drivers' choice of path, one rule for both ops (and _cpu_plan, which the tests ask):
+// NCHW planes are split into chunks across threads when there are fewer planes (P) than threads
+// and a plane (L elements) has more than one chunk; otherwise each plane is one task.
+inline bool splits_planes(int64_t P, int64_t L) {
+  return P < at::get_num_threads() && divup(L, kChunk) > 1;
+}
+// An NHWC sample (L x C elements) is one task up to kSampleFuse elements, else split into row blocks.
+inline bool fuses_samples(int64_t L, int64_t C) {
+  return L * C <= kSampleFuse;
 }
 
 // ---- the element-wise math ---------------------------------------------------------------------

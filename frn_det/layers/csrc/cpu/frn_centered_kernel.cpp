@@ -318,7 +318,7 @@ void forward_nchw(const ForwardData<scalar_t>& d, int64_t P, int64_t C, int64_t 
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
   auto shift_of = [&](int64_t p) { return L > 0 ? static_cast<acc_t>(x[p * L]) : acc_t(0); };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     // Fused: the plane is read from memory once and re-read from cache.
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -371,7 +371,7 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
@@ -543,7 +543,7 @@ void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t 
       }
     }
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L * C, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(5 * C); // s, mean, m2, scratch (2 C)
       acc_t *s = buf.data(), *m = s + C, *m2 = m + C, *scratch = m2 + C;
@@ -648,7 +648,7 @@ void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_
     std::fill(B + n * C, B + (n + 1) * C, acc_t(0));
     std::fill(T + n * C, T + (n + 1) * C, acc_t(0));
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         zero_sums(n);

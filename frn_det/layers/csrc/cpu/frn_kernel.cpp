@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -163,7 +164,7 @@ void forward_nchw(const ForwardData<scalar_t>& d, int64_t P, int64_t C, int64_t 
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     // Fused: the plane is read from memory once and re-read from cache.
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -216,7 +217,7 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
     const acc_t r = rstd[p];
     return L > 0 ? -w[c] * r * r * r * A[p] / static_cast<acc_t>(L) : acc_t(0);
   };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
@@ -296,7 +297,7 @@ void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t 
       }
     }
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L * C, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s(C), a(C);
       for (int64_t n = begin; n < end; ++n) {
@@ -399,7 +400,7 @@ void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_
     std::fill(B + n * C, B + (n + 1) * C, acc_t(0));
     std::fill(T + n * C, T + (n + 1) * C, acc_t(0));
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         zero_sums(n);
@@ -550,6 +551,17 @@ BackwardOut frn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
   return {grad_x, gw, gb, gt, ge};
 }
 
+// The path both ops' drivers take for x at the current thread count (the tests ask, to know that
+// the path they test ran): "planes" or "split" (NCHW), "samples" or "rows" (channels_last).
+std::string cpu_plan(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "_cpu_plan: x must be 4D (N, C, H, W), got ", x.dim(), "D");
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
+  if (layout_of(x) == Layout::NHWC) {
+    return fuses_samples(L, C) ? "samples" : "rows";
+  }
+  return splits_planes(N * C, L) ? "split" : "planes";
+}
+
 } // namespace
 } // namespace cpu
 } // namespace frn_det
@@ -558,4 +570,5 @@ BackwardOut frn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
 TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
   m.impl("frn", TORCH_FN(frn_det::cpu::frn_forward_cpu));
   m.impl("frn_backward", TORCH_FN(frn_det::cpu::frn_backward_cpu));
+  m.impl("_cpu_plan", TORCH_FN(frn_det::cpu::cpu_plan));
 }
