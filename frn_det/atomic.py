@@ -10,6 +10,8 @@ import errno
 import os
 import tempfile
 
+from . import kill_points
+
 TEMP_MARK = ".partial-"  # temporary names: .<final name>.partial-<random>
 
 
@@ -26,11 +28,13 @@ def atomic_write(path, mode="w", **open_kwargs):
     names the folder."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_MARK}", dir=folder)
+    folder, name = os.path.split(os.path.abspath(path))
+    kill_points.reached("before-write", name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMP_MARK}", dir=folder)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
+            cut = kill_points.armed("mid-write", name)
+            yield f if cut is None else _StopsAtByte(f, int(cut))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +48,7 @@ def atomic_write(path, mode="w", **open_kwargs):
         _remove(tmp)
         raise
     _fsync_folder(folder)
+    kill_points.reached("after-rename", name)
 
 
 def remove_stale_temporaries(folder):
@@ -56,6 +61,26 @@ def remove_stale_temporaries(folder):
     for p in stale:
         _remove(p)
     return stale
+
+
+class _StopsAtByte:
+    """The fault suite's torn write (kill point ``mid-write``): writes through to ``f`` until
+    ``limit`` bytes, flushes them to disk and stops the process there."""
+
+    def __init__(self, f, limit):
+        self._f, self._left = f, limit
+
+    def write(self, data):
+        if len(data) >= self._left:
+            self._f.write(data[: self._left])
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            kill_points.kill()
+        self._left -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def _remove(path):

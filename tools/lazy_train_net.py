@@ -12,11 +12,10 @@ with the paper's FRN placement and the FRN-aware optimizer.
 """
 import time
 
-from detectron2.engine import default_setup
 from detectron2.utils import comm
 
 from frn_det.data import ensure_synthetic
-from frn_det.engine import default_argument_parser, launch
+from frn_det.engine import default_argument_parser, default_setup, launch
 from frn_det.engine.launch import register_datasets
 from frn_det.engine.lazy import dataset_names, evaluate, lazy_result, load_lazy_cfg, train
 from frn_det.engine.results import write_result
