@@ -18,6 +18,11 @@ into OUT_DIR/cpu_grid_<part>.*:
 
     python -m experiments.compare_ap cpu-grid --root output/cpu_grid --out-dir docs/results
 
+The BCCD comparison (experiments/bccd/run.sh runs it): the sweep and the curves on bccd_val, the
+grid, study, noise and decision rule on bccd_test (experiments/bccd/report.py):
+
+    python -m experiments.compare_ap bccd --root output/bccd_grid --out-dir docs/results
+
 Outputs (PREFIX from --out): PREFIX.md (table + missing/failed runs), PREFIX.csv (one row per run,
 with its status and reason), PREFIX_groups.csv (one row per group: mean, std, min, max of every
 metric over seeds), PREFIX.png (AP against images per GPU) and, where the runs have them,
@@ -53,6 +58,9 @@ def main(argv=None):
     cg = sub.add_parser("cpu-grid", help="collect the CPU comparison of docs/results.md and each of its parts")
     cg.add_argument("--root", default="output/cpu_grid", help="where experiments/cpu_grid/run.sh puts the runs")
     cg.add_argument("--out-dir", default="docs/results")
+    bc = sub.add_parser("bccd", help="collect the BCCD comparison of docs/results.md")
+    bc.add_argument("--root", default="output/bccd_grid", help="where experiments/bccd/run.sh puts the runs")
+    bc.add_argument("--out-dir", default="docs/results")
     args = ap.parse_args(argv)
 
     # Imported by mode: a dry run imports neither torch nor detectron2 (experiments.compare.grid).
@@ -60,6 +68,11 @@ def main(argv=None):
         from .cpu_grid.report import collect as collect_cpu_grid
 
         collect_cpu_grid(args.root, args.out_dir)
+        return 0
+    if args.mode == "bccd":
+        from .bccd.report import collect as collect_bccd
+
+        collect_bccd(args.root, args.out_dir)
         return 0
     expected = None
     if args.mode == "collect":

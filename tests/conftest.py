@@ -1,19 +1,21 @@
 """pytest set-up: the `cuda`, `multi_gpu` and `slow` markers; FRN_DET_REQUIRE_CUDA=1, which turns
 every skip of a CUDA test into a failure, so that a run on a GPU machine cannot pass by skipping (an
-old driver makes torch.cuda.is_available() False); the checkout's experiments/ and benchmarks/ on the
-path; generated datasets in a temporary cache (not ./datasets), set before frn_det registers them;
-under make test's parallel workers, torch's CPU threads shared out between them."""
+old driver makes torch.cuda.is_available() False); generated datasets and converted ground truth in
+temporary caches (not ./datasets or ~/.cache), set before frn_det registers them; under make test's
+parallel workers, torch's CPU threads shared out between them. pytest.ini puts the checkout on the
+path (experiments/ and benchmarks/ are never installed)."""
 import os
-import sys
 import tempfile
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # experiments/ and benchmarks/ are never installed
 os.environ.setdefault("FRN_DET_DATA", os.path.join(tempfile.gettempdir(), "frn_det_test_data", "frn_synthetic"))
+os.environ.setdefault("FRN_DET_CACHE", os.path.join(tempfile.gettempdir(), "frn_det_test_cache"))
+# Subprocesses (tools/train_net.py, ...) import this checkout's frn_det, not an install elsewhere;
+# train_net_testing.assert_this_checkout checks their logs say so.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 REQUIRE_CUDA = os.environ.get("FRN_DET_REQUIRE_CUDA", "0") == "1"
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # make test's pytest-xdist workers

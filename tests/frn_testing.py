@@ -96,3 +96,24 @@ def cuda_test_limits(max_grid=0, force_int64=False):
         yield
     finally:
         set_test_limits(0, False)
+
+
+def paper_frn(x, weight, bias, tau, eps, eps_l=None):
+    """The paper's FRN + TLU (arXiv 1911.09737, Algorithm 1) written out in float64, apart from
+    frn_reference: nu^2 = mean over H, W of x^2; x_hat = x / sqrt(nu^2 + eps (+ |eps_l|, the
+    learned part)); y = gamma * x_hat + beta; z = max(y, tau). An oracle for the op and the reference alike."""
+    x = x.double()
+    per_channel = [t.double().view(1, -1, 1, 1) if t is not None else None for t in (weight, bias, tau)]
+    nu2 = (x * x).mean(dim=(2, 3), keepdim=True)
+    y = per_channel[0] * x / torch.sqrt(nu2 + eps + (eps_l.double().abs() if eps_l is not None else 0.0)) + per_channel[1]
+    return torch.maximum(y, per_channel[2]) if tau is not None else y
+
+
+def impl_params():
+    """pytest parameters for both implementations; the op's is a recorded skip where frn_det._C is not built."""
+    import pytest
+
+    from frn_det.layers import ops
+
+    return ["reference", pytest.param("op", marks=pytest.mark.skipif(not ops.is_available(),
+                                                                      reason=f"frn_det._C is not built: {ops.load_error()}"))]

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from PIL import Image
-from train_net_testing import dataset_args, tiny_dataset
+from train_net_testing import assert_this_checkout, dataset_args, tiny_dataset
 
 import frn_det.data  # noqa: F401  (registers the synthetic datasets)
 from frn_det.data import register_synthetic
 from frn_det.data.synthetic import SyntheticSpec, generate
 from frn_det.engine.config import load_cfg
-from frn_det.engine.demo import LABEL_WIDTH, config_file, draw_detections, iterations_done, table, train_norms
+from frn_det.engine.demo import LABEL_WIDTH, TASKS, config_file, draw_detections, iterations_done, table, train_norms
 
 TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_net.py")
 
@@ -38,7 +39,30 @@ def test_detections_picture_names_the_norm(tmp_path):
     assert path == str(tmp_path / "detections_FRN.png")
     assert picture.shape == (2 * 192, LABEL_WIDTH + 2 * 2 * 192)  # label strip + 2 images at the Visualizer's scale 2
     strip = picture[:, :LABEL_WIDTH]
-    assert strip.min() < 100 and (strip > 250).mean() > 0.9  # dark text on a white strip
+    assert np.array_equal(strip, label_strip("FRN", picture.shape[0])) and not np.array_equal(strip, label_strip("GN", picture.shape[0]))
+
+
+def test_bccd_detections_picture_shows_real_test_images(tmp_path):
+    """--dataset bccd: bccd_test's 640x480 images, run at the test size, drawn at 384 px wide."""
+    torch.manual_seed(0)
+    model = build_model(load_cfg(config_file("GN", TASKS["bccd"]), TASKS["bccd"].opts))
+    os.makedirs(tmp_path / "GN")
+    DetectionCheckpointer(model, save_dir=str(tmp_path / "GN")).save("model_final")
+    path = draw_detections("GN", str(tmp_path), num_images=2, min_score=1.1, task=TASKS["bccd"])
+    picture = np.asarray(Image.open(path).convert("L"))
+    assert picture.shape == (288, LABEL_WIDTH + 2 * 384)
+    first = np.asarray(Image.open(DatasetCatalog.get("bccd_test")[0]["file_name"]).convert("L").resize((384, 288)))
+    assert np.abs(picture[:, LABEL_WIDTH:LABEL_WIDTH + 384].astype(float) - first).mean() < 8  # the image itself
+
+
+def label_strip(text, height):
+    """The strip a picture of ``text``'s detections should start with: the name, centred, black on white."""
+    from PIL import ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (LABEL_WIDTH, height), "white")
+    ImageDraw.Draw(strip).text((LABEL_WIDTH // 2, height // 2), text, fill="black", anchor="mm",
+                               font=ImageFont.load_default(size=32))
+    return np.asarray(strip.convert("L"))
 
 
 def test_table_rows_per_norm():
@@ -72,6 +96,9 @@ def test_norms_train_at_the_same_time_each_to_its_result(tmp_path, tiny_data):
         "BN": ("BN", 3, 2), "FRN": ("FRN", 3, 2)}
     assert all(r["test_datasets"] == ["tiny_val"] for r in results.values())  # train_args reached train_net
     assert all(3 <= iterations_done(str(tmp_path / n)) < 10 for n in results)
+    for n in results:
+        with open(tmp_path / n / "log.txt") as f:
+            assert_this_checkout(f.read())
     assert [p["iteration"] for p in results["BN"]["curve"]] == [3] and results["BN"]["curve"][0]["bbox"] != 99.0
 
 

@@ -10,16 +10,17 @@ import onnxruntime
 import pytest
 import torch
 from detectron2.modeling import build_model
+from frn_testing import impl_params
 from PIL import Image
 
 from frn_det.engine import load_cfg
 from frn_det.engine.export import export_and_check, features_onnx_check, sample_image
-from frn_det.layers import TLU, FilterResponseNorm2d, ops
+from frn_det.layers import TLU, FilterResponseNorm2d
 from frn_det.layers.onnx_export import translation_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic", "{}_R18_FPN_FRN.yaml")
-IMPLS = ["reference"] + (["op"] if ops.is_available() else [])
+IMPLS = impl_params()
 
 
 def _frn_stack(impl):
@@ -83,10 +84,11 @@ def _model(family):
 def test_frn_detectors_export_and_match_pytorch(tmp_path, val_image, family, fmt, method):
     path, report = export_and_check(_model(family), val_image, fmt, method, str(tmp_path))
     assert os.path.isfile(path) and report["ok"], report
-    if "detections" in report:
-        assert report["detections"] > 0 and report["max_box_diff"] == 0.0
-    else:
-        assert report["outputs"] >= 4 and report["max_abs_diff"] < 1e-2
+    if "detections" in report:  # scripted: PyTorch's kernels, bitwise
+        assert report["detections"] > 0 and report["max_box_diff"] == report["max_score_diff"] == 0.0
+    else:  # each output (boxes, scores, classes, masks) to its own magnitude: ~1e-4 for ONNX, exact traced
+        assert report["outputs"] >= 3 and len(report["relative_diffs"]) == report["outputs"]
+        assert max(report["relative_diffs"]) <= (1e-4 if fmt == "onnx" else 0.0), report
 
 
 def test_backbone_features_match_in_onnxruntime(tmp_path, val_image):

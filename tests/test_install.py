@@ -1,5 +1,6 @@
 """The package, detectron2 and the compiled op import; a missing detectron2 gives a clear message."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -139,10 +140,32 @@ def test_no_import_cycles_inside_frn_det():
             and "frn_det.layers.ops" in graph["frn_det.layers.filter_response_norm"])
 
 
+def built_arch_list():
+    """The TORCH_CUDA_ARCH_LIST the extension was built with: the bootstrap's stamp records it (a
+    user's own list included); without a stamp, the bootstrap's default."""
+    try:
+        with open(os.path.join(sys.prefix, "frn_det_build.stamp")) as f:
+            listed = re.search(r"archs=(\S+)", f.read()).group(1)
+        if listed != "detected":
+            return listed
+    except (OSError, AttributeError):
+        pass
+    with open(os.path.join(REPO, "tools", "bootstrap_env.sh")) as f:
+        return re.search(r"TORCH_CUDA_ARCH_LIST:-([^}]+)}", f.read()).group(1)
+
+
+def archs_of(arch_list):
+    """{"sass": [...], "ptx": [...]} (compute capability x 10) that TORCH_CUDA_ARCH_LIST ``arch_list`` asks for."""
+    entries = [a.strip() for a in arch_list.replace(" ", ";").split(";") if a.strip()]
+    sass = sorted(round(float(a.removesuffix("+PTX")) * 10) for a in entries)
+    return {"sass": sass, "ptx": sorted(round(float(a.removesuffix("+PTX")) * 10) for a in entries if a.endswith("+PTX"))}
+
+
 def test_cuda_build_runs_on_turing_to_hopper_and_newer_gpus():
-    """Built without a visible GPU (CI, the bootstrap's default), the extension holds SASS for several
-    architectures and PTX for the newest, so it loads on users' GPUs; a build on a GPU machine
-    targets that GPU (torch's detection) and is not checked here."""
+    """Built without a visible GPU (CI, the bootstrap's default: 7.5;8.0;9.0+PTX), the extension holds
+    SASS for exactly the architectures asked for and PTX for the newest, so it loads on users' GPUs,
+    newer ones through the PTX; a build on a GPU machine targets that GPU (torch's detection) and is
+    not checked here."""
     import torch
 
     from frn_det.layers import build_info
@@ -154,5 +177,6 @@ def test_cuda_build_runs_on_turing_to_hopper_and_newer_gpus():
         pytest.skip("a CPU-only build (no CUDA toolkit)")
     if torch.cuda.is_available():
         pytest.skip("built on a GPU machine: torch targets the visible GPU")
-    assert len(archs["sass"]) >= 2 and archs["ptx"], archs
-    assert max(archs["ptx"]) >= max(archs["sass"])
+    expected = archs_of(built_arch_list())
+    assert archs == expected, f"the build holds {archs}, TORCH_CUDA_ARCH_LIST {built_arch_list()!r} asks for {expected}"
+    assert archs["ptx"] == [max(archs["sass"])]

@@ -4,6 +4,7 @@ Each run is a subprocess, as users run it; a few iterations on 64x64 images keep
 seconds. The score threshold is 0 so that an untrained model still produces detections to compare.
 """
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import frn_det  # noqa: F401
 from frn_det.data import CLASSES
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
-from train_net_testing import dataset_args, run_opts, tiny_dataset
+from train_net_testing import assert_this_checkout, dataset_args, run_opts, tiny_dataset
 
 pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
 
@@ -48,6 +49,8 @@ def train_net(*args, check=True):
     proc = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, env=env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    if check:
+        assert_this_checkout(proc.stdout + proc.stderr)
     return proc
 
 
@@ -274,4 +277,16 @@ def test_checkpoint_that_does_not_fit_names_the_tensors(trained, tmp_path):
     checkpoint["model"][key] = model.state_dict()[key]
     checkpoint["model"]["head.cls_score.weight"] = torch.zeros(18, 128, 3, 3)
     torch.save(checkpoint, bad)
-    ShapeCheckingCheckpointer(model).load(str(bad))
+    before = model.head.cls_score.weight.detach().clone()
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    checkpoint_logger = logging.getLogger("fvcore.common.checkpoint")  # detectron2's loggers need not propagate
+    checkpoint_logger.addHandler(handler)
+    try:
+        ShapeCheckingCheckpointer(model).load(str(bad))
+    finally:
+        checkpoint_logger.removeHandler(handler)
+    assert any("Skip loading parameter 'head.cls_score.weight'" in w and "(18, 128, 3, 3)" in w for w in warnings), warnings
+    assert torch.equal(model.head.cls_score.weight, before)  # skipped, not loaded
+    assert torch.equal(model.state_dict()[key], checkpoint["model"][key])  # the rest loaded

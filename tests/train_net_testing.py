@@ -1,5 +1,5 @@
 """Arguments of tiny tools/train_net.py runs (64x64 images, a few iterations, CPU) shared by the
-tests that train in a subprocess."""
+tests that train in a subprocess, and the check that such a run imported this checkout's frn_det."""
 import os
 
 from frn_det.data.synthetic import SyntheticSpec, generate
@@ -26,3 +26,13 @@ def run_opts(out, max_iter=4, prefix="tiny"):
         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
         "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out),
     ]
+
+
+THIS_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frn_det")
+
+
+def assert_this_checkout(log_text):
+    """A tool's log (stdout/stderr or log.txt) says it ran this checkout's frn_det, not a stale install."""
+    line = next((ln for ln in log_text.splitlines() if "frn_det imported from " in ln), None)
+    assert line is not None, "the log does not say which frn_det the tool imported"
+    assert line.rstrip().endswith(f"frn_det imported from {THIS_CHECKOUT}"), line

@@ -10,7 +10,7 @@ coco_instances_results.json): a list of {"image_id", "category_id", "score", "bb
 
 --errors adds, per results file, the class-agnostic AP, what each ground-truth class is detected
 as (finding objects vs naming them) and each class's AP on the smallest quarter, middle half and
-largest quarter of the objects; --plot draws the confusion matrices side by side, one per results file:
+largest quarter of the objects (by the dataset's area quartiles, and by each class's own); --plot draws the confusion matrices side by side, one per results file:
 
     python tools/coco_eval.py GT.json gn/inference/coco_instances_results.json \\
         frn/inference/coco_instances_results.json --errors --labels GN FRN --plot confusion.png
@@ -22,6 +22,7 @@ from frn_det.engine.coco_eval import (
     EvalInputError,
     error_analysis,
     evaluate,
+    format_ap_by_class_size,
     format_ap_by_size,
     format_confusion,
     plot_confusions,
@@ -55,6 +56,7 @@ def main(argv=None):
         print(f"\n{label}: AP {a['AP']:.2f}, class-agnostic AP {a['class_agnostic_AP']:.2f}\n")
         print(format_confusion(a))
         print(f"\nAP by object size (quartiles of the ground truth's areas):\n\n{format_ap_by_size(a)}")
+        print(f"\nAP by object size within each class (its own area quartiles):\n\n{format_ap_by_class_size(a)}")
     if args.plot:
         plot_confusions(analyses, labels, args.plot)
         print(f"\nwrote {args.plot}")

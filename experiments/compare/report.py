@@ -6,10 +6,11 @@ from .stats import aggregate
 from .tables import markdown, write_csv, write_runs_csv
 
 
-def write_all(runs, out_prefix, expected=None):
+def write_all(runs, out_prefix, expected=None, curve_runs=None):
     """Write PREFIX.md, PREFIX.csv (one row per run: RUN_COLUMNS), PREFIX_groups.csv (one row per
-    group: statistics over seeds), PREFIX.png, and PREFIX_curves.png / PREFIX_lr_sweep.png where the
-    runs have curves / a sweep; return the groups."""
+    group: statistics over seeds), PREFIX.png, and PREFIX_curves.png (of ``curve_runs`` when given:
+    the same runs on another test dataset) / PREFIX_lr_sweep.png where the runs have curves / a
+    sweep; return the groups."""
     d = os.path.dirname(out_prefix)
     if d:
         os.makedirs(d, exist_ok=True)
@@ -20,7 +21,7 @@ def write_all(runs, out_prefix, expected=None):
     write_csv(groups, out_prefix + "_groups.csv")
     if groups:
         plot(groups, out_prefix + ".png")
-    plot_curves(runs, out_prefix + "_curves.png")
+    plot_curves(runs if curve_runs is None else curve_runs, out_prefix + "_curves.png")
     plot_lr_sweep(runs, out_prefix + "_lr_sweep.png")
     return groups
 

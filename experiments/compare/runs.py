@@ -2,8 +2,10 @@
 status a launch leaves (frn_det.engine.processes). A run is ok, failed or missing, with a reason;
 groups are (family, norm [+ variant], images per GPU, GPUs), family being the config file's folder.
 """
+import glob
 import math
 import os
+import re
 
 from detectron2.engine import DefaultTrainer
 
@@ -12,19 +14,35 @@ from frn_det.engine.processes import LOG_FILE, read_status, tail_lines
 from frn_det.engine.results import RESULT_FILE, read_result
 
 
+_LR_TOKEN = re.compile(r"lr[0-9.e+-]+")  # a learning-rate sweep's tag in a config name: lr0.02
+
+
 class Run:
     """One run directory and what became of it.
 
     status: "ok", "failed" or "missing"; reason: why, when not ok.
     """
 
-    def __init__(self, run_dir, status, reason="", result=None, config_file=None, seed=None):
+    def __init__(self, run_dir, status, reason="", result=None, config_file=None, seed=None, variant=None):
         self.run_dir = run_dir
         self.status = status
         self.reason = reason
         self.result = result or {}
         self.config_file = self.result.get("config_file", config_file)
         self.seed = self.result.get("seed", seed)
+        self._variant = variant
+
+    def on_dataset(self, name, variant=None):
+        """This run as one of its test datasets has it (that dataset's results and curve: the results
+        contract's "by_dataset"), under the label ``variant`` when given (a sweep run that is also a
+        grid cell); failed if the run finished without results for ``name``."""
+        entry = self.result.get("by_dataset", {}).get(name)
+        result = dict(self.result, **entry) if entry is not None else self.result
+        status, reason = self.status, self.reason
+        if status == "ok" and entry is None:
+            status, reason = "failed", f"no results for test dataset {name}"
+        return Run(self.run_dir, status, reason, result, self.config_file, self.seed,
+                   self._variant if variant is None else variant)
 
     @property
     def family(self):
@@ -34,9 +52,22 @@ class Run:
     @property
     def variant(self):
         """What the config changes beyond norm and batch: the part of its name after ``<B>img_``
-        (``FRN_2img_RELU.yaml`` -> "RELU", a learning-rate sweep's ``lr0.02``); "" for none."""
+        (``FRN_2img_RELU.yaml`` -> "RELU", a learning-rate sweep's ``lr0.02``, both:
+        ``centered_lr0.01``); "" for none."""
+        if self._variant is not None:
+            return self._variant
         stem = os.path.splitext(os.path.basename(self.config_file or ""))[0]
         return stem.split("img_", 1)[1] if "img_" in stem else ""
+
+    @property
+    def arm(self):
+        """The variant without a learning-rate sweep's tag: ``centered_lr0.01`` -> "centered"."""
+        return "_".join(t for t in self.variant.split("_") if t and not _LR_TOKEN.fullmatch(t))
+
+    @property
+    def is_sweep(self):
+        """Whether the config is a learning-rate sweep's (its variant has an lr tag)."""
+        return any(_LR_TOKEN.fullmatch(t) for t in self.variant.split("_"))
 
     def _described(self):
         return self.result if self.status == "ok" else (self.result or describe_config(self.config_file) or {})
@@ -101,6 +132,17 @@ def _failure_line(lines):
         if "Error" in ln or "Exception" in ln or "error:" in ln:
             return ln
     return lines[-1] if lines else ""
+
+
+def find_runs(root):
+    """{run directory: seed} of every ``root/<folder>_<config>/seed<k>`` (the grid launcher's layout:
+    a stray seed0.bak or file is not a run), sorted."""
+    found = {}
+    for d in sorted(glob.glob(os.path.join(root, "*", "seed*"))):
+        m = re.fullmatch(r"seed(\d+)", os.path.basename(d))
+        if m and os.path.isdir(d):
+            found[d] = int(m.group(1))
+    return found
 
 
 def load_run(run_dir, config_file=None, seed=None):

@@ -75,30 +75,34 @@ def paired_differences(runs, a="FRN", b="GN", task="bbox"):
 def paired_comparisons(runs, task="bbox"):
     """[(a, b, paired_differences(runs, a, b))] with pairs: FRN against GN and BN, then every variant
     but a learning-rate sweep's against FRN and GN (a study arm against the runs it is paired with)."""
-    variants = sorted({r.key()[1] for r in runs if r.status == "ok" and r.variant and not r.variant.startswith("lr")})
+    variants = sorted({r.key()[1] for r in runs if r.status == "ok" and r.variant and not r.is_sweep})
     wanted = [("FRN", "GN"), ("FRN", "BN")] + [(v, base) for v in variants for base in ("FRN", "GN")]
     found = [(a, b, paired_differences(runs, a, b, task)) for a, b in wanted]
     return [(a, b, pairs) for a, b, pairs in found if pairs]
 
 
 def lr_sweep(runs, task="bbox"):
-    """{(norm, batch): [(base_lr, mean AP, n runs)]}: runs of one family, norm, batch size and schedule
-    that differ only in their learning rate. Those whose variant is a learning rate (``lr<value>``),
-    and the plain run of the same settings (the grid's cell, at the linear rule's rate) for the seeds
-    the sweep ran. One sweep per norm and batch size, since base_lr is per batch."""
+    """{(norm [+ arm], batch): [(base_lr, mean AP, n runs)]}: runs of one family, norm and arm (the
+    variant without its lr tag, e.g. "centered"), batch size and schedule that differ only in their
+    learning rate. Those whose variant has a learning rate (``lr<value>``), and the run of the same
+    settings without one (the grid's cell, at the linear rule's rate) for the seeds the sweep ran.
+    One sweep per norm, arm and batch size, since base_lr is per batch."""
     done = [r for r in runs if r.status == "ok"]
 
+    def label(r):
+        return r.result["norm"] + (f" {r.arm}" if r.arm else "")
+
     def settings(r):
-        return r.family, r.result["norm"], r.ims_per_batch, r.images_seen
+        return r.family, label(r), r.ims_per_batch, r.images_seen
 
     swept = {}
     for r in done:
-        if r.variant.startswith("lr"):
+        if r.is_sweep:
             swept.setdefault(settings(r), set()).add(r.seed)
     points = {}
     for r in done:
-        if r.variant.startswith("lr") or (r.variant == "" and r.seed in swept.get(settings(r), ())):
-            points.setdefault((r.result["norm"], r.ims_per_batch, r.result["base_lr"]), []).append(r.metric(task, "AP"))
+        if r.is_sweep or r.seed in swept.get(settings(r), ()):
+            points.setdefault((label(r), r.ims_per_batch, r.result["base_lr"]), []).append(r.metric(task, "AP"))
     out = {}
     for (norm, batch, lr), aps in sorted(points.items()):
         out.setdefault((norm, batch), []).append((lr, statistics.fmean(aps), len(aps)))

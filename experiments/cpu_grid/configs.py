@@ -1,14 +1,11 @@
 """configs/cpu_grid/ and configs/cpu_grid_short/, rendered from grid.yaml (the study's settings and
 the reasons for them live there, as data); tests/test_configs.py checks the committed YAMLs equal
 this output."""
-import functools
 import json
 import os
 from fractions import Fraction
 
-import yaml
-
-from ..generated import HEADER, fmt_lr, fmt_steps
+from ..generated import HEADER, fmt_lr, fmt_steps, read_settings
 from ..paths import CONFIGS
 
 GRID_DIR = os.path.join(CONFIGS, "cpu_grid")
@@ -18,11 +15,9 @@ FAMILY = "retinanet_R18_FPN"
 MASK_FAMILY = "mask_rcnn_R18_FPN"
 
 
-@functools.lru_cache(maxsize=None)
 def settings():
     """grid.yaml as a dict."""
-    with open(SETTINGS_FILE) as f:
-        return yaml.safe_load(f)
+    return read_settings(SETTINGS_FILE)
 
 
 def _yaml_value(v):

@@ -1,20 +1,17 @@
 """The CPU comparison's report (docs/results/): every run of the grid, and each part of it."""
-import glob
 import os
-import re
 
 from ..compare.grid import run_dir_for
 from ..compare.report import write_all
-from ..compare.runs import load_run
+from ..compare.runs import find_runs, load_run
 from .configs import GRID_DIR, parts
 
 
 def collect(root, out_dir, log=print):
     """Every run under ``root`` (finished, failed or not finished) into out_dir/cpu_grid.*, and each
     of :func:`experiments.cpu_grid.configs.parts` into out_dir/<part>.*."""
-    seed_of = {d: int(m.group(1)) for d in glob.glob(os.path.join(root, "*", "seed*"))
-               if os.path.isdir(d) and (m := re.fullmatch(r"seed(\d+)", os.path.basename(d)))}
-    dirs = sorted(seed_of)  # run_dir_for's layout only: a stray seed0.bak or file is not a run
+    seed_of = find_runs(root)
+    dirs = list(seed_of)
     runs = {d: load_run(d) for d in dirs}
     selected = {"cpu_grid": dirs}
     for name, (configs, seeds) in parts().items():

@@ -111,7 +111,9 @@ def register_bccd(root=None):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        voc._register(name, root, split, BCCD_CLASSES)
+        voc._register(name, root, split, BCCD_CLASSES, hint=(
+            " (BCCD ships in the frn-det checkout as datasets/BCCD; FRN_DET_BCCD or DETECTRON2_DATASETS/BCCD "
+            "name another copy)"))
 
 
 def _synthetic_loader(name, root):

@@ -56,18 +56,19 @@ def _listed(items):
     return f"\n  {shown}" + (f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
-def _check_folder(dirname, name):
+def _check_folder(dirname, name, hint=""):
     if not os.path.isdir(dirname):
-        raise DataError(f"dataset '{name}': Pascal VOC folder {dirname} does not exist")
+        raise DataError(f"dataset '{name}': Pascal VOC folder {dirname} does not exist{hint}")
     missing = [d for d in ("Annotations", os.path.join("ImageSets", "Main"), "JPEGImages")
                if not os.path.isdir(os.path.join(dirname, d))]
     if missing:
         raise DataError(f"dataset '{name}': {dirname} is not a Pascal VOC folder: it lacks {', '.join(missing)}")
 
 
-def read_split(dirname, split, name):
-    """The image ids of ``ImageSets/Main/<split>.txt`` (first column), in file order."""
-    _check_folder(dirname, name)
+def read_split(dirname, split, name, hint=""):
+    """The image ids of ``ImageSets/Main/<split>.txt`` (first column), in file order; ``hint`` ends
+    the error of a missing folder (where a built-in dataset is looked for)."""
+    _check_folder(dirname, name, hint)
     path = split_file(dirname, split)
     if not os.path.isfile(path):
         found = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(split_file(dirname, "*")))
@@ -178,10 +179,10 @@ def _instance(obj, index, xml_file, size, class_names, problems):
             "iscrowd": int(difficult)}
 
 
-def load_voc_dataset(dirname, split, class_names, name):
+def load_voc_dataset(dirname, split, class_names, name, hint=""):
     """The checked dataset dicts of one split (module docstring); a DataError names every bad file."""
     class_names = list(class_names)
-    ids = read_split(dirname, split, name)
+    ids = read_split(dirname, split, name, hint)
     problems = _Problems(name)
     dicts = []
     for fileid in ids:
@@ -235,9 +236,9 @@ def register_voc_dataset(name, dirname, split, class_names=None):
     _register(name, dirname, split, class_names if class_names is not None else voc_class_names(dirname, name))
 
 
-def _register(name, dirname, split, class_names):
+def _register(name, dirname, split, class_names, hint=""):
     class_names = list(class_names)
-    DatasetCatalog.register(name, lambda: load_voc_dataset(dirname, split, class_names, name))
+    DatasetCatalog.register(name, lambda: load_voc_dataset(dirname, split, class_names, name, hint))
     json_file = os.path.join(cache_dir(), f"{name}-{_fingerprint(dirname, split, class_names)}.json")
     MetadataCatalog.get(name).set(thing_classes=class_names, dirname=dirname, split=split, evaluator_type="coco",
                                   image_root=os.path.join(dirname, "JPEGImages"), json_file=json_file,

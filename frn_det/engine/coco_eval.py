@@ -5,6 +5,7 @@ ground-truth class is detected as)."""
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 
@@ -79,14 +80,17 @@ def _percent(stat):
     return float(stat * 100) if stat >= 0 else float("nan")
 
 
-def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True, area_ranges=None):
+def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True, area_ranges=None, cat_ids=None):
     """An evaluated, accumulated and summarised COCOeval (its table printed unless ``quiet``). With
     ``area_ranges`` ({label: [min, max] area}, all sizes first) instead of COCO's small / medium /
-    large, it is not summarised (COCO's summary looks its own ranges up)."""
+    large, it is not summarised (COCO's summary looks its own ranges up); ``cat_ids``: only those
+    categories."""
     from pycocotools.cocoeval import COCOeval
 
     ev = COCOeval(gt, dt, iou_type)
     ev.params.useCats = int(use_cats)
+    if cat_ids is not None:
+        ev.params.catIds = list(cat_ids)
     if area_ranges:
         ev.params.areaRngLbl, ev.params.areaRng = list(area_ranges), list(area_ranges.values())
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -98,7 +102,8 @@ def _cocoeval(gt, dt, iou_type, use_cats=True, quiet=True, area_ranges=None):
 
 
 def evaluate(gt_path, results_path, iou_type="bbox"):
-    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %}."""
+    """Runs COCOeval, prints its table and per-category AP; returns {metric: AP in %} with COCO's 12
+    metrics and "AP-<category name>" per category, as detectron2's COCOEvaluator names them."""
     gt = load_ground_truth(gt_path)
     dt = load_results(gt, results_path, iou_type)
     ev = _cocoeval(gt, dt, iou_type, quiet=False)
@@ -106,6 +111,7 @@ def evaluate(gt_path, results_path, iou_type="bbox"):
     print("\nPer-category AP:")
     for cat_id, ap in zip(ev.params.catIds, per_category_ap(ev)):
         print(f"  {gt.cats[cat_id]['name']:<20s} {ap:6.2f}")
+        stats[f"AP-{gt.cats[cat_id]['name']}"] = ap
     print("\n" + " | ".join(f"{m}: {stats[m]:.2f}" for m in METRICS))
     return stats
 
@@ -119,12 +125,13 @@ def class_agnostic_ap(gt, dt, iou_type="bbox"):
 SIZE_BINS = ("smallest 1/4", "middle 1/2", "largest 1/4")
 
 
-def size_quartile_ranges(gt):
-    """{bin: [min, max] area} splitting the ground truth's objects (crowd excluded) by its own area
-    quartiles into SIZE_BINS (areas up to q1, above q1 up to q3, above q3), after "all": sizes
-    relative to the dataset, where COCO's fixed 32^2 / 96^2 bounds would put a small-image
-    dataset's objects all in one bin. None without objects."""
-    areas = [a["area"] for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+def size_quartile_ranges(gt, category_id=None):
+    """{bin: [min, max] area} splitting the ground truth's objects (crowd excluded; of one category
+    when ``category_id`` is given) by their own area quartiles into SIZE_BINS (areas up to q1, above
+    q1 up to q3, above q3), after "all": sizes relative to the dataset (or class), where COCO's fixed
+    32^2 / 96^2 bounds would put a small-image dataset's objects all in one bin. None without objects."""
+    areas = [a["area"] for a in gt.dataset["annotations"]
+             if not a.get("iscrowd", 0) and category_id in (None, a["category_id"])]
     if not areas:
         return None
     q1, q3 = (float(q) for q in np.percentile(areas, [25, 75]))
@@ -143,6 +150,22 @@ def category_ap_by_size(gt, dt, iou_type="bbox"):
     return ranges, np.array([per_category_ap(ev, a) for a in range(1, len(ranges))]).T
 
 
+def category_ap_by_class_size(gt, dt, iou_type="bbox"):
+    """(area ranges per category, AP (%) array (categories in gt.getCatIds() order, SIZE_BINS)): each
+    class split by its own area quartiles, where a dataset's quartiles put a class that is smaller or
+    larger than the rest all in one bin (BCCD's platelets and white cells)."""
+    ranges, rows = [], []
+    for cat in gt.getCatIds():
+        r = size_quartile_ranges(gt, cat)
+        ranges.append(r)
+        if r is None:
+            rows.append([math.nan] * len(SIZE_BINS))
+            continue
+        ev = _cocoeval(gt, dt, iou_type, area_ranges=r, cat_ids=[cat])
+        rows.append([per_category_ap(ev, a)[0] for a in range(1, len(r))])
+    return ranges, np.array(rows)
+
+
 def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
     """What each ground-truth object is detected as, on boxes.
 
@@ -156,10 +179,10 @@ def confusion_matrix(gt, dt, score_thresh=0.3, iou_thresh=0.5):
     col = {c: j for j, c in enumerate(cat_ids)}
     counts = np.zeros((len(cat_ids), len(cat_ids) + 1), dtype=np.int64)
     for img in gt.getImgIds():
-        objects = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=img)) if not a.get("iscrowd", 0)]
+        objects = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=[img])) if not a.get("iscrowd", 0)]
         if not objects:
             continue
-        dets = [d for d in dt.loadAnns(dt.getAnnIds(imgIds=img)) if d["score"] >= score_thresh]
+        dets = [d for d in dt.loadAnns(dt.getAnnIds(imgIds=[img])) if d["score"] >= score_thresh]
         best = best_detections([d["bbox"] for d in dets], [d["score"] for d in dets], [a["bbox"] for a in objects],
                                iou_thresh)
         for a, k in zip(objects, best):
@@ -192,9 +215,11 @@ def error_analysis(gt_path, results_path, iou_type="bbox", score_thresh=0.3):
     ev = _cocoeval(gt, dt, iou_type)
     names, counts = confusion_matrix(gt, dt, score_thresh)
     ranges, by_size = category_ap_by_size(gt, dt, iou_type)
+    class_ranges, by_class_size = category_ap_by_class_size(gt, dt, iou_type)
     return {"AP": _percent(ev.stats[0]), "class_agnostic_AP": class_agnostic_ap(gt, dt, iou_type),
             "categories": names, "category_AP": per_category_ap(ev), "size_ranges": ranges,
-            "category_AP_by_size": by_size, "confusion": counts, "score_thresh": score_thresh}
+            "category_AP_by_size": by_size, "class_size_ranges": class_ranges,
+            "category_AP_by_class_size": by_class_size, "confusion": counts, "score_thresh": score_thresh}
 
 
 def format_confusion(analysis):
@@ -218,6 +243,18 @@ def format_ap_by_size(analysis):
     lines = ["| category | AP | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for name, ap, row in zip(analysis["categories"], analysis["category_AP"], analysis["category_AP_by_size"]):
         lines.append(f"| {name} | {ap:.1f} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def format_ap_by_class_size(analysis):
+    """AP per category on its own smallest quarter, middle half and largest quarter (by area, with
+    each class's quartiles in px²) as a markdown table."""
+    lines = ["| category | AP | " + " | ".join(SIZE_BINS) + " | class's area quartiles q1 / q3 |",
+             "|---" * (len(SIZE_BINS) + 3) + "|"]
+    for name, ap, row, r in zip(analysis["categories"], analysis["category_AP"], analysis["category_AP_by_class_size"],
+                                analysis["class_size_ranges"]):
+        bounds = "n/a" if r is None else f"{r[SIZE_BINS[0]][1]:.0f} / {r[SIZE_BINS[1]][1]:.0f}"
+        lines.append(f"| {name} | {ap:.1f} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {bounds} |")
     return "\n".join(lines)
 
 

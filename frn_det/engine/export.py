@@ -79,15 +79,26 @@ def run_onnx(path, image):
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {session.get_inputs()[0].name: image.numpy()})]
 
 
+# How far an exported model's outputs may be from PyTorch's, relative to each output's magnitude
+# (boxes in pixels and scores near 0.01 alike): ONNX runtime kernels round differently; TorchScript
+# runs PyTorch's own kernels, so it must be exact.
+RELATIVE_TOLERANCE = {"onnx": 1e-4, "torchscript": 0.0}
+
+
 def compare_outputs(expected, got):
-    """{"outputs": n, "max_abs_diff": d, "shapes_equal": bool} for two lists of tensors."""
+    """{"outputs": n, "shapes_equal": bool, "relative_diffs": [per output: max |a - b| / max |a|],
+    "max_abs_diff": d} for two lists of tensors (an output that is all zeros: its absolute difference)."""
     shapes = len(expected) == len(got) and all(tuple(a.shape) == tuple(b.shape) for a, b in zip(expected, got))
-    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(expected, got) if a.numel()), default=0.0)
-    return {"outputs": len(expected), "shapes_equal": shapes, "max_abs_diff": diff if shapes else float("inf")}
+    if not shapes:
+        return {"outputs": len(expected), "shapes_equal": False, "relative_diffs": [], "max_abs_diff": float("inf")}
+    diffs = [float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in zip(expected, got)]
+    scales = [float(a.double().abs().max()) if a.numel() else 0.0 for a in expected]
+    relative = [d / s if s > 0 else d for d, s in zip(diffs, scales)]
+    return {"outputs": len(expected), "shapes_equal": True, "relative_diffs": relative, "max_abs_diff": max(diffs, default=0.0)}
 
 
 def compare_instances(expected, got):
-    """Detections of two runs: same count and classes, boxes and scores within 1e-3."""
+    """Detections of two runs: count, classes, and the largest box and score differences."""
     a, b = expected.to("cpu"), got.to("cpu")
     same = len(a) == len(b) and torch.equal(a.pred_classes, b.pred_classes)
     box_diff = float((a.pred_boxes.tensor - b.pred_boxes.tensor).abs().max()) if same and len(a) else 0.0
@@ -114,7 +125,7 @@ def export_and_check(model, image, fmt, method, output_dir):
                 expected = model(inputs)[0]["instances"]
                 got = detector_postprocess(convert_scripted_instances(scripted(inputs)[0]), *image.shape[1:])
             report = compare_instances(expected, got)
-            report["ok"] = report["same_classes"] and report["max_box_diff"] < 1e-3 and report["max_score_diff"] < 1e-3
+            report["ok"] = report["same_classes"] and report["max_box_diff"] == report["max_score_diff"] == 0.0
             return path, report
         expected = list(tracing_adapter(model, image)(image))
         if fmt == "onnx":
@@ -126,7 +137,7 @@ def export_and_check(model, image, fmt, method, output_dir):
             export_torchscript_tracing(model, image, path)
             got = list(torch.jit.load(path)(image))
         report = compare_outputs(expected, got)
-        report["ok"] = report["shapes_equal"] and report["max_abs_diff"] < 1e-2
+        report["ok"] = report["shapes_equal"] and all(r <= RELATIVE_TOLERANCE[fmt] for r in report["relative_diffs"])
         return path, report
 
 

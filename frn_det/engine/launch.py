@@ -2,17 +2,21 @@
 ``--dataset`` (COCO json) and ``--voc-dataset`` (Pascal VOC folder), the run config, and
 detectron2's launcher with CPU multi-process support and stops on SIGTERM / SIGINT
 (frn_det.engine.preemption)."""
+import logging
 import os
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser as d2_argument_parser
 from detectron2.engine import default_setup as d2_default_setup
 from detectron2.engine import launch as d2_launch
+from detectron2.engine.defaults import _try_get_key
 from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset, register_voc_dataset
 from .config import check_processes, load_cfg, load_run_cfg
 from .preemption import run_stoppable
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the frn_det this process runs
 
 
 def default_argument_parser(epilog=None):
@@ -63,10 +67,11 @@ def run_cfg_from_args(args):
 
 def default_setup(cfg, args):
     """detectron2's ``default_setup`` (output dir, loggers, config dump, seed) plus frn_det's logger,
-    for a yacs or a LazyConfig ``cfg``."""
+    for yacs and LazyConfigs; the log names the frn_det it runs (a stale install elsewhere shows)."""
     d2_default_setup(cfg, args)
-    output_dir = cfg.train.output_dir if "train" in cfg else cfg.OUTPUT_DIR
+    output_dir = _try_get_key(cfg, "OUTPUT_DIR", "output_dir", "train.output_dir")
     setup_logger(output=output_dir, distributed_rank=comm.get_rank(), name="frn_det")
+    logging.getLogger("frn_det").info(f"frn_det imported from {PACKAGE_DIR}")
 
 
 def launch(main, args):

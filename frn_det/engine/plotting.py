@@ -2,13 +2,14 @@
 plots): the file backend, a grid of axes, layout, save and close."""
 import contextlib
 
-NORM_COLORS = {"BN": "tab:blue", "SyncBN": "tab:purple", "GN": "tab:orange", "FRN": "tab:green"}
+NORM_COLORS = {"BN": "tab:blue", "SyncBN": "tab:purple", "GN": "tab:orange", "FRN": "tab:green",
+               "FRN centered": "tab:red"}
 
 
 def norm_color(label):
     """One colour per norm in every plot, so BN, GN and FRN read the same across figures; ``label`` is
-    a norm or a group's "norm variant"."""
-    return NORM_COLORS.get(label.split()[0], "tab:gray")
+    a norm or a group's "norm variant" (a variant with a colour of its own keeps it: the centred FRN)."""
+    return NORM_COLORS.get(label, NORM_COLORS.get(label.split()[0], "tab:gray"))
 
 
 @contextlib.contextmanager

@@ -5,8 +5,9 @@ same weights as the uninterrupted run (bitwise on CPU).
 detectron2 restarts its shuffled data stream from the beginning on resume, and its data-loader
 workers and the model draw from random generators whose state is not checkpointed. Here instead:
 
-- :class:`ResumableTrainingSampler` yields ``(position, index)`` pairs of the same infinite shuffled
-  stream as detectron2's ``TrainingSampler``, from a start position the trainer sets after loading a
+- :class:`ResumableTrainingSampler` yields ``(position, index)`` pairs of the infinite shuffled
+  stream of detectron2's ``TrainingSampler`` seeded with SEED (detectron2's config path draws that
+  seed from numpy's generator instead), from a start position the trainer sets after loading a
   checkpoint (iteration x total batch);
 - :class:`PositionSeededDataset` seeds python's, numpy's and torch's generators from (seed,
   position) before mapping each sample, so augmentation depends neither on the worker nor on what

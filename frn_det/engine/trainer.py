@@ -150,7 +150,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        """COCOEvaluator writing OUTPUT_DIR/inference/ (one test dataset) or inference/<dataset>/ (several:
+        each dataset's detections in a file of its own)."""
+        several = len(cfg.DATASETS.TEST) > 1
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", *([dataset_name] if several else []))
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         ensure_coco_json(dataset_name)  # a Pascal VOC dataset's ground truth, current (frn_det.data.voc)
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
