@@ -25,9 +25,13 @@ def _finite(v):
     return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _non_finite_in(values):
-    """Whether a (nested) list holds a number that is not finite (NaN, inf) or a non-number."""
-    return any(_non_finite_in(v) if isinstance(v, list) else not _finite(v) for v in values)
+def _all_finite(values):
+    """Whether a flat list holds finite numbers only: their sum is finite unless one is NaN or
+    infinite (or the sum overflows, which no pixel coordinate does); one C loop, not one per value."""
+    try:
+        return math.isfinite(sum(values))
+    except TypeError:  # a string, None or a list among them
+        return False
 
 
 def _repeated(items, key):
@@ -94,7 +98,7 @@ def _check_segmentation(a, image, f):
     if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
         f.add("segmentation that is neither polygons nor an RLE", _ann(a))
         return
-    if _non_finite_in(segm):
+    if not all(_all_finite(p) for p in segm):
         f.add("polygons with a coordinate that is not a finite number", _ann(a))
         return
     bad = [len(p) for p in segm if len(p) < 6 or len(p) % 2]
@@ -112,8 +116,8 @@ def _check_annotation(a, images, categories, f):
     box = a.get("bbox")
     if not (isinstance(box, list) and len(box) == 4):
         f.add("bbox that is not 4 numbers [x, y, w, h]", f"{_ann(a)}: bbox {box!r}")
-    elif _non_finite_in(box):
-        f.add("bbox with a number that is not finite (NaN, inf)", f"{_ann(a)}: bbox {box}")
+    elif not _all_finite(box):
+        f.add("bbox with a value that is not a finite number (NaN, inf, text)", f"{_ann(a)}: bbox {box}")
     elif not (box[2] > 0 and box[3] > 0):
         f.add("boxes without positive width and height", f"{_ann(a)}: bbox {box}, as [x, y, w, h]")
     if "area" in a and not (_finite(a["area"]) and a["area"] >= 0):
