@@ -67,16 +67,17 @@ def full(data, tmp_path_factory):
     ("before-write:model_0000003.pth", 2),
     ("mid-write:model_0000003.pth:50000", 2),
     ("after-rename:model_0000003.pth", 2),  # on disk, but last_checkpoint still names model_0000001
-    ("mid-write:last_checkpoint:4", 2),
+    ("mid-write:last_checkpoint:4", 0),  # its first write: no last_checkpoint, so --resume starts anew
     ("mid-write:frn_det_result.json:10", 6),  # trained and saved: the resume evaluates and writes the result
 ], ids=["before_write", "mid_checkpoint", "after_rename", "mid_last_checkpoint", "mid_result"])
 def test_a_run_killed_at_a_write_resumes_to_the_same_weights(data, full, tmp_path, point, resumes_at):
     out = tmp_path / "run"
     proc = train_net(*_args(data, out), env={"FRN_DET_KILL_AT": point}, check=False)
     assert proc.returncode == SIGKILLED, proc.stderr[-3000:]
-    named = (out / "last_checkpoint").read_text()
-    assert os.path.isfile(out / named)  # last_checkpoint is whole and names a whole file
-    torch.load(out / named, weights_only=False)
+    if resumes_at:  # last_checkpoint is whole and names a whole file
+        torch.load(out / (out / "last_checkpoint").read_text(), weights_only=False)
+    else:
+        assert not os.path.exists(out / "last_checkpoint")
     assert not os.path.exists(out / "frn_det_result.json")  # absent, never torn
     proc = train_net(*_args(data, out, "--resume"))
     log = proc.stdout + proc.stderr
@@ -86,6 +87,19 @@ def test_a_run_killed_at_a_write_resumes_to_the_same_weights(data, full, tmp_pat
     _assert_same_weights(full, out)
     assert _result(out)["results"] == _result(full)["results"]
     assert _trained_iterations(out) == _trained_iterations(full) == [5]  # each iteration once in the curves
+
+
+def test_a_run_killed_during_an_evaluation_evaluates_it_on_resume(data, full, tmp_path):
+    out = tmp_path / "run"
+    every_4 = ("TEST.EVAL_PERIOD", "4")
+    proc = train_net(*_args(data, out, opts=every_4), env={"FRN_DET_KILL_AT": "evaluation:1"}, check=False)
+    assert proc.returncode == SIGKILLED, proc.stderr[-3000:]
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"  # written before the evaluation
+    proc = train_net(*_args(data, out, "--resume", opts=every_4))
+    log = proc.stdout + proc.stderr
+    assert "Starting training from iteration 4" in log and "The evaluation after iteration 4 is not in metrics.json" in log
+    assert [p["iteration"] for p in _result(out)["curve"]] == [4, 6]
+    _assert_same_weights(full, out)  # evaluating changes no weights and no random stream
 
 
 def test_resume_past_a_damaged_newest_checkpoint_trims_the_metrics(data, full, tmp_path):
@@ -117,13 +131,14 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(data, full, tmp_pat
     proc = train_net(*_args(data, out), env={"FRN_DET_KILL_AT": "iteration:2", "FRN_DET_KILL_WITH": "TERM"},
                      check=False)
     assert proc.returncode == SIGTERMED, proc.stderr[-3000:]
-    assert "Stopped by SIGTERM after iteration 2" in proc.stderr and "with --resume" in proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "Stopped by SIGTERM after iteration 2" in log and "with --resume" in log
     assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
     assert not os.path.exists(out / "model_final.pth")
     proc = train_net(*_args(data, out, "--resume"))
     assert "Starting training from iteration 3" in proc.stdout + proc.stderr
     _assert_same_weights(full, out)
-    assert _trained_iterations(out) == _trained_iterations(full) == [5]
+    assert _trained_iterations(out) == [2, 5]  # the stop's record, then the resumed run's: none twice
 
 
 def test_two_processes_stop_together_when_only_the_launcher_gets_sigterm(data, tmp_path):
@@ -139,7 +154,7 @@ def test_two_processes_stop_together_when_only_the_launcher_gets_sigterm(data, t
         "FRN_DET_KILL_AT": "iteration:1", "FRN_DET_KILL_WITH": "TERM", "FRN_DET_KILL_WHO": "parent"})
     assert proc.returncode == SIGTERMED, proc.stderr[-3000:]
     assert "Training stopped by SIGTERM: resume with the same command and --resume" in proc.stderr
-    stopped = {line.split("after iteration ")[1].split()[0] for line in proc.stderr.splitlines()
+    stopped = {line.split("after iteration ")[1].split()[0] for line in (proc.stdout + proc.stderr).splitlines()
                if "Stopped by SIGTERM after iteration" in line}
     with open(out / "log.txt.rank1") as f:
         stopped |= {line.split("after iteration ")[1].split()[0] for line in f if "Stopped by SIGTERM" in line}
@@ -164,7 +179,7 @@ def test_lazy_train_net_stops_on_sigterm_and_resumes(data, tmp_path):
                           env=dict(env, FRN_DET_KILL_AT="iteration:1", FRN_DET_KILL_WITH="TERM"))
     assert proc.returncode == SIGTERMED, proc.stderr[-3000:]
     assert_this_checkout(proc.stdout + proc.stderr)
-    assert "Stopped by SIGTERM after iteration 1" in proc.stderr
+    assert "Stopped by SIGTERM after iteration 1" in proc.stdout + proc.stderr
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
     proc = subprocess.run(argv[:2] + ["--resume"] + argv[2:], capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
