@@ -10,7 +10,19 @@ import errno
 import os
 import tempfile
 
+from . import kill_points
+
 TEMP_MARK = ".partial-"  # temporary names: .<final name>.partial-<random>
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; the final file gets what open() would give it
+_NEW_FILE_MODE = 0o666 & ~_umask()
 
 
 def temporary_name_of(path):
@@ -26,24 +38,28 @@ def atomic_write(path, mode="w", **open_kwargs):
     names the folder."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_MARK}", dir=folder)
+    folder, name = os.path.split(os.path.abspath(path))
+    kill_points.reached("before-write", name)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMP_MARK}", dir=folder)
+        os.fchmod(fd, _NEW_FILE_MODE)
         with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
+            cut = kill_points.armed("mid-write", name)
+            yield f if cut is None else _StopsAtByte(f, int(cut))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no space left to write {os.path.basename(path)} in {folder}; the previous "
-                          f"file, if any, is intact ({e.strerror})") from e
-        raise
-    except BaseException:
-        _remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            _remove(tmp)
+        full = _disk_full(e)
+        if full is not None:
+            raise OSError(full.errno, f"no space left to write {name} in {folder}; the previous file, if any, is "
+                          f"intact ({full.strerror})") from e
         raise
     _fsync_folder(folder)
+    kill_points.reached("after-rename", name)
 
 
 def remove_stale_temporaries(folder):
@@ -56,6 +72,35 @@ def remove_stale_temporaries(folder):
     for p in stale:
         _remove(p)
     return stale
+
+
+class _StopsAtByte:
+    """The fault suite's torn write (kill point ``mid-write``): writes through to ``f`` until
+    ``limit`` bytes, flushes them to disk and stops the process there."""
+
+    def __init__(self, f, limit):
+        self._f, self._left = f, limit
+
+    def write(self, data):
+        if len(data) >= self._left:
+            self._f.write(data[: self._left])
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            kill_points.kill()
+        self._left -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _disk_full(e):
+    """The ENOSPC / EDQUOT error behind ``e``, if any (torch.save raises a RuntimeError from it)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _remove(path):

@@ -76,7 +76,8 @@ def test_run_sh_grid_and_study_once_the_rates_are_set(tmp_path):
     cells2 = ["BN_2img_lr0.04", "GN_2img_lr0.02", "FRN_2img_lr0.01", "FRN_2img_centered_lr0.01"]
     cells1 = ["BN_1img", "GN_1img", "FRN_1img", "FRN_1img_centered"]
     runs = RUN_LINE.findall(out)
-    after_sweep = runs[2 + 12:]
+    sweep = yaml.safe_load((tmp_path / "experiments" / "bccd" / "grid.yaml").read_text())["sweep_lr_per_image"]
+    after_sweep = runs[2 + sum(map(len, sweep.values())):]  # after the pilot and the sweep
     cells8 = ["BN_8img", "GN_8img", "FRN_8img", "FRN_8img_centered"]
     assert after_sweep == ([(n, "1") for n in cells2] + [(n, s) for s in "01" for n in cells1]
                            + [(n, s) for s in "01" for n in ("FRN_2img_G32", "FRN_2img_GN-fpn-head")]

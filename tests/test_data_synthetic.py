@@ -1,6 +1,8 @@
 """The synthetic COCO generator, make_synthetic_coco.py and dataset registration with clear errors."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -13,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import frn_det  # noqa: F401  (registers the synthetic datasets)
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from frn_det.data.coco_checks import AnnotationError
 from frn_det.data import check_registered, register_coco_dataset, register_synthetic, uses_rle_masks
 from frn_det.data.synthetic import CLASSES, SyntheticSpec, generate, render_image
 
@@ -228,18 +231,110 @@ def test_unknown_dataset_name_lists_registered_ones():
         check_registered(["frn_synthetic_train", "no_such_set"], "DATASETS.TRAIN")
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d["annotations"][2].update(category_id=99),
-     r"1 annotations in .* name categories that its 'categories' lack \(e.g. annotation 3: category_id 99"),
-    (lambda d: d["annotations"][0].update(bbox=[3.0, 4.0, 0.0, 5.0]),
-     r"1 annotations in .* have boxes without positive width and height \(e.g. annotation 1: bbox \[3.0, 4.0, 0.0, 5.0\]"),
-], ids=["unknown_category", "empty_box"])
+def _second_image_id(d):
+    d["images"][1]["id"] = d["images"][0]["id"]
+
+
+def _drop_image(d):
+    d["images"] = [i for i in d["images"] if i["id"] != d["annotations"][0]["image_id"]]
+
+
+def _rle(d):
+    image = next(i for i in d["images"] if i["id"] == d["annotations"][0]["image_id"])
+    d["annotations"][0]["segmentation"] = {"size": [image["height"] + 1, image["width"]], "counts": [0, 4]}
+
+
+# (what is wrong, its change to the synthetic val json, what the error says about it); the decisions
+# are docs/training.md's "COCO json checks" table
+BAD_ANNOTATIONS = [
+    ("unknown_category", lambda d: d["annotations"][2].update(category_id=99),
+     r"annotations naming a category the file's 'categories' lack: 1 \(annotation 3 of image \d+: category_id 99"),
+    ("empty_box", lambda d: d["annotations"][0].update(bbox=[3.0, 4.0, 0.0, 5.0]),
+     r"boxes without positive width and height: 1 \(annotation 1 of image \d+: bbox \[3.0, 4.0, 0.0, 5.0\]"),
+    ("nan_x", lambda d: d["annotations"][0]["bbox"].__setitem__(0, float("nan")),
+     r"bbox with a value that is not a finite number \(NaN, inf, text\): 1 \(annotation 1 of image \d+: bbox \[nan"),
+    ("nan_height", lambda d: d["annotations"][1]["bbox"].__setitem__(3, float("nan")),
+     r"bbox with a value that is not a finite number \(NaN, inf, text\): 1 \(annotation 2 "),
+    ("inf_area", lambda d: d["annotations"][0].update(area=float("inf")),
+     r"area that is not a finite number >= 0 .*: 1 \(annotation 1 of image \d+: area inf"),
+    ("three_number_bbox", lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+     r"bbox that is not 4 numbers \[x, y, w, h\]: 1 \(annotation 1 of image \d+: bbox \[1, 2, 3\]"),
+    ("nan_polygon", lambda d: d["annotations"][0]["segmentation"][0].__setitem__(1, float("nan")),
+     r"polygons with a coordinate that is not a finite number: 1 \(annotation 1 "),
+    ("short_polygon", lambda d: d["annotations"][0].update(segmentation=[[1, 1, 5, 5]]),
+     r"polygons with fewer than 6 coordinates .*: 1 \(annotation 1 of image \d+: lengths \[4\]"),
+    ("rle_size", _rle, r"RLE of another size than its image: 1 \(annotation 1 of image \d+: size \[\d+, \d+\]"),
+    ("iscrowd_2", lambda d: d["annotations"][0].update(iscrowd=2), r"iscrowd other than 0 or 1: 1 \(annotation 1 .*iscrowd 2"),
+    ("text_in_bbox", lambda d: d["annotations"][0]["bbox"].__setitem__(2, "12"),
+     r"bbox with a value that is not a finite number \(NaN, inf, text\): 1 \(annotation 1 "),
+    ("inf_width", lambda d: d["annotations"][0]["bbox"].__setitem__(2, float("inf")),
+     r"bbox with a value that is not a finite number .*: 1 \(annotation 1 of image \d+: bbox \[.*inf"),
+    ("no_bbox", lambda d: d["annotations"][0].pop("bbox"), r"bbox that is not 4 numbers .*: 1 \(annotation 1 .*bbox None"),
+    ("negative_area", lambda d: d["annotations"][1].update(area=-4.0),
+     r"area that is not a finite number >= 0 .*: 1 \(annotation 2 of image \d+: area -4.0"),
+    ("odd_polygon", lambda d: d["annotations"][0]["segmentation"][0].append(3.0),
+     r"polygons with fewer than 6 coordinates or an odd number .*: 1 \(annotation 1 of image \d+: lengths \[\d*[13579]\]"),
+    ("rle_without_size", lambda d: d["annotations"][0].update(segmentation={"counts": "abc"}),
+     r"RLE without a \[height, width\] size: 1 \(annotation 1 "),
+    ("segmentation_text", lambda d: d["annotations"][0].update(segmentation="polygon"),
+     r"segmentation that is neither polygons nor an RLE: 1 \(annotation 1 "),
+    ("iscrowd_text", lambda d: d["annotations"][0].update(iscrowd="0"), r"iscrowd other than 0 or 1: 1 \(annotation 1 .*iscrowd '0'"),
+    ("ignore_set", lambda d: d["annotations"][0].update(ignore=1), r"'ignore' set \(.*use iscrowd 1\): 1 \(annotation 1 "),
+    ("category_id_text", lambda d: d["annotations"][0].update(category_id="1"),
+     r"annotations naming a category the file's 'categories' lack: 1 \(annotation 1 of image \d+: category_id '1'"),
+    ("repeated_image_id", _second_image_id, r"repeated image ids \(.*\): 1 \(id \d+ 2 times"),
+    ("repeated_annotation_id", lambda d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
+     r"repeated annotation ids: 1 \(id 1 2 times"),
+    ("image_id_without_image", _drop_image, r"annotations whose image_id has no image .*: \d+ \(annotation 1 of image"),
+    ("repeated_category_id", lambda d: d["categories"].append(dict(d["categories"][0], name="other")),
+     r"repeated category ids: 1 \(id 1 2 times"),
+    ("repeated_category_name", lambda d: d["categories"][1].update(name=d["categories"][0]["name"]),
+     r"repeated category names .*: 1 \('rectangle' 2 times"),
+]
+
+
+@pytest.mark.parametrize("change,message", [c[1:] for c in BAD_ANNOTATIONS], ids=[c[0] for c in BAD_ANNOTATIONS])
 def test_bad_annotations_are_named_before_training(polygon_root, tmp_path, change, message):
     data = _json(polygon_root, "val")
     change(data)
     path = tmp_path / "val.json"
+    path.write_text(json.dumps(data))  # NaN and inf as JSON's NaN / Infinity, which json.load reads back
+    name = _name()
+    register_coco_dataset(name, str(path), os.path.join(polygon_root, "val"))
+    with pytest.raises(AnnotationError, match=f"(?s)dataset '{name}': {re.escape(str(path))} has annotations .*" + message):
+        DatasetCatalog.get(name)
+
+
+def test_every_problem_is_in_one_error_and_the_rest_counted(polygon_root, tmp_path):
+    data = _json(polygon_root, "val")
+    for a in data["annotations"][:5]:
+        a["iscrowd"] = 3
+    data["annotations"][0]["bbox"] = [1, 2, 3]
+    path = tmp_path / "val.json"
     path.write_text(json.dumps(data))
     name = _name()
     register_coco_dataset(name, str(path), os.path.join(polygon_root, "val"))
-    with pytest.raises(ValueError, match=f"dataset '{name}': " + message):
+    with pytest.raises(AnnotationError) as e:
         DatasetCatalog.get(name)
+    assert re.search(r"iscrowd other than 0 or 1: 5 \(annotation 1 .*; annotation 2 .*; annotation 3 .*; \.\.\.\)", str(e.value))
+    assert "bbox that is not 4 numbers [x, y, w, h]: 1 " in str(e.value)
+
+
+def test_legitimate_oddities_load_with_a_warning(polygon_root, tmp_path, caplog):
+    """A box-only annotation (no or empty segmentation) is fine; minival's repeated annotation ids
+    and one image listed twice under one file name are warned about, not refused."""
+    data = _json(polygon_root, "val")
+    data["annotations"][0]["segmentation"] = []
+    data["annotations"][1].pop("segmentation")
+    data["annotations"][3]["id"] = data["annotations"][2]["id"]
+    data["images"].append(dict(data["images"][0], id=10 ** 6))
+    path = tmp_path / "instances_minival.json"
+    path.write_text(json.dumps(data))
+    name = _name()
+    register_coco_dataset(name, str(path), os.path.join(polygon_root, "val"))
+    with caplog.at_level(logging.WARNING, logger="frn_det.data.coco_checks"):
+        dicts = DatasetCatalog.get(name)
+    assert len(dicts) == len(data["images"])
+    warned = [r.getMessage() for r in caplog.records if r.name == "frn_det.data.coco_checks"]
+    assert any("repeated annotation ids: 1 (id 3 2 times)" in w for w in warned), warned
+    assert any("images listed more than once under one file_name: 1" in w for w in warned), warned

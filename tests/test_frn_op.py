@@ -122,6 +122,45 @@ def test_half_activations_with_fp32_parameters_as_under_autocast(dtype):
     assert all(g.dtype == torch.float32 for g in grads[1:])
 
 
+def _op_and_reference_grads(x, w, b, t, e, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
+    _, grads = run_with_grads(lambda *a: frn(*a, impl="op"), x, w, b, t, e, grad_out)
+    ref_args = [a.detach().double().requires_grad_() if a is not None else None for a in (x, w, b, t, e)]
+    _, ref_grads = run_with_grads(frn_reference, *ref_args, grad_out.double())
+    return grads, ref_grads, grad_out.double(), ref_args
+
+
+def test_the_comparison_fails_a_zero_grad_x_of_large_half_inputs():
+    """The rule of the 6e4 test: grad_x is ~3e-4 there, so an absolute 2e-2 passed a zero grad_x."""
+    x, w, b, t, _ = make_inputs((2, 4, 9, 11), dtype=torch.float16, scale=2e4)
+    grads, ref_grads, _, _ = _op_and_reference_grads(x, w, b, t, None)
+    assert float(ref_grads[0].abs().max()) < 1e-2
+    assert_grads_close((x, w, b, t, None), grads, ref_grads, atol=2e-2, rtol=1e-2)
+    with pytest.raises(AssertionError, match="grad of x"):
+        assert_grads_close((x, w, b, t, None), [torch.zeros_like(grads[0])] + grads[1:], ref_grads, 2e-2, 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_comparison_fails_parameter_gradients_summed_in_half_precision(dtype):
+    """fp32 parameter gradients of half activations are held to fp32's accuracy: grad_weight summed
+    term by term in the activations' dtype (what a kernel without fp32 accumulation computes) fails."""
+    x, w, b, t, e = make_inputs((2, 4, 6, 7), dtype=dtype, param_dtype=torch.float32, learned_eps=True)
+    grads, ref_grads, grad_out, ref_args = _op_and_reference_grads(x, w, b, t, e)
+    assert_grads_close((x, w, b, t, e), grads, ref_grads, atol=2e-2, rtol=1e-2)
+    x64 = ref_args[0].detach()
+    rstd = torch.rsqrt(x64.square().mean(dim=(2, 3), keepdim=True) + 1e-6 + 0.05)
+    y = w.detach().double().view(1, -1, 1, 1) * x64 * rstd + b.detach().double().view(1, -1, 1, 1)
+    terms = (grad_out * (y >= t.detach().double().view(1, -1, 1, 1)) * x64 * rstd).transpose(0, 1).reshape(4, -1)
+    in_half = torch.zeros(4, dtype=dtype)
+    for k in range(terms.shape[1]):
+        in_half = in_half + terms[:, k].to(dtype)
+    if dtype == torch.float16:  # the old rule, one tolerance for every tensor, passed it
+        torch.testing.assert_close(in_half.double(), ref_grads[1], atol=2e-2, rtol=1e-2)
+    with pytest.raises(AssertionError, match="grad of weight"):
+        assert_grads_close((x, w, b, t, e), [grads[0], in_half.float()] + grads[2:], ref_grads, 2e-2, 1e-2)
+
+
 def test_autocast_cpu_conv_then_frn():
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     layer = frn_module.FilterResponseNorm2d(8, impl="op")

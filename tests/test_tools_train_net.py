@@ -15,12 +15,11 @@ import pytest
 import frn_det  # noqa: F401
 from frn_det.data import CLASSES
 from frn_det.engine import coco_eval, default_argument_parser, run_cfg_from_args
-from train_net_testing import assert_this_checkout, dataset_args, run_opts, tiny_dataset
+from train_net_testing import dataset_args, run_opts, tiny_dataset, train_net
 
 pytestmark = pytest.mark.slow  # subprocess runs (see tests/conftest.py: the fast tier is -m "not slow")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 RETINANET = os.path.join(REPO, "configs", "synthetic", "retinanet_R18_FPN_{}.yaml")
 MASK_RCNN = os.path.join(REPO, "configs", "synthetic", "mask_rcnn_R18_FPN_GN.yaml")
 CONTRACT_KEYS = {"config_file", "meta_architecture", "norm", "images_per_gpu", "num_gpus", "ims_per_batch", "seed",
@@ -41,17 +40,6 @@ def data(tmp_path_factory):
         tiny_dataset(root, num_train=6, num_val=3, mask_format=fmt)
         roots[fmt] = root
     return roots
-
-
-def train_net(*args, check=True):
-    # One intra-op thread per process: the runs are tiny and the test machine is shared.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, env=env, cwd=REPO)
-    if check and proc.returncode != 0:
-        pytest.fail(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    if check:
-        assert_this_checkout(proc.stdout + proc.stderr)
-    return proc
 
 
 def _result(out):

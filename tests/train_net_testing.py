@@ -1,6 +1,10 @@
 """Arguments of tiny tools/train_net.py runs (64x64 images, a few iterations, CPU) shared by the
 tests that train in a subprocess, and the check that such a run imported this checkout's frn_det."""
 import os
+import subprocess
+import sys
+
+import pytest
 
 from frn_det.data.synthetic import SyntheticSpec, generate
 
@@ -26,6 +30,24 @@ def run_opts(out, max_iter=4, prefix="tiny"):
         "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
         "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out),
     ]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def train_net(*args, check=True, env=None):
+    """tools/train_net.py in a subprocess, as users run it (``env``: extra environment variables);
+    with ``check``, a failure fails the test with the tool's output, and the run must have imported
+    this checkout's frn_det."""
+    # One intra-op thread per process: the runs are tiny and the test machine is shared.
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, TRAIN_NET, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train_net failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    if check:
+        assert_this_checkout(proc.stdout + proc.stderr)
+    return proc
 
 
 THIS_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frn_det")

@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from . import synthetic, voc
+from .coco_checks import check_annotations
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +58,6 @@ def load_coco_dataset(json_file, image_root, name):
             f"missing under {image_root}:\n  {shown}{more}"
         )
     return dicts
-
-
-def check_annotations(data, json_file, name):
-    """Annotations must name a category of the file and have a box of positive width and height."""
-    if not isinstance(data, dict):
-        return  # not an instances file: load_coco_json's error says so
-    known = {c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)}
-    anns = [a for a in data.get("annotations") or [] if isinstance(a, dict)]
-    unknown = [a for a in anns if a.get("category_id") not in known]
-    if unknown:
-        a = unknown[0]
-        raise ValueError(f"dataset '{name}': {len(unknown)} annotations in {json_file} name categories that its "
-                         f"'categories' lack (e.g. annotation {a.get('id')}: category_id {a.get('category_id')}; "
-                         f"known ids: {sorted(known)})")
-    empty = [a for a in anns if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4
-             and not (a["bbox"][2] > 0 and a["bbox"][3] > 0)]
-    if empty:
-        a = empty[0]
-        raise ValueError(f"dataset '{name}': {len(empty)} annotations in {json_file} have boxes without positive "
-                         f"width and height (e.g. annotation {a.get('id')}: bbox {a['bbox']}, as [x, y, w, h])")
 
 
 def register_coco_dataset(name, json_file, image_root):

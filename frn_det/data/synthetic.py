@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_write
+
 CLASSES = ("rectangle", "ellipse", "triangle", "ring", "star")
 # Bump when the drawing changes, so that datasets cached on disk are regenerated.
 GENERATOR_VERSION = 3
@@ -305,10 +307,8 @@ def generate_split(spec, root, split, progress=True):
         "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)],
     }
     path = annotation_path(root, split)
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two generating the same root must not share it
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:  # a temporary name of its own: two processes may generate one root
         json.dump(coco, f)
-    os.replace(tmp, path)
     return path
 
 

@@ -1,6 +1,7 @@
 """Command-line conventions of frn-det's training tools: detectron2's argument parser plus
 ``--dataset`` (COCO json) and ``--voc-dataset`` (Pascal VOC folder), the run config, and
-detectron2's launcher with CPU multi-process support."""
+detectron2's launcher with CPU multi-process support and stops on SIGTERM / SIGINT
+(frn_det.engine.preemption)."""
 import logging
 import os
 
@@ -13,6 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset, register_voc_dataset
 from .config import check_processes, load_cfg, load_run_cfg
+from .preemption import run_stoppable
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the frn_det this process runs
 
@@ -77,7 +79,8 @@ def launch(main, args):
     LazyConfig (.py) config files; the batch must split evenly across the processes.
 
     launch() picks NCCL whenever CUDA is visible, so CPU training with several processes (gloo)
-    starts its workers with no visible GPU (the spawned processes inherit the environment).
+    starts its workers with no visible GPU (the spawned processes inherit the environment). A run
+    stopped by SIGTERM / SIGINT exits with 128 + the signal's number (frn_det.engine.preemption).
     """
     world_size = args.num_gpus * args.num_machines
     if args.config_file.endswith(".py"):  # a LazyConfig (tools/lazy_train_net.py)
@@ -94,5 +97,5 @@ def launch(main, args):
         device = cfg.MODEL.DEVICE
     if world_size > 1 and device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    d2_launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-              dist_url=args.dist_url, args=(args,))
+    run_stoppable(d2_launch, main, world_size, args.num_gpus, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

@@ -1,21 +1,24 @@
 """Training and evaluation of LazyConfigs (configs/lazy, detectron2's new_baselines and users' Python
 configs): detectron2's tools/lazyconfig_train_net.py loop, with the FRN-aware optimizer the configs
-name, checkpoints checked against the model, COCO evaluation during and after training, CPU
-multi-process DDP, and the results contract (OUTPUT_DIR/frn_det_result.json)."""
+name, checkpoints checked against the model and written whole, COCO evaluation during and after
+training, CPU multi-process DDP, the yacs Trainer's exact resume and stop on SIGTERM / SIGINT
+(frn_det.engine.preemption), and the results contract (OUTPUT_DIR/frn_det_result.json)."""
 import logging
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from torch import nn
 
+from .. import kill_points
 from ..data import ensure_coco_json
 from ..layers import FilterResponseNorm2d
 from .checkpoint import ShapeCheckingCheckpointer
+from .preemption import StopOnSignal
 from .results import result_record
-from .resumable import EvaluateWhatTheInterruptionSkipped
+from .resumable import EvaluateWhatTheInterruptionSkipped, continue_metrics, event_writers
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ def test(cfg, model):
     """COCO evaluation of ``model`` on cfg.dataloader.test (detectron2's do_test); {} without an evaluator."""
     if "evaluator" not in cfg.dataloader:
         return {}
+    kill_points.reached_nth("evaluation", comm.get_rank())
     for name in dataset_names(cfg.dataloader.test):
         ensure_coco_json(name)  # a Pascal VOC dataset's ground truth, current (frn_det.data.voc)
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
@@ -82,13 +86,16 @@ def train(cfg, resume=False):
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        StopOnSignal(checkpointer),
         eval_hook,
         EvaluateWhatTheInterruptionSkipped(eval_hook, cfg.train.output_dir),
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        hooks.PeriodicWriter(event_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if start_iter:
+        continue_metrics(cfg.train.output_dir, start_iter)
     trainer.train(start_iter, cfg.train.max_iter)
     return model, last.get("results", {})  # EvalHook evaluates after the last iteration too
 

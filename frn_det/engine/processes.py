@@ -5,6 +5,8 @@ import os
 import subprocess
 import time
 
+from ..atomic import atomic_write
+
 STATUS_FILE = "compare_ap_status.json"
 LOG_FILE = "compare_ap_train.log"
 
@@ -54,7 +56,5 @@ def tail_lines(path, n=40):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

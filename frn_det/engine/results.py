@@ -7,7 +7,10 @@ import os
 import detectron2.utils.comm as comm
 from detectron2.engine import DefaultTrainer
 
+from ..atomic import atomic_write
+
 RESULT_FILE = "frn_det_result.json"
+METRICS_FILE = "metrics.json"  # detectron2's JSONWriter
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TASKS = ("bbox", "segm")
 
@@ -19,17 +22,40 @@ def _finite_or_none(v):
 def read_metrics(output_dir):
     """The records detectron2 wrote to OUTPUT_DIR/metrics.json, in file order (a line cut by an
     interruption or still being written is skipped); [] without the file."""
-    records = []
+    return [record for _, record in _metrics_lines(output_dir)]
+
+
+def _metrics_lines(output_dir):
+    """``[(line, record)]`` of OUTPUT_DIR/metrics.json, without the lines that are not JSON records."""
+    lines = []
     try:
-        with open(os.path.join(output_dir, "metrics.json")) as f:
+        with open(os.path.join(output_dir, METRICS_FILE)) as f:
             for line in f:
                 try:
-                    records.append(json.loads(line))
+                    lines.append((line, json.loads(line)))
                 except ValueError:
                     continue
     except FileNotFoundError:
         pass
-    return records
+    return lines
+
+
+def trim_metrics(output_dir, last_iteration):
+    """Drops the records of OUTPUT_DIR/metrics.json after iteration ``last_iteration`` (and lines cut
+    by a kill), so that a run resumed from that iteration's checkpoint does not record the iterations
+    after it twice; the file is rewritten whole (:func:`frn_det.atomic.atomic_write`). Returns the
+    number of lines dropped."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        total = sum(1 for _ in f)
+    kept = [line if line.endswith("\n") else line + "\n" for line, record in _metrics_lines(output_dir)
+            if int(record.get("iteration", -1)) <= last_iteration]
+    if len(kept) < total:
+        with atomic_write(path) as f:
+            f.writelines(kept)
+    return total - len(kept)
 
 
 def read_curves(output_dir, max_iter, ims_per_batch):
@@ -104,7 +130,7 @@ def make_result(cfg, config_file, results, wall_time_s):
 def write_result(output_dir, record):
     """Write OUTPUT_DIR/frn_det_result.json (NaN APs as null); returns its path."""
     path = os.path.join(output_dir, RESULT_FILE)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:  # whole or absent: a kill during the write leaves no torn result
         json.dump(record, f, indent=2)
     logging.getLogger(__name__).info(f"Wrote {path}")
     return path

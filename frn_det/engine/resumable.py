@@ -14,8 +14,12 @@ workers and the model draw from random generators whose state is not checkpointe
   came before;
 - :class:`ReseedEachIteration` seeds the main process's generators from (seed, rank, iteration)
   before every step (Mask R-CNN samples proposals with torch's generator);
+- :class:`GatherLossNormalizers` gives the main process, which alone writes checkpoints, every
+  process's RetinaNet loss normaliser (each process keeps its own running value);
 - :class:`EvaluateWhatTheInterruptionSkipped` runs the evaluation a stop cut short, so the resumed
-  run's learning curve has every point of the uninterrupted run's.
+  run's learning curve has every point of the uninterrupted run's;
+- :func:`continue_metrics` drops what metrics.json recorded after the resumed checkpoint (the
+  iterations that are trained again), through :class:`MetricsWriter`, which opens the file late.
 
 TorchScript functions (detectron2's sigmoid focal loss) run unoptimized for their first calls and
 as an optimized (fused) graph afterwards, with other rounding, so a resumed process would compute
@@ -29,6 +33,7 @@ used and a warning says that a resume will not be exact.
 """
 import itertools
 import logging
+import os
 
 import numpy as np
 import torch
@@ -38,8 +43,10 @@ from detectron2.data.common import DatasetFromList
 from detectron2.engine import EvalHook, HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.file_io import PathManager
 
-from .results import read_curves
+from .results import METRICS_FILE, read_curves, trim_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +111,20 @@ class ReseedEachIteration(HookBase):
         seed_all_rng(derived_seed(self._seed, comm.get_rank(), self.trainer.iter))
 
 
+class GatherLossNormalizers(HookBase):
+    """After each step of a multi-process run, every process's ``model.loss_normalizer`` (RetinaNet's
+    running number of foreground anchors, a plain attribute that each process updates from its own
+    images; set at its first forward) in ``by_rank``, for the main process's checkpoint. Register it
+    before the checkpointers."""
+
+    def __init__(self, model):
+        self._model, self.by_rank = model, None
+
+    def after_step(self):
+        if comm.get_world_size() > 1 and hasattr(self._model, "loss_normalizer"):
+            self.by_rank = [float(v) for v in comm.all_gather(float(self._model.loss_normalizer))]
+
+
 class EvaluateWhatTheInterruptionSkipped(HookBase):
     """Before training on, evaluates a resumed checkpoint whose due evaluation is not in metrics.json.
 
@@ -129,6 +150,42 @@ class EvaluateWhatTheInterruptionSkipped(HookBase):
         self.trainer.storage.iter = done - 1  # where EvalHook records the evaluation after iteration `done`
         self._eval_hook._do_eval()
         self.trainer.storage.iter = done
+
+
+class MetricsWriter(JSONWriter):
+    """detectron2's JSONWriter of OUTPUT_DIR/metrics.json, but the file is opened at the first write,
+    not when the writer is built: the trainer builds its writers before it loads the checkpoint to
+    resume from, and :func:`continue_metrics` replaces the file in between."""
+
+    def __init__(self, json_file, window_size=20):  # JSONWriter's, without opening the file
+        self._json_file, self._window_size, self._last_write = json_file, window_size, -1
+        self._file_handle = None
+
+    def write(self):
+        if self._file_handle is None:
+            self._file_handle = PathManager.open(self._json_file, "a")
+        super().write()
+
+    def close(self):
+        if self._file_handle is not None:
+            super().close()
+
+
+def event_writers(output_dir, max_iter=None):
+    """detectron2's ``default_writers`` with :class:`MetricsWriter` for metrics.json."""
+    PathManager.mkdirs(output_dir)
+    return [CommonMetricPrinter(max_iter), MetricsWriter(os.path.join(output_dir, METRICS_FILE)),
+            TensorboardXWriter(output_dir)]
+
+
+def continue_metrics(output_dir, start_iter):
+    """On the main process of a resumed run: metrics.json without the records after iteration
+    ``start_iter - 1`` (the checkpoint's), which the run trains again."""
+    if comm.is_main_process():
+        dropped = trim_metrics(output_dir, start_iter - 1)
+        if dropped:
+            logger.info(f"Dropped {dropped} lines of {os.path.join(output_dir, METRICS_FILE)} written after iteration "
+                        f"{start_iter - 1}, the checkpoint's: they are trained again")
 
 
 def make_torchscript_repeatable():

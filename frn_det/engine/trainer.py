@@ -1,6 +1,7 @@
 """The trainer of frn-det runs: detectron2's DefaultTrainer with the FRN-aware optimizer, COCO
-evaluation, multi-process DDP on CPU, exact resume, checkpoints checked against the model, and the
-data checked before the first iteration (frn_det.data.validation)."""
+evaluation, multi-process DDP on CPU, exact resume, checkpoints checked against the model and
+written whole (frn_det.engine.checkpoint), a checkpoint and a clean exit on SIGTERM / SIGINT
+(frn_det.engine.preemption), and the data checked before the first iteration (frn_det.data.validation)."""
 import contextlib
 import functools
 import os
@@ -13,14 +14,19 @@ from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import DefaultTrainer, EvalHook, PeriodicCheckpointer, defaults
 from detectron2.evaluation import COCOEvaluator
 
+from .. import kill_points
 from ..data import ensure_coco_json
 from ..data.validation import NameImageErrors, check_data
 from ..modeling import build_optimizer
 from .checkpoint import ShapeCheckingCheckpointer
+from .preemption import StopOnSignal
 from .resumable import (
     EvaluateWhatTheInterruptionSkipped,
+    GatherLossNormalizers,
     ReseedEachIteration,
     build_resumable_train_loader,
+    continue_metrics,
+    event_writers,
     is_resumable,
     make_torchscript_repeatable,
 )
@@ -41,8 +47,9 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with FRN/TLU parameters counted as norm parameters (SOLVER.WEIGHT_DECAY_NORM, as
     BN and GN get), COCO evaluation of boxes (and masks), CPU multi-process training, a resume that
     continues the data stream and random state exactly where the checkpoint left them and evaluates
-    first when the stop cut an evaluation short (frn_det.engine.resumable), and checkpoints that must
-    fit the model (ShapeCheckingCheckpointer)."""
+    first when the stop cut an evaluation short (frn_det.engine.resumable), checkpoints that must
+    fit the model and cannot tear (ShapeCheckingCheckpointer), and stops on SIGTERM / SIGINT with a
+    checkpoint (StopOnSignal)."""
 
     def __init__(self, cfg):
         if is_resumable(cfg):
@@ -50,8 +57,8 @@ class Trainer(DefaultTrainer):
         with _cpu_ddp(cfg):
             super().__init__(cfg)
         self.checkpointer = ShapeCheckingCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        for hook in self._hooks:
-            if isinstance(hook, PeriodicCheckpointer):
+        for hook in self._hooks:  # built by DefaultTrainer.__init__ with its checkpointer
+            if isinstance(hook, (PeriodicCheckpointer, StopOnSignal)):
                 hook.checkpointer = self.checkpointer
 
     @classmethod
@@ -91,9 +98,16 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        after_eval = next(i for i, h in enumerate(hooks) if isinstance(h, EvalHook)) + 1
-        hooks.insert(after_eval, EvaluateWhatTheInterruptionSkipped(hooks[after_eval - 1], self.cfg.OUTPUT_DIR))
+        at_eval = next(i for i, h in enumerate(hooks) if isinstance(h, EvalHook))
+        hooks.insert(at_eval + 1, EvaluateWhatTheInterruptionSkipped(hooks[at_eval], self.cfg.OUTPUT_DIR))
+        hooks.insert(at_eval, StopOnSignal(self.checkpointer))  # after the periodic checkpoint, before evaluating
+        self._normalizers = GatherLossNormalizers(self._model())  # before the checkpointers
+        hooks.insert(next(i for i, h in enumerate(hooks) if isinstance(h, (PeriodicCheckpointer, StopOnSignal))),
+                     self._normalizers)
         return [ReseedEachIteration(self.cfg.SEED)] + hooks if is_resumable(self.cfg) else hooks
+
+    def build_writers(self):
+        return event_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
     def _model(self):
         model = self._trainer.model
@@ -103,20 +117,32 @@ class Trainer(DefaultTrainer):
         state = super().state_dict()
         # RetinaNet's running number of foreground anchors normalises its losses and is a plain
         # attribute, not a buffer: without it here a resumed run restarts it at its initial value.
+        # Each process has its own ("loss_normalizer" is the main process's, as before).
         if hasattr(self._model(), "loss_normalizer"):
             state["loss_normalizer"] = float(self._model().loss_normalizer)
+            if self._normalizers.by_rank:
+                state["loss_normalizer_by_rank"] = self._normalizers.by_rank
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if "loss_normalizer" in state:
-            self._model().loss_normalizer = state["loss_normalizer"]
+            by_rank = state.get("loss_normalizer_by_rank")
+            mine = by_rank[comm.get_rank()] if by_rank and len(by_rank) == comm.get_world_size() else None
+            self._model().loss_normalizer = state["loss_normalizer"] if mine is None else mine
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume)
+        if self.start_iter:
+            continue_metrics(self.cfg.OUTPUT_DIR, self.start_iter)
         sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
         if sampler is not None:  # continue the data stream after the images the checkpoint has seen
             sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        kill_points.reached_nth("evaluation", comm.get_rank())
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
