@@ -27,6 +27,18 @@ def make_inputs(shape, dtype=torch.float64, tlu=True, learned_eps=False, channel
     return out
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op threads set to ``n`` within the block: the CPU kernels' paths depend on it
+    (torch.ops.frn_det._cpu_plan says which one runs), and make test gives each worker one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_with_grads(fn, x, weight, bias, tau, eps_l, grad_out, eps=1e-6):
     """Output and gradients of every tensor argument (None where the argument is None)."""
     out = fn(x, weight, bias, tau, eps, eps_l)

@@ -43,8 +43,8 @@ import torch
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
 from kernel_paths import CUDA_PATHS, RESIDENT_PATHS, RESIDENT_PLANS_SM90, kernel_setting
-from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, opcheck_all,
-                         run_with_grads)
+from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, num_threads,
+                         opcheck_all, run_with_grads)
 
 from frn_det.layers import filter_response_norm as frn_module
 
@@ -55,7 +55,8 @@ pytestmark = pytest.mark.skipif(not ops.is_available() and os.environ.get("FRN_D
 
 # ---- float64 correctness ---------------------------------------------------------------------
 
-# (1, 1, 90, 90): fewer planes than threads, so NCHW planes are split into chunks across threads;
+# (1, 1, 90, 90): one plane of 2 chunks (split across threads where there are 2+: make test gives a
+# worker one, so test_split_plane_path_matches_reference pins 4);
 # (2, 8, 70, 70): channels_last samples above the one-task-per-sample size, split into row blocks.
 # (2, 3, 0, 4): empty planes (no output, every gradient 0); (2, 0, 3, 3): no channels.
 SHAPES = [(2, 3, 5, 7), (2, 4, 33, 41), (1, 1, 90, 90), (2, 8, 70, 70), (3, 4, 1, 1), (1, 5, 1, 9), (2, 3, 0, 4),
@@ -269,22 +270,41 @@ def test_batch_independence(channels_last):
     torch.testing.assert_close(x0.grad[0], results[0][1], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 90, 90), (1, 2, 100, 90)])
+@pytest.mark.parametrize("tlu,learned_eps", [(True, False), (False, True)])
+def test_split_plane_path_matches_reference(shape, tlu, learned_eps):
+    """The NCHW split path (fewer planes than threads: 4 threads pinned, whatever make test gives a
+    worker), forward and every gradient, against the float64 reference."""
+    args = make_inputs(shape, tlu=tlu, learned_eps=learned_eps)
+    with num_threads(4):
+        assert torch.ops.frn_det._cpu_plan(args[0]) == "split"
+        assert_matches_reference(*args, atol=1e-10, rtol=1e-10)
+
+
 def test_results_do_not_depend_on_thread_count():
-    # Large planes take the split-plane path on 2+ threads; sums run over fixed chunks either way.
+    # The fused path at 1 thread and the split path at 4: sums run over fixed chunks either way.
     x, w, b, t, _ = make_inputs((1, 2, 100, 90), dtype=torch.float32, requires_grad=False)
     g = torch.randn(x.shape)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
+    for n, path in ((1, "planes"), (4, "split")):
+        with num_threads(n):
+            assert torch.ops.frn_det._cpu_plan(x) == path
             out, rstd = torch.ops.frn_det.frn(x, w, b, t, 1e-6, None)
             grads = torch.ops.frn_det.frn_backward(g, x, w, b, t, rstd, None, True)
             results.append((out, rstd) + tuple(grads[:4]))
-    finally:
-        torch.set_num_threads(threads)
     for a, b_ in zip(*results):
         torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+def test_cpu_plan_names_the_path_of_each_layout():
+    with num_threads(4):
+        assert torch.ops.frn_det._cpu_plan(torch.zeros(8, 4, 90, 90)) == "planes"  # planes >= threads
+        assert torch.ops.frn_det._cpu_plan(torch.zeros(1, 2, 8, 8)) == "planes"  # one chunk a plane
+        cl = torch.zeros(2, 8, 70, 70).contiguous(memory_format=torch.channels_last)
+        assert torch.ops.frn_det._cpu_plan(cl) == "rows"
+        assert torch.ops.frn_det._cpu_plan(cl[:, :2, :10, :10].contiguous(memory_format=torch.channels_last)) == "samples"
+    with pytest.raises(ValueError, match="_cpu_plan: x must be 4D"):
+        torch.ops.frn_det._cpu_plan(torch.zeros(2, 3))
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),

@@ -92,9 +92,9 @@ def test_bad_group_counts_and_the_op_are_refused():
     for bad in (4, 0, -2, 2.0, True):
         with pytest.raises(ValueError, match="num_groups must be a positive divisor of the 6 channels"):
             frn_reference(x, w, b, t, num_groups=bad)
-    with pytest.raises(ValueError, match="fused FRN op computes the paper's"):
-        frn(x, w, b, t, impl="op", centered=True)
-    with pytest.raises(ValueError, match="fused FRN op computes the paper's"):
+    with pytest.raises(ValueError, match="num_groups runs in the reference"):
+        frn(x, w, b, t, impl="op", num_groups=3, centered=True)
+    with pytest.raises(ValueError, match="num_groups runs in the reference"):
         FilterResponseNorm2d(6, impl="op", num_groups=3)
 
 
@@ -145,8 +145,9 @@ def test_config_errors_name_the_key():
         FRNOptions(num_groups=-1)
     with pytest.raises(ValueError, match="MODEL.FRN.CENTERED must be True or False"):
         FRNOptions(centered="yes")
-    with pytest.raises(ValueError, match="MODEL.FRN.IMPL 'op' computes the paper's FRN only"):
-        FRNOptions(impl="op", centered=True)
+    with pytest.raises(ValueError, match="MODEL.FRN.NUM_GROUPS runs in the reference"):
+        FRNOptions(impl="op", num_groups=32, centered=True)
+    FRNOptions(impl="op", centered=True)  # per channel: the fused centred op
 
 
 @pytest.mark.parametrize("norm", ["FRN", "GN", "BN"])

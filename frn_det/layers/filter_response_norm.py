@@ -15,9 +15,16 @@ without them the function is the paper's FRN:
   ``y = weight * (x - mu) / sqrt(var + eps_eff) + bias`` with the biased variance, as GroupNorm
   (G groups) and InstanceNorm (per channel) do; the TLU follows as placed.
 
-The fused op computes the paper's FRN only; the variants run in the reference implementation,
-where a centred variant with a fixed eps takes its statistics from torch's GroupNorm kernel (C
-groups: per channel), as fast as GroupNorm itself, and with a learned eps from plain ops.
+The fused ops compute the paper's FRN (``torch.ops.frn_det.frn``, CPU and CUDA) and the per-channel
+centred variant (``torch.ops.frn_det.frn_centered``, CPU kernels only: on CUDA ``auto`` runs the
+reference, and ``op`` raises NotImplementedError). Grouped variants run in the reference
+implementation, where a centred variant with a fixed eps takes its statistics from torch's GroupNorm
+kernel, as fast as GroupNorm itself, and with a learned eps from plain ops. Under ONNX export and
+torch.export the centred variant records the reference's operators (the paper's op records itself
+and exports through onnx_export's translations); a torch.jit.trace records either op.
+
+A 1x1 plane (or any constant plane) has variance 0 in the centred variant: its output is exactly
+``bias`` before the TLU (given eps + |eps_l| > 0), on both implementations.
 
 Gradient tie rule: where ``y == tau`` the TLU passes the gradient to ``y`` (the paper's
 convention), never to ``tau``. A NaN ``y`` stays NaN through the TLU (as through torch.maximum and
@@ -25,7 +32,7 @@ ReLU), forward and backward, in both implementations.
 
 Two implementations compute the same function:
 
-* ``"op"``: the fused custom op ``torch.ops.frn_det.frn`` (C++ CPU and CUDA kernels, fp32
+* ``"op"``: the fused custom ops ``torch.ops.frn_det.frn`` / ``frn_centered`` (C++ kernels, fp32
   accumulation for fp16/bf16 inputs), see ``frn_det/layers/ops.py``;
 * ``"reference"``: plain PyTorch, used by the tests and benchmarks as ground truth, and the
   implementation of the variants.
@@ -143,19 +150,59 @@ def _frn_fused(x, weight, bias, tau, eps, eps_l):
     return torch.ops.frn_det.frn.default(x, weight, bias, tau, float(eps), eps_l)[0]
 
 
+def _frn_centered_fused(x, weight, bias, tau, eps, eps_l):
+    return torch.ops.frn_det.frn_centered.default(x, weight, bias, tau, float(eps), eps_l)[0]
+
+
 _IMPL_FUNCTIONS = {"op": _frn_fused, "reference": frn_reference}
+
+# The devices with kernels of the centred op (frn_centered); elsewhere "auto" runs the reference.
+CENTERED_OP_DEVICES = ("cpu",)
+
+
+def _centered_op_missing(device_type: str) -> str:
+    return (f"the fused centred op (frn_centered) has no {device_type} kernels yet (CPU only); run the centred "
+            f"variant with impl 'reference' or 'auto' on {device_type}")
+
+
+def _exporting() -> bool:
+    """Under ONNX export (either exporter) or torch.export, not under torch.compile: the centred
+    variant then records the reference's operators, which every exporter translates. (A
+    torch.jit.trace records the op, as the paper's op is recorded: the trace runs what eager runs.)"""
+    if torch.compiler.is_exporting():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.onnx.is_in_onnx_export()
 
 
 def _resolve_for(impl: Optional[str], num_groups: Optional[int], centered: bool) -> str:
-    """The implementation that computes FRN with these options: the op serves the paper's FRN only."""
-    if num_groups is None and not centered:
+    """The implementation that computes FRN with these options: the op serves the paper's FRN and
+    the per-channel centred variant (on the CPU: see _centered_impl); grouped variants run the reference."""
+    if num_groups is None:
         return resolve_impl(impl)
     name = (impl or os.environ.get("FRN_DET_IMPL", "auto")).lower()
     if name == "op":
-        raise ValueError("the fused FRN op computes the paper's per-channel, uncentred statistics; "
-                         "num_groups / centered run in the reference implementation (impl 'reference' or 'auto')")
+        raise ValueError("the fused FRN ops compute the paper's per-channel statistics and their centred variant; "
+                         "num_groups runs in the reference implementation (impl 'reference' or 'auto')")
     resolve_impl(name)  # rejects unknown names
     return "reference"
+
+
+def _centered_impl(resolved: str, explicit_op: bool, x) -> str:
+    """Where a per-channel centred call resolved to ``resolved`` runs for this ``x``: the op on a
+    device with its kernels, else the reference ("auto") or NotImplementedError (impl "op")."""
+    if resolved != "op":
+        return resolved
+    if x.device.type not in CENTERED_OP_DEVICES:
+        if explicit_op:
+            raise NotImplementedError(_centered_op_missing(x.device.type))
+        return "reference"
+    return "reference" if _exporting() else "op"
+
+
+def _requested(impl: Optional[str]) -> str:
+    return (impl or os.environ.get("FRN_DET_IMPL", "auto")).lower()
 
 
 def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional[str] = None,
@@ -172,7 +219,9 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
         num_groups: None (the paper's FRN: one statistic per sample and channel) or G, a divisor of
             C: one statistic per sample and group of C/G channels (a variant; reference only).
         centered: subtract the mean of each plane (or group) and divide by its standard deviation
-            (a variant; reference only). ``num_groups=G, centered=True`` is GroupNorm followed by TLU.
+            (a variant). Per channel it runs the fused op on the CPU ("op" or "auto"; on CUDA "auto"
+            runs the reference and "op" raises NotImplementedError); ``num_groups=G, centered=True``
+            is GroupNorm followed by TLU (reference).
 
     Returns:
         Tensor with the input's shape, dtype and memory format. Statistics accumulate in fp32
@@ -182,9 +231,13 @@ def frn(x, weight, bias, tau=None, eps: float = 1e-6, eps_l=None, impl: Optional
     activations, as under autocast): the output takes x's dtype, each gradient its tensor's dtype.
     Bad arguments raise ValueError (shapes, devices, values) or TypeError (dtypes).
     """
-    impl = _resolve_for(impl, num_groups, centered)
+    resolved = _resolve_for(impl, num_groups, centered)
+    if centered and num_groups is None:
+        if _centered_impl(resolved, _requested(impl) == "op", x) == "op":
+            return _frn_centered_fused(x, weight, bias, tau, eps, eps_l)
+        return frn_reference(x, weight, bias, tau, eps, eps_l, None, True)
     variant = (num_groups, centered) if num_groups is not None or centered else ()
-    return _IMPL_FUNCTIONS[impl](x, weight, bias, tau, eps, eps_l, *variant)
+    return _IMPL_FUNCTIONS[resolved](x, weight, bias, tau, eps, eps_l, *variant)
 
 
 class FilterResponseNorm2d(nn.Module):
@@ -198,8 +251,11 @@ class FilterResponseNorm2d(nn.Module):
         tlu: fuse the TLU ``max(y, tau)``; when False the module is FRN alone and ``tau`` is None.
         impl: "op", "reference" or "auto"; None reads ``FRN_DET_IMPL``. Resolved here, once, to
             "op" or "reference" (shown in the repr).
-        num_groups, centered: the variants of :func:`frn` (default: the paper's FRN); a layer with
-            either resolves "auto" to "reference".
+        num_groups, centered: the variants of :func:`frn` (default: the paper's FRN). A grouped
+            layer resolves "auto" to "reference"; a per-channel centred one to "op" where the op is
+            built, which runs the fused centred op on CPU inputs and, with "auto", the reference on
+            others (with "op" they raise NotImplementedError), and records the reference's
+            operators under ONNX export and torch.export.
 
     Parameters: ``weight`` (gamma, init 1), ``bias`` (beta, init 0), ``tau`` (init 0) and ``eps_l``.
     :meth:`add_tlu` and :meth:`add_learned_eps` add the last two in place after construction.
@@ -219,6 +275,9 @@ class FilterResponseNorm2d(nn.Module):
         self.num_groups = _check_variant(num_features, num_groups)  # 0: per channel (TorchScript needs an int)
         self.centered = bool(centered)
         self.impl = _resolve_for(impl, num_groups, centered)
+        # A centred op layer on a device without the centred op's kernels: the reference ("auto")
+        # or an error (impl "op").
+        self.strict_op = _requested(impl) == "op"
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_features, **factory))
         self.tau = nn.Parameter(torch.empty(num_features, **factory)) if tlu else None
@@ -251,7 +310,16 @@ class FilterResponseNorm2d(nn.Module):
         if not torch.jit.is_scripting():
             self._check_input(x)
         if self.impl == "op":
-            return torch.ops.frn_det.frn(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
+            if not self.centered:
+                return torch.ops.frn_det.frn(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
+            if torch.jit.is_scripting():
+                if x.device.type == "cpu":
+                    return torch.ops.frn_det.frn_centered(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
+                if self.strict_op:
+                    raise NotImplementedError("the fused centred op (frn_centered) has CPU kernels only; "
+                                              "run the centred variant with impl 'reference' or 'auto' elsewhere")
+            elif _centered_impl("op", self.strict_op, x) == "op":
+                return torch.ops.frn_det.frn_centered(x, self.weight, self.bias, self.tau, self.eps, self.eps_l)[0]
         return _frn_math(x, self.weight, self.bias, self.tau, self.eps, self.eps_l, self.num_groups, self.centered)
 
     @torch.jit.unused

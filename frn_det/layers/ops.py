@@ -8,6 +8,12 @@ The C++ library (``frn_det/layers/csrc``) defines two ops:
 * ``frn_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input)
   -> (grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l)``; grad_x is an empty (0,) tensor
   unless ``grad_input``, grad_tau / grad_eps_l are empty (0,) tensors when tau / eps_l are None.
+* ``frn_centered(x, weight, bias, tau, eps, eps_l) -> (out, mean, rstd)``: FRN's centred variant
+  (InstanceNorm + affine + TLU): ``mean`` per (sample, channel), (N, C) float64 for every dtype,
+  ``rstd`` = 1 / sqrt(mean_hw((x - mean)^2) + eps + |eps_l|) as frn's. CPU kernels only: on CUDA
+  tensors it raises NotImplementedError. A 1x1 (or constant) plane's output is exactly ``bias``.
+* ``frn_centered_backward(grad_out, x, weight, bias, tau, mean, rstd, eps_l, grad_input)``: its
+  gradients, with frn_backward's conventions.
 
 Parameters may have another floating dtype than x (fp32 parameters with fp16/bf16 activations, as
 under autocast): the kernels read them in the accumulation dtype, the output takes x's dtype and
@@ -20,7 +26,7 @@ import contextlib
 
 import torch
 
-from .validation import accumulation_dtype, check_frn_args, check_frn_backward_args
+from .validation import CENTERED_MEAN_DTYPE, accumulation_dtype, check_frn_args, check_frn_backward_args
 
 try:
     from frn_det import _C  # noqa: F401  (loading registers the torch.ops.frn_det kernels)
@@ -28,10 +34,12 @@ try:
     _LOAD_ERROR = None
 except ImportError as e:  # the pure-PyTorch reference still works without the extension
     _LOAD_ERROR = e
-    # The schema alone (no kernel), so that TorchScript can compile FilterResponseNorm2d.forward,
-    # whose op branch a reference layer never takes.
+    # The schemas alone (no kernel), so that TorchScript can compile FilterResponseNorm2d.forward,
+    # whose op branches a reference layer never takes.
     torch.library.define("frn_det::frn", "(Tensor x, Tensor weight, Tensor bias, Tensor? tau, float eps, "
                          "Tensor? eps_l) -> (Tensor out, Tensor rstd)")
+    torch.library.define("frn_det::frn_centered", "(Tensor x, Tensor weight, Tensor bias, Tensor? tau, float eps, "
+                         "Tensor? eps_l) -> (Tensor out, Tensor mean, Tensor rstd)")
 
 
 def is_available() -> bool:
@@ -74,9 +82,7 @@ if is_available():
         rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=accumulation_dtype(x.dtype))
         return out, rstd
 
-    @torch.library.register_fake("frn_det::frn_backward")
-    def _frn_backward_fake(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input):
-        check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l)
+    def _grads_fake(x, weight, bias, tau, eps_l, grad_input):
         acc = accumulation_dtype(x.dtype)
         grad_x = (torch.empty_like(x, memory_format=_kernel_memory_format(x)) if grad_input
                   else x.new_empty((0,)))
@@ -88,3 +94,20 @@ if is_available():
                       else x.new_empty((0,), dtype=acc))
         return grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l
 
+    @torch.library.register_fake("frn_det::frn_backward")
+    def _frn_backward_fake(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input):
+        check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l)
+        return _grads_fake(x, weight, bias, tau, eps_l, grad_input)
+
+    @torch.library.register_fake("frn_det::frn_centered")
+    def _frn_centered_fake(x, weight, bias, tau, eps, eps_l):
+        check_frn_args(x, weight, bias, tau, eps, eps_l)
+        out = torch.empty_like(x, memory_format=_kernel_memory_format(x))
+        mean = x.new_empty((x.shape[0], x.shape[1]), dtype=CENTERED_MEAN_DTYPE)
+        rstd = x.new_empty((x.shape[0], x.shape[1]), dtype=accumulation_dtype(x.dtype))
+        return out, mean, rstd
+
+    @torch.library.register_fake("frn_det::frn_centered_backward")
+    def _frn_centered_backward_fake(grad_out, x, weight, bias, tau, mean, rstd, eps_l, grad_input):
+        check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l, mean=mean)
+        return _grads_fake(x, weight, bias, tau, eps_l, grad_input)

@@ -11,6 +11,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
+# The centred op's per-plane mean (frn_centered): float64 for every input dtype (csrc/frn.h, centred_mean_type).
+CENTERED_MEAN_DTYPE = torch.float64
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics accumulate in fp64 for fp64 input, fp32 otherwise (fp16 x^2 overflows at |x| >= 256)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -46,16 +50,21 @@ def check_frn_args(x, weight, bias, tau=None, eps=0.0, eps_l=None) -> None:
     torch._check_value(eps >= 0, lambda: f"frn: eps must be >= 0, got {eps}")
 
 
-def check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l) -> None:
-    """``check_frn_args`` plus the backward's own inputs (grad_out like x, rstd (N, C) in the accumulation dtype)."""
+def check_frn_backward_args(grad_out, x, weight, bias, tau, rstd, eps_l, mean=None) -> None:
+    """``check_frn_args`` plus the backward's own inputs (grad_out like x, rstd (N, C) in the accumulation
+    dtype; for frn_centered_backward, ``mean`` (N, C) float64, and the messages name that op)."""
+    op = "frn_backward" if mean is None else "frn_centered_backward"
     check_frn_args(x, weight, bias, tau, 0.0, eps_l)
     torch._check_value(grad_out.shape == x.shape,
-                       lambda: f"frn_backward: grad_out has shape {tuple(grad_out.shape)} but x has shape {tuple(x.shape)}")
-    torch._check_type(grad_out.dtype == x.dtype, lambda: f"frn_backward: grad_out is {grad_out.dtype} but x is {x.dtype}")
+                       lambda: f"{op}: grad_out has shape {tuple(grad_out.shape)} but x has shape {tuple(x.shape)}")
+    torch._check_type(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out is {grad_out.dtype} but x is {x.dtype}")
     _check_device("grad_out", grad_out, x)
-    torch._check_value(
-        rstd.dim() == 2 and rstd.shape[0] == x.shape[0] and rstd.shape[1] == x.shape[1],
-        lambda: f"frn_backward: rstd must have shape (N, C) = ({x.shape[0]}, {x.shape[1]}), got {tuple(rstd.shape)}")
-    acc = accumulation_dtype(x.dtype)
-    torch._check_type(rstd.dtype == acc, lambda: f"frn_backward: rstd must be {acc} for {x.dtype} input, got {rstd.dtype}")
-    _check_device("rstd", rstd, x)
+    stats = [("rstd", rstd, accumulation_dtype(x.dtype))]
+    if mean is not None:
+        stats.insert(0, ("mean", mean, CENTERED_MEAN_DTYPE))
+    for name, t, dtype in stats:
+        torch._check_value(
+            t.dim() == 2 and t.shape[0] == x.shape[0] and t.shape[1] == x.shape[1],
+            lambda: f"{op}: {name} must have shape (N, C) = ({x.shape[0]}, {x.shape[1]}), got {tuple(t.shape)}")
+        torch._check_type(t.dtype == dtype, lambda: f"{op}: {name} must be {dtype} for {x.dtype} input, got {t.dtype}")
+        _check_device(name, t, x)

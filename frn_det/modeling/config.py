@@ -42,8 +42,10 @@ def add_frn_config(cfg):
     # "auto" (the environment variable FRN_DET_IMPL if set, else the op when frn_det._C is built,
     # else the reference). Resolved once per layer, when the model is built.
     cfg.MODEL.FRN.IMPL = "auto"
-    # Variants (docs/results.md, "Why FRN trails GN"); the defaults are the paper's FRN. Either one
-    # runs FRN in the reference implementation ("op" is rejected, "auto" picks the reference).
+    # Variants (docs/results.md, "Why FRN trails GN"); the defaults are the paper's FRN. NUM_GROUPS > 0
+    # runs FRN in the reference implementation ("op" is rejected, "auto" picks the reference);
+    # CENTERED with NUM_GROUPS 0 runs the fused centred op on CPU inputs ("op" or "auto"; on CUDA,
+    # which has no centred kernels yet, "auto" runs the reference and "op" raises NotImplementedError).
     # NUM_GROUPS: 0 = one statistic per sample and channel (FRN); G > 0 = pooled over G groups of
     #             C/G channels, as GroupNorm (32 is GN's); G must divide every FRN layer's channels.
     cfg.MODEL.FRN.NUM_GROUPS = 0
@@ -103,9 +105,9 @@ class FRNOptions:
             raise ValueError(f"MODEL.FRN.NUM_GROUPS must be 0 (per channel) or a positive group count, got {self.num_groups!r}")
         if not isinstance(self.centered, bool):
             raise ValueError(f"MODEL.FRN.CENTERED must be True or False, got {self.centered!r}")
-        if self.impl == "op" and self.is_variant:
-            raise ValueError("MODEL.FRN.IMPL 'op' computes the paper's FRN only; MODEL.FRN.NUM_GROUPS / CENTERED "
-                             "run in the reference implementation (IMPL 'reference' or 'auto')")
+        if self.impl == "op" and self.num_groups != 0:
+            raise ValueError("MODEL.FRN.IMPL 'op' computes per-channel statistics (the paper's FRN and CENTERED); "
+                             "MODEL.FRN.NUM_GROUPS runs in the reference implementation (IMPL 'reference' or 'auto')")
 
     @property
     def is_variant(self) -> bool:

@@ -96,6 +96,30 @@ BackwardOut frn_backward_without_kernels(const at::Tensor& grad_out, const at::T
   no_kernels_for(prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input).x);
 }
 
+// The centred variant has CPU kernels only so far: on CUDA tensors it says so (NotImplementedError).
+[[noreturn]] void no_centered_kernels_for(const at::Tensor& x) {
+  if (x.device().type() == c10::DeviceType::CUDA) {
+    C10_THROW_ERROR(NotImplementedError,
+                    "frn_centered: the centred variant has CPU kernels only (no CUDA kernels yet); run it with "
+                    "impl='reference' (or 'auto') on CUDA tensors");
+  }
+  no_kernels_for(x);
+}
+
+CenteredForwardOut frn_centered_without_kernels(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                                const std::optional<at::Tensor>& tau, double eps,
+                                                const std::optional<at::Tensor>& eps_l) {
+  no_centered_kernels_for(prepare_forward(x, weight, bias, tau, eps, eps_l).x);
+}
+
+BackwardOut frn_centered_backward_without_kernels(const at::Tensor& grad_out, const at::Tensor& x,
+                                                  const at::Tensor& weight, const at::Tensor& bias,
+                                                  const std::optional<at::Tensor>& tau, const at::Tensor& mean,
+                                                  const at::Tensor& rstd, const std::optional<at::Tensor>& eps_l,
+                                                  bool grad_input) {
+  no_centered_kernels_for(prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input, &mean).x);
+}
+
 void set_test_limits(int64_t max_grid, bool force_int64) {
   TORCH_CHECK_VALUE(max_grid >= 0, "_set_test_limits: max_grid must be >= 0 (0: no limit), got ", max_grid);
   test_limits() = TestLimits{max_grid, force_int64};
@@ -162,22 +186,30 @@ FrnArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, const at:
 
 FrnArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                          const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
-                         const std::optional<at::Tensor>& eps_l, bool grad_input) {
+                         const std::optional<at::Tensor>& eps_l, bool grad_input, const at::Tensor* mean) {
+  const char* op = mean != nullptr ? "frn_centered_backward" : "frn_backward";
   FrnArgs a = prepare_forward(x, weight, bias, tau, 0.0, eps_l);
   TORCH_CHECK_VALUE(
-      grad_out.sizes() == x.sizes(), "frn_backward: grad_out has shape ", grad_out.sizes(),
+      grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
       " but x has shape ", x.sizes());
   TORCH_CHECK_TYPE(
-      grad_out.scalar_type() == x.scalar_type(), "frn_backward: grad_out is ", grad_out.scalar_type(),
+      grad_out.scalar_type() == x.scalar_type(), op, ": grad_out is ", grad_out.scalar_type(),
       " but x is ", x.scalar_type());
   check_device("grad_out", grad_out, x);
-  TORCH_CHECK_VALUE(
-      rstd.dim() == 2 && rstd.size(0) == x.size(0) && rstd.size(1) == x.size(1),
-      "frn_backward: rstd must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", rstd.sizes());
-  TORCH_CHECK_TYPE(
-      rstd.scalar_type() == a.acc, "frn_backward: rstd must be ", a.acc, " for ", x.scalar_type(),
-      " input, got ", rstd.scalar_type());
-  check_device("rstd", rstd, x);
+  auto check_stat = [&](const char* name, const at::Tensor& t, at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(
+        t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1),
+        op, ": ", name, " must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", t.sizes());
+    TORCH_CHECK_TYPE(
+        t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " for ", x.scalar_type(),
+        " input, got ", t.scalar_type());
+    check_device(name, t, x);
+  };
+  if (mean != nullptr) {
+    check_stat("mean", *mean, centred_mean_type);
+    a.mean = mean->contiguous();
+  }
+  check_stat("rstd", rstd, a.acc);
   a.grad_out = to_layout(grad_out, a.layout);
   a.rstd = rstd.contiguous();
   a.grad_input = grad_input;
@@ -216,6 +248,19 @@ TORCH_LIBRARY(frn_det, m) {
       "frn_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? tau, Tensor rstd, "
       "Tensor? eps_l, bool grad_input) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_tau, Tensor grad_eps_l)");
+  // The centred variant (InstanceNorm + affine + TLU, FRN's centred variant): per plane
+  // mean m = mean_hw(x), rstd = 1 / sqrt(mean_hw((x - m)^2) + eps + |eps_l|),
+  // out = TLU((x - m) * rstd * weight + bias). mean is (N, C) float64 for every dtype (frn.h,
+  // centred_mean_type), rstd (N, C) fp32 (fp64 for fp64 x). A 1x1 plane has variance 0: its output
+  // is exactly bias (before the TLU) whenever eps + |eps_l| > 0, as is a constant plane's.
+  m.def(
+      "frn_centered(Tensor x, Tensor weight, Tensor bias, Tensor? tau, float eps, Tensor? eps_l) "
+      "-> (Tensor out, Tensor mean, Tensor rstd)");
+  // Gradients of frn_centered, with frn_backward's conventions for grad_input and absent tau / eps_l.
+  m.def(
+      "frn_centered_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? tau, Tensor mean, "
+      "Tensor rstd, Tensor? eps_l, bool grad_input) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_tau, Tensor grad_eps_l)");
 }
 
 // For the tests only: see TestLimits in frn.h. Not part of the op's API.
@@ -227,6 +272,9 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   // "warp", "block", "split", "span:G" (G planes per block) or "resident:K" (K blocks per plane).
   // Resident planes for which no cluster fits at launch (MPS or MIG limits) run the split path.
   m.def("_cuda_plan(Tensor x, bool backward) -> str");
+  // Which path the CPU kernels of frn and frn_centered take for x at the current thread count:
+  // "planes" or "split" (NCHW), "samples" or "rows" (channels_last); cpu/cpu_common.h has the rule.
+  m.def("_cpu_plan(Tensor x) -> str");
 }
 
 // The backends' kernels register themselves in cpu/ and cuda/. The dispatcher uses a
@@ -236,5 +284,7 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
 TORCH_LIBRARY_IMPL(frn_det, CompositeExplicitAutograd, m) {
   m.impl("frn", &frn_det::frn_without_kernels);
   m.impl("frn_backward", &frn_det::frn_backward_without_kernels);
+  m.impl("frn_centered", &frn_det::frn_centered_without_kernels);
+  m.impl("frn_centered_backward", &frn_det::frn_centered_backward_without_kernels);
   m.impl("_cuda_plan", &frn_det::cuda_plan_without_kernels);
 }

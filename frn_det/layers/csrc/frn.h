@@ -24,6 +24,12 @@ struct Acc<double> {
   using type = double;
 };
 
+// The centred variant's per-plane mean is float64 for every input dtype: an fp32 mean cannot centre a
+// plane whose mean is large against its spread (mean 1e3, std 0.1: fp32's rounding of the mean
+// alone is 3e-4 of a standard deviation). The kernels use it as hi + lo in the accumulation type
+// (centre_of in cpu/frn_centered_kernel.cpp).
+constexpr at::ScalarType centred_mean_type = at::kDouble;
+
 // Memory layouts the kernels read natively; anything else is made contiguous first.
 enum class Layout { NCHW, NHWC };
 
@@ -56,6 +62,7 @@ struct FrnArgs {
   at::Tensor x;
   at::Tensor grad_out; // backward only, in `layout`
   at::Tensor rstd; // backward only, contiguous (N, C)
+  at::Tensor mean; // frn_centered_backward only, contiguous (N, C) float64 (centred_mean_type)
   at::ScalarType acc;
   at::Tensor weight, bias, tau, eps_l; // acc dtype, contiguous; tau / eps_l undefined when absent
   at::Tensor weight_in, bias_in, tau_in, eps_l_in; // as given: the gradients take their dtypes
@@ -65,6 +72,7 @@ struct FrnArgs {
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor>; // out, rstd
+using CenteredForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>; // out, mean, rstd
 using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>; // weight, bias, tau, eps_l
 
@@ -77,9 +85,11 @@ ParamGrads to_param_dtypes(const FrnArgs& a, at::Tensor gw, at::Tensor gb, at::T
 // first, then run their kernels.
 FrnArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l);
+// With `mean` (frn_centered_backward): also checks the forward's mean ((N, C), centred_mean_type) and
+// names frn_centered_backward in its messages.
 FrnArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                          const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
-                         const std::optional<at::Tensor>& eps_l, bool grad_input);
+                         const std::optional<at::Tensor>& eps_l, bool grad_input, const at::Tensor* mean = nullptr);
 
 // Limits the CUDA launchers obey, lowered by the tests through torch.ops.frn_det._set_test_limits
 // so that small tensors reach the paths only large ones take otherwise: grid-stride loops over

@@ -1,9 +1,9 @@
-// Autograd of torch.ops.frn_det.frn, in C++ so that a call runs no Python: torch.library's Python
+// Autograd of torch.ops.frn_det.frn and frn_centered, in C++ so that a call runs no Python: torch.library's Python
 // autograd wrapper cost as much host time per call as the kernels take on small maps (docs/gpu.md).
 // Forward and backward reach the kernels through the dispatcher, so fake tensors (torch.compile,
 // opcheck) take the fake kernels registered in ops.py. frn_backward is not differentiable: its
 // autograd kernel makes a double backward fail with a clear error instead of torch's fallback
-// warning and a wrong (missing) gradient.
+// warning and a wrong (missing) gradient; frn_centered_backward likewise.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
@@ -32,6 +32,12 @@ using FrnBackwardSignature = BackwardOut(const at::Tensor&, const at::Tensor&, c
 
 // The ops' dispatcher handles: a call through them reaches the kernels below the Autograd key (or
 // the fake kernels).
+using FrnCenteredSignature = CenteredForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const OptTensor&, double, const OptTensor&);
+using FrnCenteredBackwardSignature = BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                                 const at::Tensor&, const OptTensor&, bool);
+
 const c10::TypedOperatorHandle<FrnSignature>& frn_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("frn_det::frn", "").typed<FrnSignature>();
   return op;
@@ -40,6 +46,19 @@ const c10::TypedOperatorHandle<FrnSignature>& frn_op() {
 const c10::TypedOperatorHandle<FrnBackwardSignature>& frn_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("frn_det::frn_backward", "").typed<FrnBackwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<FrnCenteredSignature>& frn_centered_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("frn_det::frn_centered", "").typed<FrnCenteredSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<FrnCenteredBackwardSignature>& frn_centered_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("frn_det::frn_centered_backward", "")
+                             .typed<FrnCenteredBackwardSignature>();
   return op;
 }
 
@@ -85,13 +104,53 @@ class FrnFunction : public torch::autograd::Function<FrnFunction> {
   }
 };
 
-class FrnBackwardFunction : public torch::autograd::Function<FrnBackwardFunction> {
+// The centred variant: as FrnFunction, with the per-plane mean saved too.
+class FrnCenteredFunction : public torch::autograd::Function<FrnCenteredFunction> {
  public:
-  // frn_backward's arguments, as its Autograd-key kernel received them.
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      const OptTensor& tau,
+      double eps,
+      const OptTensor& eps_l) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, mean, rstd] = frn_centered_op().call(x, weight, bias, tau, eps, eps_l);
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(
+        {x, weight, bias, tau.value_or(at::Tensor()), mean, rstd, eps_l.value_or(at::Tensor())});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &tau = saved[3], &mean = saved[4],
+                     &rstd = saved[5], &eps_l = saved[6];
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(x);
+    const bool grad_input = ctx->needs_input_grad(0);
+    auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] = frn_centered_backward_op().call(
+        grad_out, x, weight, bias, defined_or_none(tau), mean, rstd, defined_or_none(eps_l), grad_input);
+    return {grad_input ? grad_x : at::Tensor(),
+            grad_weight,
+            grad_bias,
+            tau.defined() ? grad_tau : at::Tensor(),
+            at::Tensor(),
+            eps_l.defined() ? grad_eps_l : at::Tensor()};
+  }
+};
+
+// The Autograd-key kernel of a backward op (Op: its dispatcher handle): runs it, and refuses to be
+// differentiated.
+template <typename Signature, const c10::TypedOperatorHandle<Signature>& (*Op)()>
+class NotDifferentiable : public torch::autograd::Function<NotDifferentiable<Signature, Op>> {
+ public:
+  // The backward op's arguments, as its Autograd-key kernel received them.
   template <typename... Args>
   static variable_list forward(AutogradContext* /*ctx*/, const Args&... args) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return std::apply([](auto&&... grads) { return variable_list{grads...}; }, frn_backward_op().call(args...));
+    return std::apply([](auto&&... grads) { return variable_list{grads...}; }, Op().call(args...));
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
@@ -100,6 +159,9 @@ class FrnBackwardFunction : public torch::autograd::Function<FrnBackwardFunction
                     "implemented");
   }
 };
+
+using FrnBackwardFunction = NotDifferentiable<FrnBackwardSignature, frn_backward_op>;
+using FrnCenteredBackwardFunction = NotDifferentiable<FrnCenteredBackwardSignature, frn_centered_backward_op>;
 
 // The Autograd-key kernel of an op whose outputs are `Function`'s outputs, in order.
 template <typename Function, typename Signature>
@@ -125,4 +187,7 @@ TORCH_LIBRARY_IMPL(frn_det, Autograd, m) {
   using frn_det::AutogradKernel;
   m.impl("frn", &AutogradKernel<frn_det::FrnFunction, frn_det::FrnSignature>::call);
   m.impl("frn_backward", &AutogradKernel<frn_det::FrnBackwardFunction, frn_det::FrnBackwardSignature>::call);
+  m.impl("frn_centered", &AutogradKernel<frn_det::FrnCenteredFunction, frn_det::FrnCenteredSignature>::call);
+  m.impl("frn_centered_backward",
+         &AutogradKernel<frn_det::FrnCenteredBackwardFunction, frn_det::FrnCenteredBackwardSignature>::call);
 }

@@ -15,21 +15,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "cpu/cpu_common.h"
 #include "frn.h"
 
 namespace frn_det {
+namespace cpu {
 namespace {
-
-// Elements per chunk of a plane: the unit of summation order and of intra-plane parallelism.
-constexpr int64_t kChunk = 4096;
-// Below this many elements per task, parallel_for stays on one thread.
-constexpr int64_t kGrainElems = 32768;
-
-int64_t divup(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Independent partial sums per lane: the lane loops below are plain code that the compiler
 // vectorises (a single running sum would not be, as FP addition is not associative). The lanes
@@ -49,22 +43,6 @@ inline acc_t lane_sum(const acc_t* s) {
     r += s[j];
   }
   return r;
-}
-
-// ---- the element-wise math, one definition for every loop below ------------------------------
-// y = x * a + b is computed without FMA contraction (setup.py passes -ffp-contract=off), so the TLU
-// mask that backward recomputes agrees with forward bit for bit, also at ties.
-
-// Whether the gradient at y goes to y (else to tau): not below t; ties and NaN go to y.
-template <bool kTLU, typename acc_t>
-inline bool passes(acc_t y, acc_t t) {
-  return !kTLU || !(y < t);
-}
-
-// The TLU max(y, t): ties keep y, and a NaN y stays NaN (as through torch.maximum).
-template <bool kTLU, typename acc_t>
-inline acc_t tlu(acc_t y, acc_t t) {
-  return passes<kTLU>(y, t) ? y : t;
 }
 
 // Adds one element to the backward sums A = sum(dy * x), B = sum(dy), T = sum(g where y < tau),
@@ -186,7 +164,7 @@ void forward_nchw(const ForwardData<scalar_t>& d, int64_t P, int64_t C, int64_t 
   const int64_t K = divup(L, kChunk);
   auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     // Fused: the plane is read from memory once and re-read from cache.
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -239,7 +217,7 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
     const acc_t r = rstd[p];
     return L > 0 ? -w[c] * r * r * r * A[p] / static_cast<acc_t>(L) : acc_t(0);
   };
-  if (P >= at::get_num_threads() || K <= 1) {
+  if (!splits_planes(P, L)) {
     at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
@@ -294,7 +272,6 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
 // statistics, then the output, while the sample is in cache. Larger samples are split into tasks
 // of (n, block of rows); per-channel partial sums of each task go to their own slice of a buffer
 // and are combined in task order.
-constexpr int64_t kSampleFuse = 32768;
 
 template <typename scalar_t, bool kTLU>
 void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t L) {
@@ -320,7 +297,7 @@ void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t 
       }
     }
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L * C, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s(C), a(C);
       for (int64_t n = begin; n < end; ++n) {
@@ -423,7 +400,7 @@ void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_
     std::fill(B + n * C, B + (n + 1) * C, acc_t(0));
     std::fill(T + n * C, T + (n + 1) * C, acc_t(0));
   };
-  if (L * C <= kSampleFuse) {
+  if (fuses_samples(L, C)) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         zero_sums(n);
@@ -478,19 +455,6 @@ void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_
 
 // ---- op implementations -----------------------------------------------------------------------
 
-// Calls f(std::true_type) or f(std::false_type): the drivers are compiled with and without the TLU.
-template <typename F>
-void with_tlu(bool tlu, F&& f) {
-  tlu ? f(std::true_type{}) : f(std::false_type{});
-}
-
-// eps + |eps_l| rounded in the accumulation type, as the CUDA kernels and the reference compute it.
-template <typename acc_t>
-acc_t eps_eff_of(const FrnArgs& a) {
-  const acc_t eps = static_cast<acc_t>(a.eps);
-  return a.eps_l.defined() ? eps + std::abs(a.eps_l.item<acc_t>()) : eps;
-}
-
 ForwardOut frn_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                            const std::optional<at::Tensor>& tau, double eps, const std::optional<at::Tensor>& eps_l) {
   const FrnArgs a = prepare_forward(x, weight, bias, tau, eps, eps_l);
@@ -511,6 +475,8 @@ ForwardOut frn_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   });
   return {out, rstd};
 }
+
+} // namespace
 
 // The CPU parameter-gradient epilogue: batch sums of the per-plane sums A = sum(dy * x),
 // B = sum(dy), T = sum(g where y < tau) ((N, C), accumulation dtype), in plain loops. ATen
@@ -555,6 +521,8 @@ ParamGrads param_grads_cpu(const FrnArgs& a, const at::Tensor& A, const at::Tens
   return to_param_dtypes(a, gw, gb, gt, ge);
 }
 
+namespace {
+
 BackwardOut frn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& bias, const std::optional<at::Tensor>& tau, const at::Tensor& rstd,
                              const std::optional<at::Tensor>& eps_l, bool grad_input) {
@@ -583,11 +551,24 @@ BackwardOut frn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, co
   return {grad_x, gw, gb, gt, ge};
 }
 
+// The path both ops' drivers take for x at the current thread count (the tests ask, to know that
+// the path they test ran): "planes" or "split" (NCHW), "samples" or "rows" (channels_last).
+std::string cpu_plan(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "_cpu_plan: x must be 4D (N, C, H, W), got ", x.dim(), "D");
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
+  if (layout_of(x) == Layout::NHWC) {
+    return fuses_samples(L, C) ? "samples" : "rows";
+  }
+  return splits_planes(N * C, L) ? "split" : "planes";
+}
+
 } // namespace
+} // namespace cpu
 } // namespace frn_det
 
 // This backend's kernels for the ops defined in frn.cpp.
 TORCH_LIBRARY_IMPL(frn_det, CPU, m) {
-  m.impl("frn", TORCH_FN(frn_det::frn_forward_cpu));
-  m.impl("frn_backward", TORCH_FN(frn_det::frn_backward_cpu));
+  m.impl("frn", TORCH_FN(frn_det::cpu::frn_forward_cpu));
+  m.impl("frn_backward", TORCH_FN(frn_det::cpu::frn_backward_cpu));
+  m.impl("_cpu_plan", TORCH_FN(frn_det::cpu::cpu_plan));
 }
