@@ -39,6 +39,28 @@ def num_threads(n):
         torch.set_num_threads(before)
 
 
+def assert_compiled_matches_eager(layer):
+    """Conv + ``layer`` (4 channels) under torch.compile(fullgraph=True): output, input and
+    parameter gradients as in eager mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), layer)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].tau.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, fullgraph=True)
+    outs = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.square().sum().backward()
+        outs.append([out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def run_with_grads(fn, x, weight, bias, tau, eps_l, grad_out, eps=1e-6):
     """Output and gradients of every tensor argument (None where the argument is None)."""
     out = fn(x, weight, bias, tau, eps, eps_l)

@@ -23,7 +23,7 @@ import torch
 
 from frn_det.layers import FilterResponseNorm2d, frn, frn_reference
 from frn_det.layers import ops
-from frn_testing import make_inputs, num_threads
+from frn_testing import assert_compiled_matches_eager, make_inputs, num_threads
 
 pytestmark = pytest.mark.skipif(not ops.is_available(), reason=f"frn_det._C not built: {ops.load_error()}")
 
@@ -471,24 +471,7 @@ def test_devices_without_centred_kernels_run_the_reference_or_say_so():
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
-                                FilterResponseNorm2d(4, learned_eps=True, centered=True, impl="op"))
-    with torch.no_grad():
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].tau.uniform_(-0.2, 0.2)
-    x = torch.randn(2, 3, 6, 6)
-    compiled = torch.compile(model, fullgraph=True)
-    outs = []
-    for fn in (model, compiled):
-        model.zero_grad()
-        xi = x.clone().requires_grad_()
-        out = fn(xi)
-        out.square().sum().backward()
-        outs.append([out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()])
-    for a, b_ in zip(*outs):
-        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches_eager(FilterResponseNorm2d(4, learned_eps=True, centered=True, impl="op"))
 
 
 def test_layer_scripts_traces_and_exports():

@@ -43,8 +43,8 @@ import torch
 from frn_det.layers import frn, frn_reference
 from frn_det.layers import ops
 from kernel_paths import CUDA_PATHS, RESIDENT_PATHS, RESIDENT_PLANS_SM90, kernel_setting
-from frn_testing import (assert_grads_close, assert_matches_reference, cuda_test_limits, make_inputs, num_threads,
-                         opcheck_all, run_with_grads)
+from frn_testing import (assert_compiled_matches_eager, assert_grads_close, assert_matches_reference, cuda_test_limits,
+                         make_inputs, num_threads, opcheck_all, run_with_grads)
 
 from frn_det.layers import filter_response_norm as frn_module
 
@@ -345,26 +345,7 @@ def test_tie_rule_gradient_goes_to_y(channels_last):
 # ---- torch.compile ---------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        frn_module.FilterResponseNorm2d(4, learned_eps=True, impl="op"),
-    )
-    with torch.no_grad():
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].tau.uniform_(-0.2, 0.2)
-    x = torch.randn(2, 3, 6, 6)
-    compiled = torch.compile(model, fullgraph=True)
-    outs = []
-    for fn in (model, compiled):
-        model.zero_grad()
-        xi = x.clone().requires_grad_()
-        out = fn(xi)
-        out.square().sum().backward()
-        outs.append([out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches_eager(frn_module.FilterResponseNorm2d(4, learned_eps=True, impl="op"))
 
 
 # ---- input validation: one exception type per mistake on every path (Python, C++, fake kernel) ----
