@@ -14,6 +14,9 @@ Examples::
     python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --threads 2 1 --iters 30
     python -m benchmarks.benchmark_frn --device cuda --dtype float16 bfloat16 --amp --memory-floor --kernel-time
     python -m benchmarks.benchmark_frn --device cuda --memory-floor --kernel-time --kernels default resident
+    python -m benchmarks.benchmark_frn --device cpu --shapes target,box_head --baseline "centred op" \
+        --methods "centred op" "centred reference" InstanceNorm2d+TLU BatchNorm2d+ReLU op   # the centred variant
+    python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --centered --threads 2
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -44,6 +47,8 @@ def main(argv=None):
                         help="min is the better estimate on a machine shared with other jobs")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="the methods to time (default: all; 'compiled reference' costs a compilation per shape)")
+    parser.add_argument("--baseline", default="op",
+                        help="the method the ratio column divides by (default: op), timed even when --methods leaves it out")
     parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETTINGS), default=["default"],
                         help="the op's kernel settings, each timed as its own method ('op', 'op (resident)') and in "
                              "the memory floor; resident: CUDA's opt-in resident planes (ops.cuda_resident_planes)")
@@ -57,6 +62,7 @@ def main(argv=None):
                  "torch.autocast",
         "--kernel-time": "CUDA: time a CUDA graph replay of 20 calls (the device's work, without the host's "
                          "per-call cost) instead of one call",
+        "--centered": "with --memory-floor: the centred op (frn_centered, CPU kernels only) instead of the paper's",
     }
     for flag, text in switches.items():
         parser.add_argument(flag, action="store_true", help=text)
@@ -67,9 +73,13 @@ def main(argv=None):
         parser.error("--kernel-time: needs --device cuda (CUDA graphs) and is a timing mode, not --profile's")
     if "resident" in args.kernels and args.device != "cuda":
         parser.error("--kernels resident: a setting of the CUDA kernels; needs --device cuda")
-    known = set(make_methods(8)) | {"op"}  # the op is a method even where frn_det._C is not built
+    known = set(make_methods(8)) | {"op", "centred op"}  # methods even where frn_det._C is not built
     if args.methods and set(args.methods) - known:
         parser.error(f"--methods: unknown {sorted(set(args.methods) - known)}; known: {sorted(known)}")
+    if args.baseline not in known:
+        parser.error(f"--baseline: unknown {args.baseline!r}; known: {sorted(known)}")
+    if args.centered and (not args.memory_floor or args.device != "cpu"):
+        parser.error("--centered: a setting of --memory-floor, on --device cpu (the centred op has CPU kernels only)")
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -97,14 +107,14 @@ def main(argv=None):
                         print("\n" + profile(device, dtype, shapes, args.iters, channels_last, amp=args.amp))
                     elif args.memory_floor:
                         rows = memory_floor(device, dtype, shapes, args.iters, channels_last, args.stat, args.amp,
-                                            args.kernel_time, args.kernels)
+                                            args.kernel_time, args.kernels, args.centered)
                         print("\n" + format_floor_table(rows, device, dtype, channels_last, args.iters, args.stat,
-                                                        args.amp, args.kernel_time))
+                                                        args.amp, args.kernel_time, args.centered))
                     else:
                         rows = run(device, dtype, shapes, args.iters, channels_last, args.stat, args.methods,
-                                   args.amp, args.kernel_time, args.kernels)
+                                   args.amp, args.kernel_time, args.kernels, args.baseline)
                         print("\n" + format_table(rows, device, dtype, channels_last, args.iters, args.stat, copy_gbs,
-                                                  args.amp, args.kernel_time))
+                                                  args.amp, args.kernel_time, args.baseline))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ bandwidth counts the minimum traffic of a fused norm: forward reads x and writes
 
 Methods: the op (``frn(..., impl="op")``), ``frn_reference`` eager, ``torch.compile(frn_reference)``,
 timm's ``FilterResponseNormTlu2d`` (when timm is installed), ``BatchNorm2d + ReLU`` (training mode)
-and ``GroupNorm(32) + ReLU``. FRN methods run FRN + TLU with random parameters.
+and ``GroupNorm(32) + ReLU``; the centred variant (``centered=True``) in the fused op ("centred op",
+CPU kernels only), in the reference ("centred reference": torch's GroupNorm kernel with C groups and
+a TLU, the path before the op had it) and as ``InstanceNorm2d(affine) + TLU``. FRN methods run FRN +
+TLU with random parameters. Ratios are to the op, or to the method named as ``baseline``.
 
 :func:`profile` shows where a method's forward+backward time goes (torch.profiler): its kernels, or
 the host calls around them (a method can take far longer than its kernels on small maps).
 
-:func:`memory_floor` times the op against the memory traffic it needs, in the same run.
+:func:`memory_floor` times the op (or, ``centered``, the centred op) against the memory traffic it
+needs, in the same run.
 
 Two settings apply to both: ``amp`` keeps the parameters in fp32 while x has the benchmark's dtype,
 and runs every method under ``torch.autocast`` (how AMP training calls a norm: BatchNorm takes fp16
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from frn_det.layers import ops
-from frn_det.layers.filter_response_norm import frn, frn_reference
+from frn_det.layers.filter_response_norm import TLU, frn, frn_reference
 
 # Feature shapes of an R50-FPN detector, batch 2, 800x1344 padded input.
 SHAPES = {
@@ -113,7 +117,18 @@ def make_methods(C):
         pass
     methods["BatchNorm2d+ReLU"] = lambda: nn.Sequential(nn.BatchNorm2d(C), nn.ReLU())
     methods["GroupNorm32+ReLU"] = lambda: nn.Sequential(nn.GroupNorm(32, C), nn.ReLU())
+    if ops.is_available():
+        methods["centred op"] = lambda: FRNFunctional(C, lambda *a: frn(*a, impl="op", centered=True))
+    methods["centred reference"] = lambda: FRNFunctional(C, lambda *a: frn_reference(*a, centered=True))
+    # eps as FRNFunctional's, so that the three centred methods compute the same function
+    methods["InstanceNorm2d+TLU"] = lambda: nn.Sequential(nn.InstanceNorm2d(C, eps=1e-6, affine=True), _random_tau(TLU(C)))
     return methods
+
+
+def _random_tau(tlu):
+    with torch.no_grad():
+        tlu.tau.normal_(0, 0.1)
+    return tlu
 
 
 def _inputs(shape, device, dtype, channels_last):
@@ -226,9 +241,10 @@ def _variants(methods, kernels):
 
 
 def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=False, kernel_time=False,
-        kernels=("default",)):
+        kernels=("default",), baseline="op"):
     """Rows of :func:`format_table`: every method of :func:`make_methods` (or those named in
-    ``methods``, "op" standing for the op under every setting of ``kernels``) on each shape."""
+    ``methods``, "op" standing for the op under every setting of ``kernels``) on each shape, with
+    its time as a ratio to ``baseline``'s (empty where the baseline did not run)."""
     _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
     rows = []
@@ -238,7 +254,7 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=Fal
         nbytes = x.numel() * x.element_size()
         closures, errors = {}, {}
         for method, factory, setting in _variants(make_methods(shape[1]), kernels):
-            if methods is not None and method.partition(" (")[0] not in methods:
+            if methods is not None and method.partition(" (")[0] not in methods and method != baseline:
                 continue
             try:
                 module = factory().to(device=device, dtype=None if amp else dtype).train()
@@ -253,22 +269,23 @@ def run(device, dtype, shapes, iters, channels_last, stat, methods=None, amp=Fal
             for kind in (0, 1):
                 for method, timers in closures.items():
                     times[method][kind].append(timers[kind]())
-        op = (reduce(times["op"][0]), reduce(times["op"][1])) if "op" in times else None
+        base = (reduce(times[baseline][0]), reduce(times[baseline][1])) if baseline in times else None
         for method in list(closures) + list(errors):
             if method in errors:
                 rows.append((name, shape, method, errors[method]))
                 continue
             fwd, fb = reduce(times[method][0]), reduce(times[method][1])
-            ratio = f"{fwd / op[0]:.2f} / {fb / op[1]:.2f}" if op else ""
+            ratio = f"{fwd / base[0]:.2f} / {fb / base[1]:.2f}" if base else ""
             rows.append((name, shape, method, fwd * 1e3, 2 * nbytes / fwd / 1e9, fb * 1e3, 5 * nbytes / fb / 1e9, ratio))
         print(f"  done {name} {tuple(shape)}", file=sys.stderr, flush=True)
     return rows
 
 
 def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, kernel_time=False,
-                 kernels=("default",)):
-    """The op's forward, backward and forward+backward against the time of the memory traffic they
-    need, timed in the same run (every closure once per round, rounds interleaved).
+                 kernels=("default",), centered=False):
+    """The op's (``centered``: the centred op's) forward, backward and forward+backward against the
+    time of the memory traffic they need, timed in the same run (every closure once per round,
+    rounds interleaved).
 
     Forward reads x and writes the output: its floor is a copy of x. Backward reads x and grad_out
     and writes grad_x (its per-plane sums need no more traffic when taken in the same pass): its
@@ -279,18 +296,18 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, k
     Rows: (name, shape, pass, kernel setting, op s, floor s, fresh-output floor s)."""
     _check_amp(amp, dtype)
     reduce = statistics.median if stat == "median" else min
-    frn_op, backward_op = torch.ops.frn_det.frn.default, torch.ops.frn_det.frn_backward.default
+    frn_op, backward_op = _op_pair(centered)
     rows = []
     for name, shape in shapes:
         x, grad_out = _inputs(shape, device, dtype, channels_last)
         x = x.detach()
         params = FRNFunctional(shape[1], None).to(device=device, dtype=None if amp else dtype)
         w, b, t = (p.detach() for p in (params.weight, params.bias, params.tau))
-        rstd = frn_op(x, w, b, t, 1e-6, None)[1]
+        stats = frn_op(x, w, b, t, 1e-6, None)[1:]  # rstd, or mean and rstd
         out, grad_x = torch.empty_like(x), torch.empty_like(x)
         passes = {
             "forward": (lambda: frn_op(x, w, b, t, 1e-6, None), lambda: out.copy_(x), lambda: x.clone()),
-            "backward": (lambda: backward_op(grad_out, x, w, b, t, rstd, None, True),
+            "backward": (lambda: backward_op(grad_out, x, w, b, t, *stats, None, True),
                          lambda: torch.add(x, grad_out, out=grad_x), lambda: torch.add(x, grad_out)),
         }
         passes["forward+backward"] = tuple(
@@ -314,9 +331,18 @@ def memory_floor(device, dtype, shapes, iters, channels_last, stat, amp=False, k
     return rows
 
 
-def format_floor_table(rows, device, dtype, channels_last, iters, stat, amp=False, kernel_time=False):
+def _op_pair(centered):
+    """The forward and backward ops of the paper's FRN or (``centered``) of the centred variant."""
+    if centered:
+        return torch.ops.frn_det.frn_centered.default, torch.ops.frn_det.frn_centered_backward.default
+    return torch.ops.frn_det.frn.default, torch.ops.frn_det.frn_backward.default
+
+
+def format_floor_table(rows, device, dtype, channels_last, iters, stat, amp=False, kernel_time=False,
+                       centered=False):
     """The markdown table of :func:`memory_floor`'s rows."""
-    lines = [f"### FRN op against its memory floor: {_setting(device, dtype, channels_last, amp, kernel_time)}, "
+    what = "Centred FRN op (frn_centered)" if centered else "FRN op"
+    lines = [f"### {what} against its memory floor: {_setting(device, dtype, channels_last, amp, kernel_time)}, "
              f"{stat} of {iters} interleaved runs", "",
              "Floor: forward = copy of x, backward = x + grad_out; into a preallocated output, and into a fresh "
              "one (as the op writes). % of floor: floor time / op time.", "",
@@ -385,15 +411,17 @@ def _setting(device, dtype, channels_last, amp=False, kernel_time=False):
     return f"{dev}, {dtypes}, {layout}{timing}"
 
 
-def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None, amp=False, kernel_time=False):
-    """The markdown table of :func:`run`'s rows; with ``copy_gbs``, bandwidth also as % of the copy."""
+def format_table(rows, device, dtype, channels_last, iters, stat, copy_gbs=None, amp=False, kernel_time=False,
+                 baseline="op"):
+    """The markdown table of :func:`run`'s rows (their ratios to ``baseline``); with ``copy_gbs``,
+    bandwidth also as % of the copy."""
     lines = [f"### FRN benchmark: {_setting(device, dtype, channels_last, amp, kernel_time)}, {stat} of {iters} "
              "interleaved runs",
              ""]
     if copy_gbs:
         lines += [f"Device copy in the same run: {copy_gbs:.0f} GB/s (read + written); % columns are of that.", ""]
     pct = " | fwd % | fwd+bwd %" if copy_gbs else ""
-    lines += [f"| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s{pct} | time / op (fwd / fwd+bwd) |",
+    lines += [f"| shape | N,C,H,W | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s{pct} | time / {baseline} (fwd / fwd+bwd) |",
               "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if copy_gbs else "") + "---:|"]
     for row in rows:
         name, shape, method = row[:3]

@@ -28,8 +28,10 @@ from frn_det.modeling import build_optimizer
 # and the op under CUDA's opt-in resident planes (ops.cuda_resident_planes, held through each iteration)
 VARIANTS = {"BN": ("BN", None, ()), "GN": ("GN", None, ()), "FRN (op)": ("FRN", "op", ()),
             "FRN (op, resident)": ("FRN", "op", ()), "FRN (reference)": ("FRN", "reference", ()),
-            "FRN centred": ("FRN", "auto", ("MODEL.FRN.CENTERED", True))}
+            "FRN centred (op)": ("FRN", "op", ("MODEL.FRN.CENTERED", True)),
+            "FRN centred (reference)": ("FRN", "reference", ("MODEL.FRN.CENTERED", True))}
 RESIDENT_VARIANTS = {"FRN (op, resident)"}
+CPU_ONLY_VARIANTS = {"FRN centred (op)"}  # the centred op has CPU kernels only
 DEFAULT_VARIANTS = ["BN", "GN", "FRN (op)", "FRN (reference)"]
 # short names of the detectron2 model-zoo configs the benchmark is usually run on
 MODELS = {"retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
@@ -81,6 +83,8 @@ def _why_not(name, amp, device):
         return "detectron2's AMPTrainer requires CUDA"
     if name in RESIDENT_VARIANTS and not device.startswith("cuda"):
         return "resident planes are a setting of the CUDA kernels"
+    if name in CPU_ONLY_VARIANTS and device != "cpu":
+        return "the centred op has CPU kernels only"
     return None
 
 

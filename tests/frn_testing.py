@@ -89,7 +89,8 @@ def assert_matches_reference(x, weight, bias, tau, eps_l, atol, rtol, seed=1):
     assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
     assert_tensor_close("output", out, ref, atol, rtol)
     assert_grads_close((x, weight, bias, tau, eps_l), grads, ref_grads, atol, rtol,
-                       grad_x_scale=grad_x_term_scale(x, weight, eps_l, grad_out))
+                       grad_x_scale=grad_x_term_scale(x, weight, eps_l, grad_out),
+                       grad_eps_l_scale=eps_l_term_scale(x, weight, bias, tau, eps_l, grad_out))
     return out, grads
 
 
@@ -107,6 +108,23 @@ def grad_x_term_scale(x, weight, eps_l, grad_out, eps=1e-6):
     return float((grad_out.to("cpu", torch.float64) * w64 * rstd).abs().max())
 
 
+def eps_l_term_scale(x, weight, bias, tau, eps_l, grad_out, centered=False, eps=1e-6):
+    """The sum of the magnitudes of grad_eps_l's terms (float64): grad_eps_l = sum over planes of
+    -sign(eps_l) / 2 * weight * rstd^3 * sum(dy * x_c) (x_c = x, or x - mean when ``centered``) adds
+    terms of both signs, and its error is a rounding of their sum of magnitudes, which can exceed
+    the result a hundredfold. 0 without eps_l."""
+    if eps_l is None or x.numel() == 0:
+        return 0.0
+    x64 = x.detach().to("cpu", torch.float64)
+    xc = x64 - x64.mean(dim=(2, 3), keepdim=True) if centered else x64
+    per_channel = [t.detach().to("cpu", torch.float64).view(1, -1, 1, 1) if t is not None else None
+                   for t in (weight, bias, tau)]
+    rstd = torch.rsqrt(xc.square().mean(dim=(2, 3), keepdim=True) + eps + float(eps_l.detach().abs()))
+    y = xc * rstd * per_channel[0] + per_channel[1]
+    dy = grad_out.to("cpu", torch.float64) * ((y >= per_channel[2]) if tau is not None else 1.0)
+    return float((0.5 * per_channel[0].abs() * rstd**3 * (dy * xc).abs()).sum())
+
+
 # fp32 parameter gradients of fp16 / bf16 inputs (as under autocast) sum in fp32: held to fp32's
 # accuracy, not to the tolerance of the half tensors (half-precision accumulation errs ~1e-3).
 FP32_PARAM_GRAD_TOL = (1e-4, 1e-4)
@@ -122,17 +140,19 @@ def assert_tensor_close(name, got, ref, atol, rtol, scale=0.0):
                                msg=lambda m: f"{name} (largest magnitude {scale:.3g}): {m}")
 
 
-def assert_grads_close(inputs, grads, ref_grads, atol, rtol, grad_x_scale=0.0):
+def assert_grads_close(inputs, grads, ref_grads, atol, rtol, grad_x_scale=0.0, grad_eps_l_scale=0.0):
     """Gradients of (x, weight, bias, tau, eps_l) in their inputs' dtypes and close to the float64
     reference's (entries whose input is None are skipped); fp32 parameter gradients of half inputs
-    to FP32_PARAM_GRAD_TOL; grad_x's atol relative to at least ``grad_x_scale`` (grad_x_term_scale)."""
+    to FP32_PARAM_GRAD_TOL; grad_x's and grad_eps_l's atol relative to at least ``grad_x_scale``
+    and ``grad_eps_l_scale`` (grad_x_term_scale, eps_l_term_scale)."""
+    floors = {"x": grad_x_scale, "eps_l": grad_eps_l_scale}
     half_x = inputs[0].dtype in (torch.float16, torch.bfloat16)
     for name, t, g_op, g_ref in zip(("x", "weight", "bias", "tau", "eps_l"), inputs, grads, ref_grads):
         if t is None:
             continue
         assert g_op.dtype == t.dtype, name
         tol = FP32_PARAM_GRAD_TOL if half_x and t.dtype == torch.float32 else (atol, rtol)
-        assert_tensor_close(f"grad of {name}", g_op, g_ref, *tol, scale=grad_x_scale if name == "x" else 0.0)
+        assert_tensor_close(f"grad of {name}", g_op, g_ref, *tol, scale=floors.get(name, 0.0))
 
 
 def opcheck_samples(device):

@@ -65,3 +65,44 @@ def test_amp_needs_a_half_dtype_and_kernel_time_needs_cuda():
         bench.memory_floor("cpu", torch.float64, SHAPE, 1, False, "min", amp=True)
     with pytest.raises(ValueError, match="CUDA graph"):
         bench.make_timer(lambda: None, "cpu", kernel_time=True)
+
+
+def test_the_centred_methods_compute_the_same_function():
+    # centred op, centred reference and InstanceNorm2d + TLU given the same parameters agree, so
+    # their timings compare one computation.
+    methods = bench.make_methods(32)
+    names = ["centred reference", "InstanceNorm2d+TLU"] + (["centred op"] if ops.is_available() else [])
+    x = torch.randn(2, 32, 5, 7) * 3 + 1
+    first = methods[names[0]]()
+    outs = []
+    for name in names:
+        module = methods[name]()
+        with torch.no_grad():
+            params = list(module.parameters())  # weight, bias, tau in both kinds of module
+            for p, q in zip(params, first.parameters()):
+                p.copy_(q)
+        outs.append(module(x))
+    for name, out in zip(names[1:], outs[1:]):
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_ratios_are_to_the_named_baseline():
+    methods = ["centred reference", "InstanceNorm2d+TLU"] + (["centred op"] if ops.is_available() else [])
+    rows = bench.run("cpu", torch.float32, SHAPE, 2, False, "min", methods=methods[1:], baseline=methods[0])
+    by_name = {r[2]: r for r in rows}
+    assert sorted(by_name) == sorted(methods)  # the baseline is timed although --methods leaves it out
+    base = by_name[methods[0]]
+    assert base[7] == "1.00 / 1.00"
+    for row in rows:
+        assert row[7] == f"{row[3] / base[3]:.2f} / {row[5] / base[5]:.2f}"
+
+
+@pytest.mark.skipif(not ops.is_available(), reason="frn_det._C is not built")
+def test_memory_floor_of_the_centred_op():
+    assert bench._op_pair(True) == (torch.ops.frn_det.frn_centered.default,
+                                    torch.ops.frn_det.frn_centered_backward.default)
+    rows = bench.memory_floor("cpu", torch.float32, SHAPE, 1, False, "min", centered=True)
+    assert [r[2] for r in rows] == ["forward", "backward", "forward+backward"]
+    assert all(r[4] > 0 and r[5] > 0 for r in rows)
+    table = bench.format_floor_table(rows, "cpu", torch.float32, False, 1, "min", centered=True)
+    assert table.startswith("### Centred FRN op (frn_centered) against its memory floor")

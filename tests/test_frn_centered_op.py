@@ -23,7 +23,7 @@ import torch
 
 from frn_det.layers import FilterResponseNorm2d, frn, frn_reference
 from frn_det.layers import ops
-from frn_testing import assert_compiled_matches_eager, make_inputs, num_threads
+from frn_testing import assert_compiled_matches_eager, eps_l_term_scale, make_inputs, num_threads
 
 pytestmark = pytest.mark.skipif(not ops.is_available(), reason=f"frn_det._C not built: {ops.load_error()}")
 
@@ -66,11 +66,13 @@ def as_float64_leaves(args):
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def assert_scaled_close(got, ref, tol, name):
+def assert_scaled_close(got, ref, tol, name, scale=0.0):
+    """Max error within ``tol`` of max|ref|, or of ``scale`` where that is larger (the size of the
+    terms a reduction adds: frn_testing.eps_l_term_scale)."""
     assert got.shape == ref.shape, name
     if ref.numel() == 0:
         return
-    scale = ref.abs().max().item()
+    scale = max(ref.abs().max().item(), scale)
     err = (got.double() - ref).abs().max().item()
     assert err <= tol * max(scale, 1e-300), f"{name}: max error {err:.3g} against a scale of {scale:.3g} (tol {tol})"
 
@@ -90,7 +92,8 @@ def check_against_formula(args, eps=1e-6, seed=1, tol=None):
         if a is None:
             continue
         assert gr.dtype == a.dtype, name
-        assert_scaled_close(gr, rg, max(tol, TOL[a.dtype]), f"grad of {name}")
+        floor = eps_l_term_scale(*args, grad_out, centered=True, eps=eps) if name == "eps_l" else 0.0
+        assert_scaled_close(gr, rg, max(tol, TOL[a.dtype]), f"grad of {name}", floor)
     return out, grads
 
 

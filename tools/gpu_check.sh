@@ -202,7 +202,7 @@ if [ "$GPU" = 1 ]; then
     $xdist tests/test_frn_op.py tests/test_frn_layer.py
   step "training step benchmark (R50-FPN, 2x800x1333, AMP off/on)" step.log 300 "$PY" -m benchmarks.benchmark_step \
     --models retinanet mask_rcnn --depth 50 --size 800 1333 --device cuda --amp off on --warmup 3 --iters 8 --json "$STEP_JSON" \
-    --variants BN GN "FRN (op)" "FRN (op, resident)" "FRN (reference)" "FRN centred"
+    --variants BN GN "FRN (op)" "FRN (op, resident)" "FRN (reference)" "FRN centred (reference)"
   step "short training (FRN RetinaNet, make demo's schedule, fp32 and AMP)" train.log 300 short_training "$DATA" cuda demo fp32 amp
   sanitizer=$(command -v compute-sanitizer || true)
   [ -n "$sanitizer" ] || { echo "| compute-sanitizer | **not found** | |" >>"$LOGS/summary"; failed=1; }
