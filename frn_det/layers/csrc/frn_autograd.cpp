@@ -25,6 +25,14 @@ OptTensor defined_or_none(const at::Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+template <typename Signature>
+struct ReturnOf;
+
+template <typename Out, typename... Args>
+struct ReturnOf<Out(Args...)> {
+  using type = Out;
+};
+
 using FrnSignature = ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double,
                                 const OptTensor&);
 using FrnBackwardSignature = BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -62,7 +70,14 @@ const c10::TypedOperatorHandle<FrnCenteredBackwardSignature>& frn_centered_backw
   return op;
 }
 
-class FrnFunction : public torch::autograd::Function<FrnFunction> {
+// The autograd of a norm op whose forward returns (out, stats...) and whose backward op takes
+// (grad_out, x, weight, bias, tau, stats..., eps_l, grad_input): frn (stats: rstd) and frn_centered
+// (mean, rstd). The stats are per plane and never get a gradient.
+template <typename Signature, const c10::TypedOperatorHandle<Signature>& (*Forward)(), typename BackwardSignature,
+          const c10::TypedOperatorHandle<BackwardSignature>& (*Backward)()>
+class NormFunction : public torch::autograd::Function<NormFunction<Signature, Forward, BackwardSignature, Backward>> {
+  static constexpr size_t kStats = std::tuple_size_v<typename ReturnOf<Signature>::type> - 1;
+
  public:
   static variable_list forward(
       AutogradContext* ctx,
@@ -73,27 +88,29 @@ class FrnFunction : public torch::autograd::Function<FrnFunction> {
       double eps,
       const OptTensor& eps_l) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, rstd] = frn_op().call(x, weight, bias, tau, eps, eps_l);
-    ctx->mark_non_differentiable({rstd});
-    // rstd never gets a gradient: don't let autograd allocate and zero-fill one.
+    variable_list outs = std::apply([](auto&&... t) { return variable_list{t...}; },
+                                    Forward().call(x, weight, bias, tau, eps, eps_l));
+    const variable_list stats(outs.begin() + 1, outs.end());
+    ctx->mark_non_differentiable(stats);
+    // No gradient flows into the stats: don't let autograd allocate and zero-fill one.
     ctx->set_materialize_grads(false);
-    // x and the per-plane rstd are the only activation-sized state; the parameters are needed to
+    // x and the per-plane stats are the only activation-sized state; the parameters are needed to
     // recompute y for the TLU mask.
-    ctx->save_for_backward({x, weight, bias, tau.value_or(at::Tensor()), rstd, eps_l.value_or(at::Tensor())});
-    return {out, rstd};
+    variable_list saved{x, weight, bias, tau.value_or(at::Tensor()), eps_l.value_or(at::Tensor())};
+    saved.insert(saved.end(), stats.begin(), stats.end());
+    ctx->save_for_backward(saved);
+    return outs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &tau = saved[3], &rstd = saved[4],
-                     &eps_l = saved[5];
+    const at::Tensor &x = saved[0], &tau = saved[3], &eps_l = saved[4];
     // Grads are not materialised: an undefined one means zero.
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(x);
     // x is always the first input with an autograd edge; its gradient is the only large one.
     const bool grad_input = ctx->needs_input_grad(0);
     auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] =
-        frn_backward_op().call(grad_out, x, weight, bias, defined_or_none(tau), rstd, defined_or_none(eps_l),
-                               grad_input);
+        call_backward(grad_out, saved, grad_input, std::make_index_sequence<kStats>());
     // One gradient per forward argument; undefined for eps (a float) and for absent tau / eps_l.
     return {grad_input ? grad_x : at::Tensor(),
             grad_weight,
@@ -102,44 +119,19 @@ class FrnFunction : public torch::autograd::Function<FrnFunction> {
             at::Tensor(),
             eps_l.defined() ? grad_eps_l : at::Tensor()};
   }
-};
 
-// The centred variant: as FrnFunction, with the per-plane mean saved too.
-class FrnCenteredFunction : public torch::autograd::Function<FrnCenteredFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const at::Tensor& x,
-      const at::Tensor& weight,
-      const at::Tensor& bias,
-      const OptTensor& tau,
-      double eps,
-      const OptTensor& eps_l) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mean, rstd] = frn_centered_op().call(x, weight, bias, tau, eps, eps_l);
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward(
-        {x, weight, bias, tau.value_or(at::Tensor()), mean, rstd, eps_l.value_or(at::Tensor())});
-    return {out, mean, rstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &tau = saved[3], &mean = saved[4],
-                     &rstd = saved[5], &eps_l = saved[6];
-    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    const bool grad_input = ctx->needs_input_grad(0);
-    auto [grad_x, grad_weight, grad_bias, grad_tau, grad_eps_l] = frn_centered_backward_op().call(
-        grad_out, x, weight, bias, defined_or_none(tau), mean, rstd, defined_or_none(eps_l), grad_input);
-    return {grad_input ? grad_x : at::Tensor(),
-            grad_weight,
-            grad_bias,
-            tau.defined() ? grad_tau : at::Tensor(),
-            at::Tensor(),
-            eps_l.defined() ? grad_eps_l : at::Tensor()};
+ private:
+  template <size_t... I>
+  static BackwardOut call_backward(const at::Tensor& grad_out, const variable_list& saved, bool grad_input,
+                                   std::index_sequence<I...>) {
+    return Backward().call(grad_out, saved[0], saved[1], saved[2], defined_or_none(saved[3]), saved[5 + I]...,
+                           defined_or_none(saved[4]), grad_input);
   }
 };
+
+using FrnFunction = NormFunction<FrnSignature, frn_op, FrnBackwardSignature, frn_backward_op>;
+using FrnCenteredFunction =
+    NormFunction<FrnCenteredSignature, frn_centered_op, FrnCenteredBackwardSignature, frn_centered_backward_op>;
 
 // The Autograd-key kernel of a backward op (Op: its dispatcher handle): runs it, and refuses to be
 // differentiated.
