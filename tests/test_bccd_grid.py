@@ -36,8 +36,8 @@ def test_sweep_configs_train_on_train_and_evaluate_val_then_test():
             assert cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH == bccd.settings()["schedule"]["images_seen"]
             assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FRN.CENTERED) == (bccd.settings()["arms"][arm]["norm"],
                                                                         arm == "FRN centered")
-            # the variant is pinned to the reference implementation while the op gains it
-            assert cfg.MODEL.FRN.IMPL == ("reference" if arm == "FRN centered" else "auto")
+            # the variant is pinned to the fused op (plan.md): one implementation for every centred run
+            assert cfg.MODEL.FRN.IMPL == ("op" if arm == "FRN centered" else "auto")
 
 
 def scratch_repo(tmp_path, best=None):
