@@ -99,13 +99,22 @@ def grad_x_term_scale(x, weight, eps_l, grad_out, eps=1e-6):
     mean(grad_out * x_hat)) is a difference of terms of this size, so no kernel in x's precision
     gets it closer than their rounding. Where x_hat^2 is near 1 (a 1x1 plane) the difference is
     far smaller than its terms; elsewhere it is of their size."""
-    x64 = x.detach().to("cpu", torch.float64)
-    if x64.numel() == 0:
+    if x.numel() == 0:
         return 0.0
+    _, rstd = _planes64(x, eps, eps_l)
+    return float((grad_out.to("cpu", torch.float64) * _per_channel64(weight) * rstd).abs().max())
+
+
+def _per_channel64(t):
+    return t.detach().to("cpu", torch.float64).view(1, -1, 1, 1) if t is not None else None
+
+
+def _planes64(x, eps, eps_l, centered=False):
+    """x_c (x, or x minus its plane's mean when ``centered``) and the per-plane rstd, in float64."""
+    x64 = x.detach().to("cpu", torch.float64)
+    xc = x64 - x64.mean(dim=(2, 3), keepdim=True) if centered else x64
     eps_total = eps + (float(eps_l.detach().abs()) if eps_l is not None else 0.0)
-    rstd = torch.rsqrt(x64.square().mean(dim=(2, 3), keepdim=True) + eps_total)
-    w64 = weight.detach().to("cpu", torch.float64).view(1, -1, 1, 1)
-    return float((grad_out.to("cpu", torch.float64) * w64 * rstd).abs().max())
+    return xc, torch.rsqrt(xc.square().mean(dim=(2, 3), keepdim=True) + eps_total)
 
 
 def eps_l_term_scale(x, weight, bias, tau, eps_l, grad_out, centered=False, eps=1e-6):
@@ -115,14 +124,11 @@ def eps_l_term_scale(x, weight, bias, tau, eps_l, grad_out, centered=False, eps=
     the result a hundredfold. 0 without eps_l."""
     if eps_l is None or x.numel() == 0:
         return 0.0
-    x64 = x.detach().to("cpu", torch.float64)
-    xc = x64 - x64.mean(dim=(2, 3), keepdim=True) if centered else x64
-    per_channel = [t.detach().to("cpu", torch.float64).view(1, -1, 1, 1) if t is not None else None
-                   for t in (weight, bias, tau)]
-    rstd = torch.rsqrt(xc.square().mean(dim=(2, 3), keepdim=True) + eps + float(eps_l.detach().abs()))
-    y = xc * rstd * per_channel[0] + per_channel[1]
-    dy = grad_out.to("cpu", torch.float64) * ((y >= per_channel[2]) if tau is not None else 1.0)
-    return float((0.5 * per_channel[0].abs() * rstd**3 * (dy * xc).abs()).sum())
+    xc, rstd = _planes64(x, eps, eps_l, centered)
+    w64, b64, t64 = (_per_channel64(t) for t in (weight, bias, tau))
+    y = xc * rstd * w64 + b64
+    dy = grad_out.to("cpu", torch.float64) * ((y >= t64) if tau is not None else 1.0)
+    return float((0.5 * w64.abs() * rstd**3 * (dy * xc).abs()).sum())
 
 
 # fp32 parameter gradients of fp16 / bf16 inputs (as under autocast) sum in fp32: held to fp32's
