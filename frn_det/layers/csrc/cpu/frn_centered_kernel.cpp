@@ -13,7 +13,7 @@
 // hi + lo in the accumulation type (centre_of): x - m = (x - hi) - lo. A constant plane (and so a
 // 1x1 plane) has x - s = 0 everywhere: m = s exactly, v = 0, and the output is exactly bias.
 //
-// NHWC (channels_last): tasks are blocks of rows of one sample, as in frn_kernel.cpp, with
+// NHWC (channels_last): tasks are blocks of rows of one sample (schedules.h, as for frn), with
 // per-channel Welford runs of at most kRun rows combined in order (results agree with NCHW to
 // rounding, not bitwise).
 //
@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/schedules.h"
 #include "frn.h"
 
 namespace frn_det {
@@ -197,17 +198,6 @@ inline acc_t centred(acc_t xi, Centre<acc_t> m) {
   return (xi - m.hi) - m.lo;
 }
 
-// Adds one element to the backward sums A = sum(dy * x_c), B = sum(dy), T = sum(g where y < tau).
-template <bool kTLU, typename acc_t>
-inline void accumulate(acc_t xc, acc_t gi, acc_t a, acc_t b, acc_t t, acc_t& sA, acc_t& sB, acc_t& sT) {
-  const bool pass = passes<kTLU>(xc * a + b, t);
-  const acc_t d = pass ? gi : acc_t(0);
-  const acc_t e = pass ? acc_t(0) : gi;
-  sT += e;
-  sA += d * xc;
-  sB += d;
-}
-
 // dx = dy * a + x_c * cx + c0.
 template <bool kTLU, typename acc_t>
 inline acc_t grad_x(acc_t xc, acc_t gi, acc_t a, acc_t b, acc_t t, acc_t cx, acc_t c0) {
@@ -233,50 +223,14 @@ void forward_apply(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, i
   }
 }
 
+// x_c = (x - hi) - lo for backward_sums (cpu_common.h).
 template <typename acc_t>
-struct BwdSums {
-  acc_t A = 0, B = 0, T = 0;
-  void add(const BwdSums& o) {
-    A += o.A;
-    B += o.B;
-    T += o.T;
+struct Centring {
+  Centre<acc_t> m;
+  acc_t operator()(acc_t xi) const {
+    return centred(xi, m);
   }
 };
-
-// Lanes as in frn_kernel.cpp's backward_sums, so that the loop vectorises.
-constexpr int kSumLanes = 16;
-
-template <typename acc_t>
-inline acc_t lane_sum(const acc_t* s) {
-  acc_t r = 0;
-  for (int j = 0; j < kSumLanes; ++j) {
-    r += s[j];
-  }
-  return r;
-}
-
-template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
-BwdSums<acc_t> backward_sums(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t n,
-                             Centre<acc_t> m, acc_t a, acc_t b, acc_t t) {
-  acc_t sA[kSumLanes] = {}, sB[kSumLanes] = {}, sT[kSumLanes] = {};
-  int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes) {
-    for (int j = 0; j < kSumLanes; ++j) {
-      const acc_t xc = centred(static_cast<acc_t>(x[i + j]), m);
-      accumulate<kTLU>(xc, static_cast<acc_t>(g[i + j]), a, b, t, sA[j], sB[j], sT[j]);
-    }
-  }
-  for (; i < n; ++i) {
-    const int j = static_cast<int>(i % kSumLanes);
-    const acc_t xc = centred(static_cast<acc_t>(x[i]), m);
-    accumulate<kTLU>(xc, static_cast<acc_t>(g[i]), a, b, t, sA[j], sB[j], sT[j]);
-  }
-  BwdSums<acc_t> s;
-  s.A = lane_sum(sA);
-  s.B = lane_sum(sB);
-  s.T = lane_sum(sT);
-  return s;
-}
 
 template <typename scalar_t, bool kTLU, typename acc_t = typename Acc<scalar_t>::type>
 void backward_apply(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
@@ -289,144 +243,47 @@ void backward_apply(const scalar_t* __restrict__ g, const scalar_t* __restrict__
 
 // ---- drivers ----------------------------------------------------------------------------------
 
-template <typename scalar_t>
-struct ForwardData {
-  using acc_t = typename Acc<scalar_t>::type;
-  const scalar_t* x;
-  scalar_t* out;
-  double* mean;
-  acc_t* rstd;
-  const acc_t *w, *bias, *tau; // tau null: no TLU
-  acc_t eps_eff;
-};
-
-template <typename scalar_t>
-struct BackwardData {
-  using acc_t = typename Acc<scalar_t>::type;
-  const scalar_t *g, *x;
-  scalar_t* dx; // null: no grad_x
-  const double* mean;
-  const acc_t *rstd, *w, *bias, *tau;
-  acc_t *A, *B, *T; // per-plane sums, (N, C)
-};
-
-// ---- NCHW -------------------------------------------------------------------------------------
+// ---- NCHW: the work of each run, in schedule_planes (schedules.h) ------------------------------
 
 template <typename scalar_t, bool kTLU>
 void forward_nchw(const ForwardData<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const auto [x, out, mean, rstd, w, bias, tau, eps_eff] = d;
-  const int64_t K = divup(L, kChunk);
-  auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
-  auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
   auto shift_of = [&](int64_t p) { return L > 0 ? static_cast<acc_t>(x[p * L]) : acc_t(0); };
-  if (!splits_planes(P, L)) {
-    // Fused: the plane is read from memory once and re-read from cache.
-    at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* xp = x + p * L;
-        const acc_t s = shift_of(p);
-        Moments<acc_t> m;
-        for (int64_t k = 0; k < K; ++k) {
-          combine(m, run_moments(xp + k * kChunk, chunk_len(k), s));
-        }
-        const PlaneStats<acc_t> st = finish(m, s, eps_eff);
+  schedule_planes<Moments<acc_t>>(
+      P, L, 1, true, [&](int64_t p, int64_t off, int64_t n) { return run_moments(x + off, n, shift_of(p)); },
+      [](Moments<acc_t>& m, const Moments<acc_t>& part) { combine(m, part); },
+      [&](int64_t p, const Moments<acc_t>& m) {
+        const PlaneStats<acc_t> st = finish(m, shift_of(p), eps_eff);
         mean[p] = st.mean;
         rstd[p] = st.rstd;
+      },
+      [&](int64_t p, int64_t off, int64_t n) {
         const int64_t c = p % C;
-        forward_apply<scalar_t, kTLU>(xp, out + p * L, L, centre_of<acc_t>(st.mean), w[c] * st.rstd, bias[c], t_of(c));
-      }
-    });
-    return;
-  }
-  // Few large planes: chunks in parallel, combined per plane in chunk order (as the fused path).
-  std::vector<Moments<acc_t>> part(P * K);
-  at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K;
-      part[u] = run_moments(x + p * L + k * kChunk, chunk_len(k), shift_of(p));
-    }
-  });
-  for (int64_t p = 0; p < P; ++p) {
-    Moments<acc_t> m;
-    for (int64_t k = 0; k < K; ++k) {
-      combine(m, part[p * K + k]);
-    }
-    const PlaneStats<acc_t> st = finish(m, shift_of(p), eps_eff);
-    mean[p] = st.mean;
-    rstd[p] = st.rstd;
-  }
-  at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K, c = p % C;
-      const int64_t off = p * L + k * kChunk;
-      forward_apply<scalar_t, kTLU>(x + off, out + off, chunk_len(k), centre_of<acc_t>(mean[p]), w[c] * rstd[p],
-                                    bias[c], t_of(c));
-    }
-  });
+        forward_apply<scalar_t, kTLU>(x + off, out + off, n, centre_of<acc_t>(mean[p]), w[c] * rstd[p], bias[c],
+                                      kTLU ? tau[c] : acc_t(0));
+      });
 }
 
 template <typename scalar_t, bool kTLU>
 void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const auto [g, x, dx, mean, rstd, w, bias, tau, A, B, T] = d;
-  const int64_t K = divup(L, kChunk);
-  auto chunk_len = [&](int64_t k) { return std::min(kChunk, L - k * kChunk); };
   auto t_of = [&](int64_t c) { return kTLU ? tau[c] : acc_t(0); };
-  if (!splits_planes(P, L)) {
-    at::parallel_for(0, P, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
+  schedule_plane_sums(
+      P, L, dx != nullptr, A, B, T,
+      [&](int64_t p, int64_t off, int64_t n) {
         const int64_t c = p % C;
-        const Centre<acc_t> m = centre_of<acc_t>(mean[p]);
-        const acc_t a = w[c] * rstd[p];
-        BwdSums<acc_t> s;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t off = p * L + k * kChunk;
-          s.add(backward_sums<scalar_t, kTLU>(g + off, x + off, chunk_len(k), m, a, bias[c], t_of(c)));
-        }
-        A[p] = s.A;
-        B[p] = s.B;
-        T[p] = s.T;
-        if (dx != nullptr) {
-          acc_t cx, c0;
-          dx_coefficients(w[c], rstd[p], s.A, s.B, L, cx, c0);
-          backward_apply<scalar_t, kTLU>(g + p * L, x + p * L, dx + p * L, L, m, a, bias[c], t_of(c), cx, c0);
-        }
-      }
-    });
-    return;
-  }
-  std::vector<BwdSums<acc_t>> part(P * K);
-  at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K, c = p % C;
-      const int64_t off = p * L + k * kChunk;
-      part[u] = backward_sums<scalar_t, kTLU>(g + off, x + off, chunk_len(k), centre_of<acc_t>(mean[p]),
-                                              w[c] * rstd[p], bias[c], t_of(c));
-    }
-  });
-  for (int64_t p = 0; p < P; ++p) {
-    BwdSums<acc_t> s;
-    for (int64_t k = 0; k < K; ++k) {
-      s.add(part[p * K + k]);
-    }
-    A[p] = s.A;
-    B[p] = s.B;
-    T[p] = s.T;
-  }
-  if (dx == nullptr) {
-    return;
-  }
-  at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K, c = p % C;
-      const int64_t off = p * L + k * kChunk;
-      acc_t cx, c0;
-      dx_coefficients(w[c], rstd[p], A[p], B[p], L, cx, c0);
-      backward_apply<scalar_t, kTLU>(g + off, x + off, dx + off, chunk_len(k), centre_of<acc_t>(mean[p]),
-                                     w[c] * rstd[p], bias[c], t_of(c), cx, c0);
-    }
-  });
+        return backward_sums<scalar_t, kTLU>(g + off, x + off, n, Centring<acc_t>{centre_of<acc_t>(mean[p])},
+                                             w[c] * rstd[p], bias[c], t_of(c));
+      },
+      [&](int64_t p, int64_t off, int64_t n) {
+        const int64_t c = p % C;
+        acc_t cx, c0;
+        dx_coefficients(w[c], rstd[p], A[p], B[p], L, cx, c0);
+        backward_apply<scalar_t, kTLU>(g + off, x + off, dx + off, n, centre_of<acc_t>(mean[p]), w[c] * rstd[p],
+                                       bias[c], t_of(c), cx, c0);
+      });
 }
 
 // ---- NHWC (channels_last) ---------------------------------------------------------------------
@@ -498,9 +355,9 @@ void combine_rows(int64_t& na, acc_t* __restrict__ ma, acc_t* __restrict__ m2a, 
 }
 
 // Moments of rows [l0, l1) of a sample (xs: its first row) per channel, in runs of kRun rows from l0;
-// scratch holds 2 * C values. Returns the count.
+// scratch holds 2 * C values.
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
-int64_t moments_rows(const scalar_t* xs, int64_t C, int64_t l0, int64_t l1, const acc_t* s, acc_t* mean, acc_t* m2,
+void moments_rows(const scalar_t* xs, int64_t C, int64_t l0, int64_t l1, const acc_t* s, acc_t* mean, acc_t* m2,
                      acc_t* scratch) {
   int64_t n = 0;
   for (int64_t r0 = l0; r0 < l1; r0 += kRun) {
@@ -508,194 +365,119 @@ int64_t moments_rows(const scalar_t* xs, int64_t C, int64_t l0, int64_t l1, cons
     welford_rows(xs, C, r0, r1, s, scratch, scratch + C);
     combine_rows(n, mean, m2, r1 - r0, scratch, scratch + C, C);
   }
-  return n;
 }
+
+// The per-channel centre hi + lo and scale weight * rstd of every (n, c), for the NHWC element-wise
+// loops (written out in each loop: a callable per element there stops gcc vectorising them, 2x slower).
+template <typename acc_t>
+struct ChannelAffine {
+  std::vector<acc_t> hi, lo, scale;
+  explicit ChannelAffine(int64_t P) : hi(P), lo(P), scale(P) {}
+  void set(int64_t p, double mean, acc_t scale_p) {
+    const Centre<acc_t> ctr = centre_of<acc_t>(mean);
+    hi[p] = ctr.hi;
+    lo[p] = ctr.lo;
+    scale[p] = scale_p;
+  }
+};
 
 template <typename scalar_t, bool kTLU>
 void forward_nhwc(const ForwardData<scalar_t>& d, int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const auto [x, out, mean, rstd, w, bias, tau, eps_eff] = d;
-  // Per (n, c): the centre and the scale weight * rstd, for the apply loops.
-  std::vector<acc_t> hi(N * C), lo(N * C), scale(N * C);
-  auto set_plane = [&](int64_t p, int64_t count, acc_t m, acc_t m2, acc_t s) {
-    const PlaneStats<acc_t> st = finish(Moments<acc_t>{count, m, m2}, s, eps_eff);
-    mean[p] = st.mean;
-    rstd[p] = st.rstd;
-    const Centre<acc_t> ctr = centre_of<acc_t>(st.mean);
-    hi[p] = ctr.hi;
-    lo[p] = ctr.lo;
-    scale[p] = w[p % C] * st.rstd;
-  };
-  auto shifts = [&](int64_t n, acc_t* s) {
-    for (int64_t c = 0; c < C; ++c) {
-      s[c] = L > 0 ? static_cast<acc_t>(x[n * L * C + c]) : acc_t(0);
-    }
-  };
-  // out = TLU(((x - hi) - lo) * scale + bias) over rows [l0, l1) of sample n.
-  auto apply_rows = [&](int64_t n, int64_t l0, int64_t l1) {
-    const acc_t* __restrict__ h = hi.data() + n * C;
-    const acc_t* __restrict__ o = lo.data() + n * C;
-    const acc_t* __restrict__ a = scale.data() + n * C;
-    for (int64_t l = l0; l < l1; ++l) {
-      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-      scalar_t* __restrict__ orow = out + (n * L + l) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
-        orow[c] = static_cast<scalar_t>(tlu<kTLU>(xc * a[c] + bias[c], kTLU ? tau[c] : acc_t(0)));
-      }
-    }
-  };
-  if (fuses_samples(L, C)) {
-    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(L * C, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(5 * C); // s, mean, m2, scratch (2 C)
-      acc_t *s = buf.data(), *m = s + C, *m2 = m + C, *scratch = m2 + C;
-      for (int64_t n = begin; n < end; ++n) {
-        shifts(n, s);
-        const int64_t count = moments_rows(x + n * L * C, C, 0, L, s, m, m2, scratch);
-        for (int64_t c = 0; c < C; ++c) {
-          set_plane(n * C + c, count, m[c], m2[c], s[c]);
-        }
-        apply_rows(n, 0, L);
-      }
-    });
-    return;
-  }
-  const int64_t R = std::max<int64_t>(1, kChunk / C); // rows per task
-  const int64_t K = divup(L, R);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (R * C));
+  // Each channel's values are shifted by its first row's value (see the file's comment).
   std::vector<acc_t> shift(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    shifts(n, shift.data() + n * C);
+  for (int64_t p = 0; p < N * C; ++p) {
+    shift[p] = L > 0 ? static_cast<acc_t>(x[(p / C) * L * C + p % C]) : acc_t(0);
   }
-  std::vector<acc_t> part(N * K * 2 * C); // per task: C means, C m2s
-  at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * C);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      acc_t* m = part.data() + u * 2 * C;
-      moments_rows(x + n * L * C, C, k * R, std::min(L, (k + 1) * R), shift.data() + n * C, m, m + C, scratch.data());
-    }
-  });
-  // Combined serially (a fraction of the data), in task order.
-  std::vector<acc_t> m(2 * C);
-  for (int64_t n = 0; n < N; ++n) {
-    int64_t count = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* pm = part.data() + (n * K + k) * 2 * C;
-      combine_rows(count, m.data(), m.data() + C, std::min(L, (k + 1) * R) - k * R, pm, pm + C, C);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      set_plane(n * C + c, count, m[c], m[C + c], shift[n * C + c]);
-    }
-  }
-  at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      apply_rows(n, k * R, std::min(L, (k + 1) * R));
-    }
-  });
+  ChannelAffine<acc_t> affine(N * C);
+  schedule_samples<acc_t>(
+      N, C, L, 2, 1, true,
+      // Moments of rows [l0, l1) of sample n: C means into s, C m2s into s + C.
+      [&](int64_t n, int64_t l0, int64_t l1, acc_t* s) {
+        thread_local std::vector<acc_t> scratch; // per thread, not per task: tasks are many and small
+        scratch.resize(2 * C);
+        moments_rows(x + n * L * C, C, l0, l1, shift.data() + n * C, s, s + C, scratch.data());
+      },
+      [&](acc_t* into, int64_t rows_into, const acc_t* part, int64_t rows) {
+        combine_rows(rows_into, into, into + C, rows, part, part + C, C);
+      },
+      [&](int64_t n, const acc_t* s) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t p = n * C + c;
+          const PlaneStats<acc_t> st = finish(Moments<acc_t>{L, s[c], s[C + c]}, shift[p], eps_eff);
+          mean[p] = st.mean;
+          rstd[p] = st.rstd;
+          affine.set(p, st.mean, w[c] * st.rstd);
+        }
+      },
+      // out = TLU(x_c * weight * rstd + bias) over rows [l0, l1) of sample n.
+      [&](int64_t n, int64_t l0, int64_t l1) {
+        const acc_t* __restrict__ h = affine.hi.data() + n * C;
+        const acc_t* __restrict__ o = affine.lo.data() + n * C;
+        const acc_t* __restrict__ a = affine.scale.data() + n * C;
+        for (int64_t l = l0; l < l1; ++l) {
+          const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+          scalar_t* __restrict__ orow = out + (n * L + l) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
+            orow[c] = static_cast<scalar_t>(tlu<kTLU>(xc * a[c] + bias[c], kTLU ? tau[c] : acc_t(0)));
+          }
+        }
+      });
 }
 
 template <typename scalar_t, bool kTLU>
 void backward_nhwc(const BackwardData<scalar_t>& d, int64_t N, int64_t C, int64_t L) {
   using acc_t = typename Acc<scalar_t>::type;
   const auto [g, x, dx, mean, rstd, w, bias, tau, A, B, T] = d;
-  std::vector<acc_t> hi(N * C), lo(N * C), scale(N * C); // the centre, weight * rstd
+  ChannelAffine<acc_t> affine(N * C);
   for (int64_t p = 0; p < N * C; ++p) {
-    const Centre<acc_t> ctr = centre_of<acc_t>(mean[p]);
-    hi[p] = ctr.hi;
-    lo[p] = ctr.lo;
-    scale[p] = w[p % C] * rstd[p];
+    affine.set(p, mean[p], w[p % C] * rstd[p]);
   }
-  auto sums_rows = [&](int64_t n, int64_t l0, int64_t l1, acc_t* __restrict__ sA, acc_t* __restrict__ sB,
-                       acc_t* __restrict__ sT) {
-    const acc_t* __restrict__ h = hi.data() + n * C;
-    const acc_t* __restrict__ o = lo.data() + n * C;
-    const acc_t* __restrict__ a = scale.data() + n * C;
-    for (int64_t l = l0; l < l1; ++l) {
-      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-      const scalar_t* __restrict__ gr = g + (n * L + l) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
-        accumulate<kTLU>(xc, static_cast<acc_t>(gr[c]), a[c], bias[c], kTLU ? tau[c] : acc_t(0), sA[c], sB[c], sT[c]);
-      }
-    }
-  };
   std::vector<acc_t> cx(N * C), c0(N * C);
-  auto apply_rows = [&](int64_t n, int64_t l0, int64_t l1) {
-    const acc_t* __restrict__ h = hi.data() + n * C;
-    const acc_t* __restrict__ o = lo.data() + n * C;
-    const acc_t* __restrict__ a = scale.data() + n * C;
-    const acc_t* __restrict__ kx = cx.data() + n * C;
-    const acc_t* __restrict__ k0 = c0.data() + n * C;
-    for (int64_t l = l0; l < l1; ++l) {
-      const scalar_t* __restrict__ xr = x + (n * L + l) * C;
-      const scalar_t* __restrict__ gr = g + (n * L + l) * C;
-      scalar_t* __restrict__ dr = dx + (n * L + l) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
-        dr[c] = static_cast<scalar_t>(
-            grad_x<kTLU>(xc, static_cast<acc_t>(gr[c]), a[c], bias[c], kTLU ? tau[c] : acc_t(0), kx[c], k0[c]));
-      }
-    }
-  };
-  auto finish_sample = [&](int64_t n) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t p = n * C + c;
-      dx_coefficients(w[c], rstd[p], A[p], B[p], L, cx[p], c0[p]);
-    }
-  };
-  auto zero_sums = [&](int64_t n) {
-    std::fill(A + n * C, A + (n + 1) * C, acc_t(0));
-    std::fill(B + n * C, B + (n + 1) * C, acc_t(0));
-    std::fill(T + n * C, T + (n + 1) * C, acc_t(0));
-  };
-  if (fuses_samples(L, C)) {
-    at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(2 * L * C, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        zero_sums(n);
-        sums_rows(n, 0, L, A + n * C, B + n * C, T + n * C);
-        finish_sample(n);
-        if (dx != nullptr) {
-          apply_rows(n, 0, L);
+  schedule_sample_sums(
+      N, C, L, dx != nullptr, A, B, T,
+      // The per-channel sums A, B, T over rows [l0, l1) of sample n, into s, s + C, s + 2 C.
+      [&](int64_t n, int64_t l0, int64_t l1, acc_t* __restrict__ s) {
+        const acc_t* __restrict__ h = affine.hi.data() + n * C;
+        const acc_t* __restrict__ o = affine.lo.data() + n * C;
+        const acc_t* __restrict__ a = affine.scale.data() + n * C;
+        acc_t* __restrict__ sA = s;
+        acc_t* __restrict__ sB = s + C;
+        acc_t* __restrict__ sT = s + 2 * C;
+        for (int64_t l = l0; l < l1; ++l) {
+          const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+          const scalar_t* __restrict__ gr = g + (n * L + l) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
+            accumulate<kTLU>(xc, static_cast<acc_t>(gr[c]), a[c], bias[c], kTLU ? tau[c] : acc_t(0), sA[c], sB[c], sT[c]);
+          }
         }
-      }
-    });
-    return;
-  }
-  const int64_t R = std::max<int64_t>(1, kChunk / C);
-  const int64_t K = divup(L, R);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (2 * R * C));
-  std::vector<acc_t> part(N * K * 3 * C); // per task: A, B, T for C channels
-  at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      acc_t* sA = part.data() + u * 3 * C;
-      std::fill(sA, sA + 3 * C, acc_t(0));
-      sums_rows(n, k * R, std::min(L, (k + 1) * R), sA, sA + C, sA + 2 * C);
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {
-    zero_sums(n);
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* s = part.data() + (n * K + k) * 3 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        A[n * C + c] += s[c];
-        B[n * C + c] += s[C + c];
-        T[n * C + c] += s[2 * C + c];
-      }
-    }
-    finish_sample(n);
-  }
-  if (dx == nullptr) {
-    return;
-  }
-  at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      apply_rows(n, k * R, std::min(L, (k + 1) * R));
-    }
-  });
+      },
+      [&](int64_t n) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t p = n * C + c;
+          dx_coefficients(w[c], rstd[p], A[p], B[p], L, cx[p], c0[p]);
+        }
+      },
+      [&](int64_t n, int64_t l0, int64_t l1) {
+        const acc_t* __restrict__ h = affine.hi.data() + n * C;
+        const acc_t* __restrict__ o = affine.lo.data() + n * C;
+        const acc_t* __restrict__ a = affine.scale.data() + n * C;
+        const acc_t* __restrict__ kx = cx.data() + n * C;
+        const acc_t* __restrict__ k0 = c0.data() + n * C;
+        for (int64_t l = l0; l < l1; ++l) {
+          const scalar_t* __restrict__ xr = x + (n * L + l) * C;
+          const scalar_t* __restrict__ gr = g + (n * L + l) * C;
+          scalar_t* __restrict__ dr = dx + (n * L + l) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xc = (static_cast<acc_t>(xr[c]) - h[c]) - o[c];
+            dr[c] = static_cast<scalar_t>(
+                grad_x<kTLU>(xc, static_cast<acc_t>(gr[c]), a[c], bias[c], kTLU ? tau[c] : acc_t(0), kx[c], k0[c]));
+          }
+        }
+      });
 }
 
 // ---- op implementations -----------------------------------------------------------------------
@@ -708,17 +490,11 @@ CenteredForwardOut frn_centered_forward_cpu(const at::Tensor& x, const at::Tenso
   at::Tensor out = empty_cpu_output(a.x, a.layout);
   at::Tensor mean = at::empty({a.N, a.C}, a.x.options().dtype(centred_mean_type));
   at::Tensor rstd = at::empty({a.N, a.C}, a.x.options().dtype(a.acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_centered_forward_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
-    const ForwardData<scalar_t> d{
-        a.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<double>(),
-        rstd.mutable_data_ptr<acc_t>(), a.weight.const_data_ptr<acc_t>(), a.bias.const_data_ptr<acc_t>(),
-        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, eps_eff_of<acc_t>(a)};
-    with_tlu(d.tau != nullptr, [&](auto tlu) {
-      constexpr bool kTLU = decltype(tlu)::value;
-      a.layout == Layout::NHWC ? forward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
-                               : forward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
-    });
+  run_forward(a, out, &mean, rstd, [&](const auto& d, auto tlu) {
+    using scalar_t = typename std::decay_t<decltype(d)>::scalar_type;
+    constexpr bool kTLU = decltype(tlu)::value;
+    a.layout == Layout::NHWC ? forward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
+                             : forward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
   });
   return {out, mean, rstd};
 }
@@ -729,27 +505,12 @@ BackwardOut frn_centered_backward_cpu(const at::Tensor& grad_out, const at::Tens
                                       const std::optional<at::Tensor>& eps_l, bool grad_input) {
   const FrnArgs a = prepare_backward(grad_out, x, weight, bias, tau, rstd, eps_l, grad_input, &mean);
   TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
-  const auto opts = a.x.options().dtype(a.acc);
-  at::Tensor grad_x = a.grad_input ? empty_cpu_output(a.x, a.layout) : at::empty({0}, a.x.options());
-  at::Tensor A = at::empty({a.N, a.C}, opts);
-  at::Tensor B = at::empty({a.N, a.C}, opts);
-  at::Tensor T = at::empty({a.N, a.C}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "frn_centered_backward_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
-    const BackwardData<scalar_t> d{
-        a.grad_out.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(),
-        a.grad_input ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, a.mean.const_data_ptr<double>(),
-        a.rstd.const_data_ptr<acc_t>(), a.weight.const_data_ptr<acc_t>(), a.bias.const_data_ptr<acc_t>(),
-        a.tau.defined() ? a.tau.const_data_ptr<acc_t>() : nullptr, A.mutable_data_ptr<acc_t>(),
-        B.mutable_data_ptr<acc_t>(), T.mutable_data_ptr<acc_t>()};
-    with_tlu(d.tau != nullptr, [&](auto tlu) {
-      constexpr bool kTLU = decltype(tlu)::value;
-      a.layout == Layout::NHWC ? backward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
-                               : backward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
-    });
+  return run_backward(a, [&](const auto& d, auto tlu) {
+    using scalar_t = typename std::decay_t<decltype(d)>::scalar_type;
+    constexpr bool kTLU = decltype(tlu)::value;
+    a.layout == Layout::NHWC ? backward_nhwc<scalar_t, kTLU>(d, a.N, a.C, a.L)
+                             : backward_nchw<scalar_t, kTLU>(d, a.N * a.C, a.C, a.L);
   });
-  auto [gw, gb, gt, ge] = param_grads_cpu(a, A, B, T);
-  return {grad_x, gw, gb, gt, ge};
 }
 
 } // namespace
