@@ -17,6 +17,7 @@ Examples::
     python -m benchmarks.benchmark_frn --device cpu --shapes target,box_head --baseline "centred op" \
         --methods "centred op" "centred reference" InstanceNorm2d+TLU BatchNorm2d+ReLU op   # the centred variant
     python -m benchmarks.benchmark_frn --device cpu --shapes target --memory-floor --centered --threads 2
+    python -m benchmarks.benchmark_frn --device cpu --shapes target,box_head --memory-floor --kernels default baseline
 
 Prints markdown tables; no pass/fail thresholds here.
 """
@@ -51,7 +52,8 @@ def main(argv=None):
                         help="the method the ratio column divides by (default: op), timed even when --methods leaves it out")
     parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETTINGS), default=["default"],
                         help="the op's kernel settings, each timed as its own method ('op', 'op (resident)') and in "
-                             "the memory floor; resident: CUDA's opt-in resident planes (ops.cuda_resident_planes)")
+                             "the memory floor; resident: CUDA's opt-in resident planes (ops.cuda_resident_planes); "
+                             "baseline: the CPU kernels' baseline build instead of their AVX2 one (ops.cpu_avx2)")
     switches = {
         "--copy-bandwidth": "also measure a device copy and give bandwidth as %% of it",
         "--profile": "instead of timing every method: torch.profiler on the op's and BatchNorm2d+ReLU's "
@@ -73,6 +75,8 @@ def main(argv=None):
         parser.error("--kernel-time: needs --device cuda (CUDA graphs) and is a timing mode, not --profile's")
     if "resident" in args.kernels and args.device != "cuda":
         parser.error("--kernels resident: a setting of the CUDA kernels; needs --device cuda")
+    if "baseline" in args.kernels and args.device != "cpu":
+        parser.error("--kernels baseline: a setting of the CPU kernels; needs --device cpu")
     known = set(make_methods(8)) | {"op", "centred op"}  # methods even where frn_det._C is not built
     if args.methods and set(args.methods) - known:
         parser.error(f"--methods: unknown {sorted(set(args.methods) - known)}; known: {sorted(known)}")

@@ -23,7 +23,8 @@ and runs every method under ``torch.autocast`` (how AMP training calls a norm: B
 input with fp32 parameters, autocast runs GroupNorm in fp32); ``kernel_time`` (CUDA) times a CUDA
 graph replay of 20 calls instead of one call, so that the host's per-call cost is out of the time.
 ``kernels`` names the op's kernel settings to time side by side (:data:`KERNEL_SETTINGS`: the
-default kernels, and CUDA's opt-in resident planes), each entered outside the timed region.
+default kernels, CUDA's opt-in resident planes, and the CPU kernels' baseline build instead of
+their AVX2 one), each entered outside the timed region.
 
 Used by benchmarks/benchmark_frn.py and tools/gpu_check.sh; needs torch only. No pass/fail thresholds.
 """
@@ -58,7 +59,8 @@ DEFAULT_SHAPES = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # The op's kernel settings: name -> a context manager factory the op's calls run under.
-KERNEL_SETTINGS = {"default": contextlib.nullcontext, "resident": ops.cuda_resident_planes}
+KERNEL_SETTINGS = {"default": contextlib.nullcontext, "resident": ops.cuda_resident_planes,
+                   "baseline": lambda: ops.cpu_avx2(False)}
 
 
 def op_name(kernels):

@@ -296,6 +296,44 @@ def test_results_do_not_depend_on_thread_count():
         torch.testing.assert_close(a, b_, atol=0, rtol=0)
 
 
+# One shape per CPU path at 4 threads, and whether it is channels_last.
+CPU_PATHS = {"planes": ((2, 16, 30, 30), False), "split": ((1, 2, 100, 90), False),
+             "samples": ((2, 8, 10, 10), True), "rows": ((2, 8, 70, 70), True)}
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU: every test runs the baseline build")
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_avx2_and_baseline_builds_give_the_same_bits(path, dtype):
+    # The CPU kernels run their AVX2 build where the CPU has it; the lanes, not the vector width, fix
+    # every sum's order, so the baseline build (FRN_DET_CPU_AVX2=0, or a CPU without AVX2) agrees bit for bit.
+    shape, channels_last = CPU_PATHS[path]
+    x, w, b, t, e = make_inputs(shape, dtype=dtype, learned_eps=True, channels_last=channels_last,
+                                param_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                requires_grad=False)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if channels_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    ops_ = torch.ops.frn_det
+    results = {}
+    previous = ops_._set_cpu_avx2(True)
+    try:
+        for enabled, isa in ((True, "avx2"), (False, "baseline")):
+            ops_._set_cpu_avx2(enabled)
+            with num_threads(4):
+                assert ops_._cpu_isa() == isa and ops_._cpu_plan(x) == path
+                out, rstd = ops_.frn(x, w, b, t, 1e-6, e)
+                outc, mean, rstdc = ops_.frn_centered(x, w, b, t, 1e-6, e)
+                results[isa] = ((out, rstd) + tuple(ops_.frn_backward(g, x, w, b, t, rstd, e, True))
+                                + (outc, mean, rstdc)
+                                + tuple(ops_.frn_centered_backward(g, x, w, b, t, mean, rstdc, e, True)))
+    finally:
+        ops_._set_cpu_avx2(previous)
+    for a, b_ in zip(results["avx2"], results["baseline"]):
+        assert torch.equal(a.contiguous().view(-1).view(torch.uint8), b_.contiguous().view(-1).view(torch.uint8))
+
+
 def test_cpu_plan_names_the_path_of_each_layout():
     with num_threads(4):
         assert torch.ops.frn_det._cpu_plan(torch.zeros(8, 4, 90, 90)) == "planes"  # planes >= threads

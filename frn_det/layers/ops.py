@@ -66,6 +66,20 @@ def cuda_resident_planes(enabled=True):
         torch.ops.frn_det._set_cuda_resident(previous)
 
 
+@contextlib.contextmanager
+def cpu_avx2(enabled=True):
+    """Within the block, the CPU kernels run their AVX2 build where the CPU has it (``enabled``, the
+    default everywhere) or their baseline build (SSE2 on x86-64); outside it, the setting it had
+    before. Both give bitwise the same results; AVX2 is faster where the loops, not memory, bound a
+    call (small planes). ``FRN_DET_CPU_AVX2=0`` starts a process with the baseline build;
+    ``torch.ops.frn_det._cpu_isa()`` names the build that runs."""
+    previous = torch.ops.frn_det._set_cpu_avx2(bool(enabled))
+    try:
+        yield
+    finally:
+        torch.ops.frn_det._set_cpu_avx2(previous)
+
+
 def _kernel_memory_format(x):
     # Mirrors layout_of() in frn.cpp: outputs are contiguous unless x is channels_last-only.
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

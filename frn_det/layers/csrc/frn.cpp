@@ -129,6 +129,10 @@ bool set_cuda_resident(bool enabled) {
   return kernel_options().cuda_resident.exchange(enabled);
 }
 
+bool set_cpu_avx2(bool enabled) {
+  return kernel_options().cpu_avx2.exchange(enabled);
+}
+
 // The CUDA kernels' plan is only defined for CUDA tensors (cuda/ registers the real one).
 std::string cuda_plan_without_kernels(const at::Tensor& x, bool /*backward*/) {
   TORCH_CHECK_VALUE(false, "_cuda_plan: x must be a CUDA tensor in a build with CUDA kernels, got a ",
@@ -223,9 +227,13 @@ TestLimits& test_limits() {
 
 KernelOptions& kernel_options() {
   static KernelOptions options{[] {
-    const char* env = std::getenv("FRN_DET_CUDA_RESIDENT");
-    return env != nullptr && std::string(env) == "1";
-  }()};
+                                 const char* env = std::getenv("FRN_DET_CUDA_RESIDENT");
+                                 return env != nullptr && std::string(env) == "1";
+                               }(),
+                               [] {
+                                 const char* env = std::getenv("FRN_DET_CPU_AVX2");
+                                 return env == nullptr || std::string(env) != "0";
+                               }()};
   return options;
 }
 
@@ -275,6 +283,10 @@ TORCH_LIBRARY_FRAGMENT(frn_det, m) {
   // Which path the CPU kernels of frn and frn_centered take for x at the current thread count:
   // "planes" or "split" (NCHW), "samples" or "rows" (channels_last); cpu/cpu_common.h has the rule.
   m.def("_cpu_plan(Tensor x) -> str");
+  // KernelOptions: lets the CPU kernels run their AVX2 build (where the CPU has it) or not, returns
+  // the previous setting; _cpu_isa names the build the CPU kernels run now: "avx2" or "baseline".
+  m.def("_set_cpu_avx2(bool enabled) -> bool", &frn_det::set_cpu_avx2);
+  m.def("_cpu_isa() -> str", &frn_det::cpu_isa);
 }
 
 // The backends' kernels register themselves in cpu/ and cuda/. The dispatcher uses a

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace frn_det {
@@ -101,13 +102,20 @@ struct TestLimits {
 };
 TestLimits& test_limits();
 
-// Choices among correct kernels, set at run time through torch.ops.frn_det._set_cuda_resident
+// Choices among correct kernels, set at run time through torch.ops.frn_det._set_cuda_resident and
+// _set_cpu_avx2
 // (frn_det.layers.ops.cuda_resident_planes). cuda_resident: NCHW planes held on chip between the
 // statistics and the output (one DRAM pass; cuda/frn_kernel.cu, plan_of); opt-in until it has
 // passed tools/gpu_check.sh on a GPU; FRN_DET_CUDA_RESIDENT=1 in the environment turns it on at load.
+// cpu_avx2: the CPU kernels' AVX2 build where the CPU has it (cpu/cpu_common.h, run_task), else the
+// baseline build; on by default, FRN_DET_CPU_AVX2=0 turns it off at load (both give the same bits).
 struct KernelOptions {
   std::atomic<bool> cuda_resident{false};
+  std::atomic<bool> cpu_avx2{true};
 };
 KernelOptions& kernel_options();
+
+// The build the CPU kernels run now: "avx2" or "baseline" (cpu/frn_kernel.cpp).
+std::string cpu_isa();
 
 } // namespace frn_det

@@ -40,6 +40,36 @@ inline bool fuses_samples(int64_t L, int64_t C) {
   return L * C <= kSampleFuse;
 }
 
+// ---- instruction sets ----------------------------------------------------------------------------
+// On x86-64 every task's loops are compiled twice, for AVX2 and for the build's baseline (SSE2), and
+// run as AVX2 where the CPU has it and kernel_options().cpu_avx2 allows it (frn.h). The lanes, not the
+// vector width, fix every summation order, and -ffp-contract=off (setup.py) keeps FMA out of both (the
+// target is avx2, not fma), so both builds give bitwise the same results (the tests compare them).
+
+// Whether the tasks run their AVX2 build now.
+bool cpu_avx2_active();
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FRN_DET_CPU_AVX2_BUILD 1
+// f() and everything it calls inlined (flatten) into an AVX2 function: its loops are vectorised for
+// AVX2 there, and no call leaves AVX2 code for a baseline function mid-task.
+template <typename F>
+__attribute__((target("avx2"), flatten)) inline auto call_avx2(const F& f) {
+  return f();
+}
+#endif
+
+// Runs f() in the AVX2 build where it is active, else in the baseline build.
+template <typename F>
+inline auto run_task(const F& f) {
+#ifdef FRN_DET_CPU_AVX2_BUILD
+  if (cpu_avx2_active()) {
+    return call_avx2(f);
+  }
+#endif
+  return f();
+}
+
 // ---- the element-wise math ---------------------------------------------------------------------
 // y = x * a + b is computed without FMA contraction (setup.py passes -ffp-contract=off), so the TLU
 // mask that backward recomputes agrees with forward bit for bit, also at ties.

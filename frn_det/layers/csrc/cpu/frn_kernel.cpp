@@ -304,7 +304,22 @@ std::string cpu_plan(const at::Tensor& x) {
 }
 
 } // namespace
+
+bool cpu_avx2_active() {
+#ifdef FRN_DET_CPU_AVX2_BUILD
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  return has_avx2 && kernel_options().cpu_avx2.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
 } // namespace cpu
+
+std::string cpu_isa() {
+  return cpu::cpu_avx2_active() ? "avx2" : "baseline";
+}
+
 } // namespace frn_det
 
 // This backend's kernels for the ops defined in frn.cpp.

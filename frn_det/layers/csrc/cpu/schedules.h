@@ -2,7 +2,7 @@
 // batch is cut into tasks and in which order the tasks' partial statistics are combined. Each op
 // supplies its per-run work as callables; the schedule is the same for both, and it combines partials
 // in a fixed order (chunk order within a plane, row-block order within a sample), so results do not
-// depend on the thread count.
+// depend on the thread count. Each task runs through run_task (cpu_common.h): AVX2 where active.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -33,25 +33,29 @@ void schedule_planes(int64_t P, int64_t L, int64_t passes, bool with_apply, cons
   if (!splits_planes(P, L)) {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(passes * L, 1));
     at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        S s{};
-        for (int64_t k = 0; k < K; ++k) {
-          merge(s, stats(p, p * L + k * kChunk, chunk_len(k)));
+      run_task([&] {
+        for (int64_t p = begin; p < end; ++p) {
+          S s{};
+          for (int64_t k = 0; k < K; ++k) {
+            merge(s, stats(p, p * L + k * kChunk, chunk_len(k)));
+          }
+          finish(p, s);
+          if (with_apply) {
+            apply(p, p * L, L);
+          }
         }
-        finish(p, s);
-        if (with_apply) {
-          apply(p, p * L, L);
-        }
-      }
+      });
     });
     return;
   }
   std::vector<S> part(P * K);
   at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K;
-      part[u] = stats(p, p * L + k * kChunk, chunk_len(k));
-    }
+    run_task([&] {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t p = u / K, k = u % K;
+        part[u] = stats(p, p * L + k * kChunk, chunk_len(k));
+      }
+    });
   });
   for (int64_t p = 0; p < P; ++p) {
     S s{};
@@ -64,10 +68,12 @@ void schedule_planes(int64_t P, int64_t L, int64_t passes, bool with_apply, cons
     return;
   }
   at::parallel_for(0, P * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u / K, k = u % K;
-      apply(p, p * L + k * kChunk, chunk_len(k));
-    }
+    run_task([&] {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t p = u / K, k = u % K;
+        apply(p, p * L + k * kChunk, chunk_len(k));
+      }
+    });
   });
 }
 
@@ -91,14 +97,16 @@ void schedule_samples(int64_t N, int64_t C, int64_t L, int64_t width, int64_t pa
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(passes * L * C, 1));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s(S);
-      for (int64_t n = begin; n < end; ++n) {
-        std::fill(s.begin(), s.end(), acc_t(0));
-        rows(n, int64_t(0), L, s.data());
-        finish(n, s.data());
-        if (with_apply) {
-          apply(n, int64_t(0), L);
+      run_task([&] {
+        for (int64_t n = begin; n < end; ++n) {
+          std::fill(s.begin(), s.end(), acc_t(0));
+          rows(n, int64_t(0), L, s.data());
+          finish(n, s.data());
+          if (with_apply) {
+            apply(n, int64_t(0), L);
+          }
         }
-      }
+      });
     });
     return;
   }
@@ -108,12 +116,14 @@ void schedule_samples(int64_t N, int64_t C, int64_t L, int64_t width, int64_t pa
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (passes * R * C));
   std::vector<acc_t> part(N * K * S);
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      acc_t* s = part.data() + u * S;
-      std::fill(s, s + S, acc_t(0));
-      rows(n, k * R, k * R + block(k), s);
-    }
+    run_task([&] {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / K, k = u % K;
+        acc_t* s = part.data() + u * S;
+        std::fill(s, s + S, acc_t(0));
+        rows(n, k * R, k * R + block(k), s);
+      }
+    });
   });
   std::vector<acc_t> s(S);
   for (int64_t n = 0; n < N; ++n) {
@@ -127,10 +137,12 @@ void schedule_samples(int64_t N, int64_t C, int64_t L, int64_t width, int64_t pa
     return;
   }
   at::parallel_for(0, N * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / K, k = u % K;
-      apply(n, k * R, k * R + block(k));
-    }
+    run_task([&] {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / K, k = u % K;
+        apply(n, k * R, k * R + block(k));
+      }
+    });
   });
 }
 
