@@ -46,16 +46,16 @@ def test_kernel_settings_are_timed_side_by_side_under_their_setting(monkeypatch)
     def spy(*args):
         current = torch.ops.frn_det._set_cuda_resident(False)
         torch.ops.frn_det._set_cuda_resident(current)
-        seen.append(current)
+        seen.append((current, torch.ops.frn_det._cpu_isa()))
         return real(*args)
 
     monkeypatch.setattr(bench, "frn", lambda *a, impl: spy(*a)[0])
-    rows = bench.run("cpu", torch.float32, SHAPE, 1, False, "min", methods=["op", "BatchNorm2d+ReLU"],
-                     kernels=("default", "resident"))
-    assert [r[2] for r in rows] == ["op", "op (resident)", "BatchNorm2d+ReLU"]
-    assert True in seen and False in seen
-    floor = bench.memory_floor("cpu", torch.float32, SHAPE, 1, False, "min", kernels=("default", "resident"))
-    assert [(r[2], r[3]) for r in floor][:2] == [("forward", "default"), ("forward", "resident")]
+    kernels = ("default", "resident", "baseline")
+    rows = bench.run("cpu", torch.float32, SHAPE, 1, False, "min", methods=["op", "BatchNorm2d+ReLU"], kernels=kernels)
+    assert [r[2] for r in rows] == ["op", "op (resident)", "op (baseline)", "BatchNorm2d+ReLU"]
+    assert (True, torch.ops.frn_det._cpu_isa()) in seen and (False, "baseline") in seen
+    floor = bench.memory_floor("cpu", torch.float32, SHAPE, 1, False, "min", kernels=kernels)
+    assert [(r[2], r[3]) for r in floor][:3] == [("forward", "default"), ("forward", "resident"), ("forward", "baseline")]
 
 
 def test_amp_needs_a_half_dtype_and_kernel_time_needs_cuda():
