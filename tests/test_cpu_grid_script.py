@@ -25,6 +25,7 @@ STUDY = [f"retinanet_R18_FPN/FRN_2img_{v}" for v in ("centered", "G32-centered",
 STUDY2 = [f"retinanet_R18_FPN/{n}_2img_{v}" for v in ("clutter", "zero-init") for n in ("FRN", "GN")] + \
          ["retinanet_R18_FPN/FRN_2img_clip-2xlr"]
 CLUTTER_LR = [f"retinanet_R18_FPN/{n}_2img_clutter-2xlr" for n in ("FRN", "GN")]
+OP_CHECK = ["retinanet_R18_FPN/FRN_2img_centered-op"]  # the centred arm through the fused op
 # the study arms promoted to the grid (grid.yaml's grid_variants) at every batch
 VARIANTS = [rel[:-len(".yaml")] for rel, *_ in grid_variants()]
 SWEEP8 = [f"retinanet_R18_FPN/{n}_8img_lr{lr}" for n, lr in (("BN", "0.04"), ("FRN", "0.01"), ("GN", "0.02"))]
@@ -60,7 +61,7 @@ def test_sweep_first_then_asks_for_the_best_rates(tmp_path, have):
 
 @pytest.mark.parametrize("sweep8", [[], SWEEP8], ids=["no_batch8_sweep", "batch8_sweep"])
 def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
-    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8 + STUDY + VARIANTS + STUDY2 + CLUTTER_LR))
+    out = dry_run(scratch_repo(tmp_path, SWEEP + GRID + MORE + sweep8 + STUDY + VARIANTS + STUDY2 + CLUTTER_LR + OP_CHECK))
     expected = ([(leaf, "0") for leaf in sorted(SWEEP)]
                 + [(leaf, "0") for leaf in GRID] + [(leaf, "0") for leaf in MORE]
                 + [(leaf, "0") for leaf in sorted(sweep8)]
@@ -72,7 +73,8 @@ def test_seed_zero_of_everything_before_more_seeds(tmp_path, sweep8):
                 # the arms whose two seeds leave the reading open
                 + [(f"retinanet_R18_FPN/{leaf}", "2") for leaf in ("FRN_2img_GN-fpn-head", "FRN_2img_clutter",
                                                                      "GN_2img_clutter")]
-                + [(leaf, "0") for leaf in CLUTTER_LR])  # the cluttered task at twice the rates
+                + [(leaf, "0") for leaf in CLUTTER_LR]  # the cluttered task at twice the rates
+                + [(leaf, s) for s in "01" for leaf in OP_CHECK])
     assert RUN_LINE.findall(out) == expected
     assert "No configs/" not in out
 

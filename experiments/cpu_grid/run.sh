@@ -73,3 +73,5 @@ grid study_seed2 2 "$R"/FRN_2img_GN-fpn-head.yaml "$R"/{FRN,GN}_2img_clutter.yam
 # The cluttered task at twice each norm's grid rate (study_plan.md): with the grid's rates its runs
 # still rose steeply up to the first decay
 grid study_clutter_lr 0 "$R"/{FRN,GN}_2img_clutter-2xlr.yaml
+# The centred arm through the fused op against the reference's runs of the same seeds (issue 39)
+grid op_check "0 1" "$R"/FRN_2img_centered-op.yaml
