@@ -21,6 +21,7 @@ from experiments.cpu_grid.configs import settings
 from experiments.paths import REPO
 from frn_det.engine.processes import LOG_FILE, STATUS_FILE
 from frn_det.engine.results import COCO_METRICS as METRICS
+from frn_det.engine.processes import LOG_FILE
 from frn_det.engine.results import RESULT_FILE
 
 
@@ -188,6 +189,27 @@ def test_dry_run_launches_nothing_and_imports_neither_torch_nor_detectron2(tmp_p
 
 def test_the_grid_looks_for_the_result_file_train_net_writes():
     assert grid.RESULT_FILE == RESULT_FILE
+    assert grid.LOG_FILE == LOG_FILE
+
+
+def test_a_diverged_run_is_a_result_not_retried(tmp_path):
+    """detectron2 stops a run whose loss became infinite with a FloatingPointError: rerunning it
+    would diverge again (a learning-rate sweep's top rate), so the grid skips it and says why; a run
+    that failed otherwise is retried."""
+    root = tmp_path / "r"
+    for name, line in (("c_high", "FloatingPointError: Loss became infinite or NaN at iteration=1141!"),
+                       ("c_crash", "RuntimeError: simulated crash")):
+        d = root / name / "seed0"
+        d.mkdir(parents=True)
+        (d / LOG_FILE).write_text("Traceback (most recent call last):\n" + line + "\n")
+    argv = ["grid", "--configs", "c/high.yaml", "c/crash.yaml", "--seeds", "0", "--root", str(root),
+            "--dry-run", "--out", str(tmp_path / "o")]
+    p = subprocess.run([sys.executable, "-m", "experiments.compare_ap", *argv], capture_output=True, text=True,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert ("c/high.yaml seed 0: diverged (FloatingPointError: Loss became infinite or NaN at iteration=1141!), "
+            "not retried") in p.stdout
+    assert "c/crash.yaml seed 0: would run" in p.stdout
 
 
 def test_nan_metric_other_than_ap_is_kept_as_nan(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The BCCD comparison of docs/results.md ("BCCD"), in the order of experiments/bccd/plan.md,
 # resumable: run it again after an interruption and it goes on where it stopped (finished runs are
-# skipped, interrupted ones resume exactly from their last checkpoint).
+# skipped, interrupted ones resume exactly from their last checkpoint, diverged ones are not retried).
 #   a. the pilot (GN and FRN at the sweep's middle rates: it sets the schedule), then the rest of
 #      the learning-rate sweep (batch 2, seed 0);
 #   b. once best_lr_per_image (grid.yaml) is set and `python -m experiments.gen_configs` has written

@@ -1,5 +1,6 @@
 """Launching a grid of configs x seeds through tools/train_net.py, ``jobs`` at a time, resumably:
-a run whose result file exists is skipped, an interrupted one resumes from its last checkpoint.
+a run whose result file exists is skipped, an interrupted one resumes from its last checkpoint, and
+one that diverged (detectron2 stops it with a FloatingPointError) is a result, not retried.
 Each run directory also gets the command's status and log (frn_det.engine.processes), which
 :func:`experiments.compare.runs.load_run` reads to say why a run failed."""
 import concurrent.futures
@@ -12,6 +13,21 @@ from ..paths import REPO, TRAIN_NET
 # frn_det.engine.results.RESULT_FILE, spelled out: planning a grid (a dry run, the skips) imports
 # neither torch nor detectron2, so that it takes a moment (tests/test_compare_ap.py holds them equal).
 RESULT_FILE = "frn_det_result.json"
+# frn_det.engine.processes.LOG_FILE, likewise: the launch's log of each run
+LOG_FILE = "compare_ap_train.log"
+# detectron2's SimpleTrainer stops a run whose loss became infinite or NaN with this error
+DIVERGED = "FloatingPointError"
+
+
+def diverged(run_dir):
+    """The line saying that the run's loss became infinite or NaN, if its log (the last 64 KiB) has it."""
+    try:
+        with open(os.path.join(run_dir, LOG_FILE), "rb") as f:
+            f.seek(max(0, os.path.getsize(f.name) - 65536))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((ln.strip() for ln in reversed(tail) if ln.startswith(DIVERGED)), None)
 
 
 def run_dir_for(root, config_file, seed):
@@ -38,6 +54,8 @@ def launch_grid(configs, seeds, root, opts=(), train_net=TRAIN_NET, python=sys.e
         tag = f"[{i}/{len(plan)}] {cfg} seed {seed}"
         if os.path.isfile(os.path.join(rdir, RESULT_FILE)):
             log(f"{tag}: done already, skipped")
+        elif diverged(rdir):
+            log(f"{tag}: diverged ({diverged(rdir)}), not retried (remove {rdir} to run it again)")
         elif dry_run:
             log(f"{tag}: would run {' '.join(train_command(cfg, seed, rdir, opts, train_net, python))}")
         else:
