@@ -62,7 +62,7 @@ def dry_run(repo):
 
 @pytest.mark.slow
 def test_run_sh_pilot_then_sweep_then_asks_for_the_best_rates(tmp_path):
-    out = dry_run(scratch_repo(tmp_path))
+    out = dry_run(scratch_repo(tmp_path, {"BN": None, "GN": None, "FRN": None, "FRN centered": None}))
     sweep = [os.path.basename(rel)[:-5] for configs in bccd.sweep_configs().values() for rel, _ in configs]
     pilot = ["GN_2img_lr0.02", "FRN_2img_lr0.01"]
     assert RUN_LINE.findall(out) == [(n, "0") for n in pilot] + [(n, "0") for n in sweep]
