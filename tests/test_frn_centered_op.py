@@ -166,13 +166,15 @@ def test_mean_1e3_std_0p1_plane_is_within_a_few_ulp(shape, channels_last, thread
 
 
 @pytest.mark.parametrize("offset", [1.0, 100.0, 400.0])
-def test_an_outlier_as_the_shift_keeps_the_precision(offset):
-    """The kernels shift each plane by its first element before Welford: an outlier there (here up
-    to 4000 std from the mean) makes the shifted values large, and the result stays within 2e-6 of
-    the output's scale."""
+@pytest.mark.parametrize("row", [0, 10], ids=["plane_shift", "block_shift"])
+def test_an_outlier_as_the_shift_keeps_the_precision(offset, row):
+    """The kernels shift each plane by its first element and each block of 8 values of a lane by the
+    block's first: an outlier there (up to 4000 std from the mean; row 10, column 0 starts a block in
+    both layouts) makes the shifted values large, and the result stays within 2e-6 of the output's
+    scale."""
     g = torch.Generator().manual_seed(1)
     x = (1e3 + 0.1 * torch.randn((2, 3, 64, 64), generator=g, dtype=torch.float64)).float()
-    x[:, :, 0, 0] += offset
+    x[:, :, row, 0] += offset
     for layout in (torch.contiguous_format, torch.channels_last):
         xl = x.contiguous(memory_format=layout)
         out = op_centered(xl, torch.ones(3), torch.zeros(3), None, 1e-6, None)

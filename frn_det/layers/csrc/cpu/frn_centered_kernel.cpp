@@ -3,19 +3,23 @@
 //   m = mean(x), v = mean((x - m)^2), rstd = 1 / sqrt(v + eps + |eps_l|),
 //   y = (x - m) * rstd * weight + bias, out = TLU(y) = max(y, tau).
 //
-// Statistics: one read of the plane. Welford's update per lane (kLanes lanes over each chunk of
-// kChunk elements, so no run is longer than kChunk / kLanes values), Chan's combination of the
-// lanes (a fixed pairwise tree) and then of the chunks in order: results are bitwise the same run to run, on any
-// thread count and on either NCHW path (fused per plane, or split into chunks when there are fewer
-// planes than threads). The values are shifted by the plane's first element s before Welford
-// (x - s is exact where x is within a factor 2 of s), so the mean is m = s + mean(x - s) to the
-// precision of the spread, not of the mean's magnitude. That mean is stored as float64 and used as
-// hi + lo in the accumulation type (centre_of): x - m = (x - hi) - lo. A constant plane (and so a
-// 1x1 plane) has x - s = 0 everywhere: m = s exactly, v = 0, and the output is exactly bias.
+// Statistics: one read of the plane, as shifted sums over blocks combined by Chan's formula. The
+// values are shifted by the plane's first element s (x - s is exact where x is within a factor 2 of
+// s), so the mean is m = s + mean(x - s) to the precision of the spread, not of the mean's magnitude.
+// Each of kLanes lanes (lane j takes elements j, j + kLanes, ...) cuts its values into blocks of
+// kBlock; a block's sums of w = x - t and w^2, with t the block's first value, give its moments.
+// m2 = S2 - S1^2 / b loses at most a factor b + 1 of precision (t is one of the values, so
+// S2 <= (b + 1) m2); the Welford update per value that this replaced was 1.5x slower. Blocks
+// combine in order (Chan, Golub and LeVeque), the lanes in a fixed pairwise tree, the chunks in
+// order: results are bitwise the same run to run, on any thread count and on either NCHW path
+// (fused per plane, or split into chunks when there are fewer planes than threads).
+// The mean is stored as float64 and used as hi + lo in the accumulation type (centre_of):
+// x - m = (x - hi) - lo. A constant plane (and so a 1x1 plane) has w = 0 and x - s = 0 everywhere:
+// m = s exactly, v = 0, and the output is exactly bias.
 //
-// NHWC (channels_last): tasks are blocks of rows of one sample (schedules.h, as for frn), with
-// per-channel Welford runs of at most kRun rows combined in order (results agree with NCHW to
-// rounding, not bitwise).
+// NHWC (channels_last): tasks are blocks of rows of one sample (schedules.h, as for frn); each
+// channel's rows are cut into blocks of kBlock the same way (results agree with NCHW to rounding,
+// not bitwise).
 //
 // Backward, with x_c = x - m, x_hat = x_c * rstd, y = weight * x_hat + bias, dy = grad where y passes
 // the TLU (y >= tau or NaN), A = sum(dy * x_c), B = sum(dy):
@@ -41,11 +45,14 @@ namespace frn_det {
 namespace cpu {
 namespace {
 
-// Welford lanes per contiguous run (4 vectors of 4 floats): independent dependency chains, few
-// enough that the lanes' means, sums of squares and loaded values stay in the 16 SSE registers
-// (32 lanes spilled them: 1.5x slower forward on 7x7 RoI planes, whose tail also grew to 17 values).
+// Lanes of a contiguous run (4 vectors of 4 floats): independent dependency chains, few enough that
+// the lanes' shifts, sums and loaded values stay in the 16 SSE registers.
 constexpr int kLanes = 16;
-// NHWC: the longest per-channel Welford run (rows), as long as an NCHW lane's (kChunk / kLanes).
+// Values per lane (rows of channels in NHWC) in a block of shifted sums: long enough that the
+// per-block combination costs little (16 was no faster), short enough to bound its loss of
+// precision (see above; 16 lost 4x more than 8 with an outlier as a block's first value).
+constexpr int64_t kBlock = 8;
+// NHWC: the rows of a run whose moments stay in registers, as many as an NCHW lane's (kChunk / kLanes).
 constexpr int64_t kRun = kChunk / kLanes;
 
 // Count, mean and sum of squared deviations from the mean of a run of values.
@@ -56,7 +63,16 @@ struct Moments {
   acc_t m2 = 0;
 };
 
-// Chan, Golub and LeVeque's combination: a becomes the moments of a's run followed by b's.
+// Chan, Golub and LeVeque's combination of the moments of a run a (na values) followed by a run b
+// (nb): fb = nb / (na + nb), fab = na * fb. T is acc_t or a vector of it, the same operations per lane.
+template <typename T, typename acc_t>
+inline void chan(T& mean_a, T& m2_a, const T& mean_b, const T& m2_b, acc_t fb, acc_t fab) {
+  const T delta = mean_b - mean_a;
+  mean_a = mean_a + delta * fb;
+  m2_a = (m2_a + m2_b) + delta * delta * fab;
+}
+
+// a becomes the moments of a's run followed by b's.
 template <typename acc_t>
 inline void combine(Moments<acc_t>& a, const Moments<acc_t>& b) {
   if (b.n == 0) {
@@ -68,15 +84,23 @@ inline void combine(Moments<acc_t>& a, const Moments<acc_t>& b) {
   }
   const int64_t n = a.n + b.n;
   const acc_t fb = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
-  const acc_t delta = b.mean - a.mean;
-  a.mean = a.mean + delta * fb;
-  a.m2 = a.m2 + b.m2 + delta * delta * (static_cast<acc_t>(a.n) * fb);
+  chan(a.mean, a.m2, b.mean, b.m2, fb, static_cast<acc_t>(a.n) * fb);
   a.n = n;
 }
 
+// A block's moments of x - s from its sums S1, S2 of w = x - t over b values: mean = (t - s) + S1 / b,
+// m2 = S2 - S1^2 / b.
+template <typename T, typename acc_t>
+inline void block_moments(T& mean, T& m2, const T& t_minus_s, const T& s1, const T& s2, acc_t inv_b) {
+  const T m1 = s1 * inv_b;
+  mean = t_minus_s + m1;
+  m2 = s2 - s1 * m1;
+}
+
 // 16-byte vectors of the accumulation type (GCC / Clang vector extensions). gcc does not vectorise
-// the Welford lane loop written over plain arrays (it keeps the lanes in memory, scalar: 4x slower),
-// so the lanes are written as vectors; the arithmetic per lane is the same IEEE operations.
+// the lane loops written over plain arrays (it keeps the lanes in memory: 5x slower), so the lanes
+// are written as vectors, the same IEEE operations per lane. 32-byte vectors run 3.5x slower even in
+// the AVX2 build: gcc lowers them for the baseline ISA before run_task inlines them.
 template <typename acc_t>
 struct Vec {
   typedef acc_t type __attribute__((vector_size(16)));
@@ -86,7 +110,6 @@ struct Vec {
 // kLanes values of x from xr, in the accumulation type, as kLanes / width vectors.
 template <typename scalar_t, typename acc_t>
 inline void load_lanes(const scalar_t* __restrict__ xr, typename Vec<acc_t>::type* __restrict__ v) {
-  constexpr int W = Vec<acc_t>::width;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(v, xr, kLanes * sizeof(acc_t));
   } else {
@@ -96,20 +119,43 @@ inline void load_lanes(const scalar_t* __restrict__ xr, typename Vec<acc_t>::typ
     }
     std::memcpy(v, tmp, kLanes * sizeof(acc_t));
   }
-  (void)W;
 }
 
-// Chan's combination of two runs of c values each (no division): a becomes their 2c values' moments.
-template <typename T, typename acc_t>
-inline void combine_equal(T& mean_a, T& m2_a, const T& mean_b, const T& m2_b, acc_t c) {
-  const T delta = mean_b - mean_a;
-  mean_a = mean_a + delta * acc_t(0.5);
-  m2_a = (m2_a + m2_b) + delta * delta * (c * acc_t(0.5));
+// Per lane, the moments of `rows` values minus the lane's shift (kV lanes, each T: a vector or a
+// scalar), the values in blocks of kBlock combined in order; load(k, v) loads row k's values into v.
+template <int kV, typename T, typename acc_t, typename Load>
+inline void block_moments_rows(int64_t rows, const T* __restrict__ shift, T* __restrict__ mean, T* __restrict__ m2,
+                               Load load) {
+  for (int64_t k0 = 0; k0 < rows; k0 += kBlock) {
+    const int64_t b = std::min(kBlock, rows - k0);
+    T t[kV], s1[kV] = {}, s2[kV] = {};
+    load(k0, t);
+    for (int64_t k = k0 + 1; k < k0 + b; ++k) { // the block's first row has w = 0
+      T xv[kV];
+      load(k, xv);
+      for (int j = 0; j < kV; ++j) {
+        const T w = xv[j] - t[j];
+        s1[j] += w;
+        s2[j] += w * w;
+      }
+    }
+    const acc_t inv_b = acc_t(1) / static_cast<acc_t>(b);
+    const acc_t fb = static_cast<acc_t>(b) / static_cast<acc_t>(k0 + b);
+    for (int j = 0; j < kV; ++j) {
+      T bm, bm2;
+      block_moments(bm, bm2, T(t[j] - shift[j]), s1[j], s2[j], inv_b);
+      if (k0 == 0) {
+        mean[j] = bm;
+        m2[j] = bm2;
+      } else {
+        chan(mean[j], m2[j], bm, bm2, fb, static_cast<acc_t>(k0) * fb);
+      }
+    }
+  }
 }
 
-// Moments of x[0, n) - s: Welford per lane over the first kLanes * (n / kLanes) values (lane j takes
-// elements j, j + kLanes, ...), the lanes combined pairwise in a fixed tree (all of the same count),
-// then the tail of n % kLanes values combined last.
+// Moments of x[0, n) - s: per lane over the first kLanes * (n / kLanes) values, the lanes combined
+// pairwise in a fixed tree (all of the same count), then the tail of n % kLanes values combined last.
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
 Moments<acc_t> run_moments(const scalar_t* __restrict__ x, int64_t n, acc_t s) {
   using V = typename Vec<acc_t>::type;
@@ -118,22 +164,16 @@ Moments<acc_t> run_moments(const scalar_t* __restrict__ x, int64_t n, acc_t s) {
   const int64_t q = n / kLanes;
   Moments<acc_t> out;
   if (q > 0) {
-    V mean[kVecs] = {}, m2[kVecs] = {};
-    for (int64_t k = 0; k < q; ++k) {
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(k + 1);
-      V xv[kVecs];
-      load_lanes<scalar_t, acc_t>(x + k * kLanes, xv);
-      for (int j = 0; j < kVecs; ++j) {
-        const V v = xv[j] - s;
-        const V d = v - mean[j];
-        mean[j] += d * inv;
-        m2[j] += d * (v - mean[j]);
-      }
+    V shift[kVecs], mean[kVecs], m2[kVecs];
+    for (int j = 0; j < kVecs; ++j) {
+      shift[j] = V{} + s;
     }
+    block_moments_rows<kVecs, V, acc_t>(q, shift, mean, m2,
+                                       [&](int64_t k, V* v) { load_lanes<scalar_t, acc_t>(x + k * kLanes, v); });
     acc_t c = static_cast<acc_t>(q); // values per lane, doubling at each level of the tree
     for (int half = kVecs / 2; half >= 1; half /= 2, c *= 2) {
       for (int j = 0; j < half; ++j) {
-        combine_equal(mean[j], m2[j], mean[j + half], m2[j + half], c);
+        chan(mean[j], m2[j], mean[j + half], m2[j + half], acc_t(0.5), c * acc_t(0.5));
       }
     }
     acc_t lm[W], lm2[W];
@@ -141,14 +181,13 @@ Moments<acc_t> run_moments(const scalar_t* __restrict__ x, int64_t n, acc_t s) {
     std::memcpy(lm2, &m2[0], sizeof(lm2));
     for (int half = W / 2; half >= 1; half /= 2, c *= 2) {
       for (int j = 0; j < half; ++j) {
-        combine_equal(lm[j], lm2[j], lm[j + half], lm2[j + half], c);
+        chan(lm[j], lm2[j], lm[j + half], lm2[j + half], acc_t(0.5), c * acc_t(0.5));
       }
     }
     out = Moments<acc_t>{q * kLanes, lm[0], lm2[0]};
   }
   // The tail (fewer than kLanes values, in L1 now): the two-pass moments, sum then squared
-  // deviations from the tail's mean, over 4 partial sums each (a scalar Welford here, with its
-  // chain of divisions, cost more than the vector part on planes of a few hundred values).
+  // deviations from the tail's mean, over 4 partial sums each.
   const int r = static_cast<int>(n - q * kLanes);
   if (r > 0) {
     const scalar_t* __restrict__ xt = x + q * kLanes;
@@ -290,43 +329,27 @@ void backward_nchw(const BackwardData<scalar_t>& d, int64_t P, int64_t C, int64_
 // Sample n is an (L, C) row-major matrix; the per-channel loops vectorise over c. Moments of rows
 // [l0, l1) of every channel are kept as one count and C means and m2s.
 
-// Welford over rows [l0, l1) of sample n (at most kRun rows), per channel, of x - s[c]: blocks of
+// Moments of rows [l0, l1) of sample n (at most kRun rows), per channel, of x - s[c]: groups of
 // kLanes channels in vectors (the state stays in registers across the rows), the remaining channels
-// in plain arrays. The same operations per channel either way.
+// one at a time. The same operations per channel either way.
 template <typename scalar_t, typename acc_t = typename Acc<scalar_t>::type>
-void welford_rows(const scalar_t* __restrict__ xs, int64_t C, int64_t l0, int64_t l1, const acc_t* __restrict__ s,
-                  acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+void run_rows(const scalar_t* __restrict__ xs, int64_t C, int64_t l0, int64_t l1, const acc_t* __restrict__ s,
+              acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
   using V = typename Vec<acc_t>::type;
   constexpr int kVecs = kLanes / Vec<acc_t>::width;
+  const scalar_t* __restrict__ x0 = xs + l0 * C;
   int64_t c0 = 0;
   for (; c0 + kLanes <= C; c0 += kLanes) {
-    V vm[kVecs] = {}, vm2[kVecs] = {}, vs[kVecs];
+    V vs[kVecs], vm[kVecs], vm2[kVecs];
     std::memcpy(vs, s + c0, sizeof(vs));
-    for (int64_t l = l0; l < l1; ++l) {
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(l - l0 + 1);
-      V xv[kVecs];
-      load_lanes<scalar_t, acc_t>(xs + l * C + c0, xv);
-      for (int j = 0; j < kVecs; ++j) {
-        const V v = xv[j] - vs[j];
-        const V d = v - vm[j];
-        vm[j] += d * inv;
-        vm2[j] += d * (v - vm[j]);
-      }
-    }
+    block_moments_rows<kVecs, V, acc_t>(l1 - l0, vs, vm, vm2,
+                                       [&](int64_t k, V* v) { load_lanes<scalar_t, acc_t>(x0 + k * C + c0, v); });
     std::memcpy(mean + c0, vm, sizeof(vm));
     std::memcpy(m2 + c0, vm2, sizeof(vm2));
   }
-  std::fill(mean + c0, mean + C, acc_t(0));
-  std::fill(m2 + c0, m2 + C, acc_t(0));
-  for (int64_t l = l0; l < l1; ++l) {
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(l - l0 + 1);
-    const scalar_t* __restrict__ xr = xs + l * C;
-    for (int64_t c = c0; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(xr[c]) - s[c];
-      const acc_t d = v - mean[c];
-      mean[c] += d * inv;
-      m2[c] += d * (v - mean[c]);
-    }
+  for (int64_t c = c0; c < C; ++c) {
+    block_moments_rows<1, acc_t, acc_t>(l1 - l0, s + c, mean + c, m2 + c,
+                                        [&](int64_t k, acc_t* v) { v[0] = static_cast<acc_t>(x0[k * C + c]); });
   }
 }
 
@@ -347,9 +370,7 @@ void combine_rows(int64_t& na, acc_t* __restrict__ ma, acc_t* __restrict__ m2a, 
   const acc_t fb = static_cast<acc_t>(nb) / static_cast<acc_t>(n);
   const acc_t fab = static_cast<acc_t>(na) * fb;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t delta = mb[c] - ma[c];
-    ma[c] = ma[c] + delta * fb;
-    m2a[c] = m2a[c] + m2b[c] + delta * delta * fab;
+    chan(ma[c], m2a[c], mb[c], m2b[c], fb, fab);
   }
   na = n;
 }
@@ -362,7 +383,7 @@ void moments_rows(const scalar_t* xs, int64_t C, int64_t l0, int64_t l1, const a
   int64_t n = 0;
   for (int64_t r0 = l0; r0 < l1; r0 += kRun) {
     const int64_t r1 = std::min(l1, r0 + kRun);
-    welford_rows(xs, C, r0, r1, s, scratch, scratch + C);
+    run_rows(xs, C, r0, r1, s, scratch, scratch + C);
     combine_rows(n, mean, m2, r1 - r0, scratch, scratch + C, C);
   }
 }
