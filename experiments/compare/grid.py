@@ -54,8 +54,8 @@ def launch_grid(configs, seeds, root, opts=(), train_net=TRAIN_NET, python=sys.e
         tag = f"[{i}/{len(plan)}] {cfg} seed {seed}"
         if os.path.isfile(os.path.join(rdir, RESULT_FILE)):
             log(f"{tag}: done already, skipped")
-        elif diverged(rdir):
-            log(f"{tag}: diverged ({diverged(rdir)}), not retried (remove {rdir} to run it again)")
+        elif line := diverged(rdir):
+            log(f"{tag}: diverged ({line}), not retried (remove {rdir} to run it again)")
         elif dry_run:
             log(f"{tag}: would run {' '.join(train_command(cfg, seed, rdir, opts, train_net, python))}")
         else:
